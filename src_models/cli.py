@@ -1,0 +1,306 @@
+"""The ``r2unet`` command line: argument parsing and printing only; the work is done elsewhere.
+
+Subcommands: ``models``, ``info``, ``predict``, ``evaluate``. Every user error is one line on
+stderr (``r2unet: error: ...``) and exit status 1 (2 for bad arguments, 130 when interrupted);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import R2UNetError
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _progress_bar(description: str) -> tuple[Callable[[float], None], Callable[[], None]]:
+    """A tqdm bar on a terminal (stderr), nothing otherwise; returns (update(fraction), close)."""
+    if not sys.stderr.isatty():
+        return (lambda fraction: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=description, unit="‰", leave=False, file=sys.stderr, bar_format="{desc} {bar} {percentage:3.0f}% {elapsed}<{remaining}")
+
+    def update(fraction: float) -> None:
+        bar.update(max(0, round(fraction * 1000) - bar.n))
+
+    return update, bar.close
+
+
+def _log(message: str) -> None:
+    print(f"r2unet: {message}", file=sys.stderr)
+
+
+def _fmt(value: float) -> str:
+    return "  nan " if math.isnan(value) else f"{value:.4f}"
+
+
+def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    from .data import list_images
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files.extend(list_images(path))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise R2UNetError(f"input {path} does not exist")
+    stems = [f.stem for f in files]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        raise R2UNetError(f"several inputs share the output name {clashes[0]!r}; predict them into different folders")
+    return files
+
+
+def _segmenter(args: argparse.Namespace) -> Any:
+    from .inference import Segmenter
+    from .registry import load_model
+
+    return Segmenter(load_model(args.model), device=args.device, log=_log)
+
+
+def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str) -> Any:
+    """Probabilities ``(K, H, W)`` for a 2D image, ``(..., K, H, W)`` for a stack."""
+    from .preprocessing import guess_channel_axis
+
+    update, close = _progress_bar(description)
+    options = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=update)
+    try:
+        if image.ndim == 2 or (image.ndim == 3 and guess_channel_axis(image.shape) is not None and not args.stack):
+            return segmenter.predict(image, **options)
+        channel_axis = -1 if image.shape[-1] <= 4 and image.ndim >= 4 else None
+        return segmenter.predict_stack(image, channel_axis=channel_axis, **options)
+    finally:
+        close()
+
+
+# -- subcommands -------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from .nets import ARCHITECTURES, ModelConfig, build_model, count_parameters
+    from .registry import pretrained_models
+
+    archs = [
+        {"name": name, "description": text, "parameters": count_parameters(build_model(ModelConfig(arch=name)))}
+        for name, text in ARCHITECTURES.items()
+    ]
+    pretrained = [
+        {"name": p.name, "arch": p.config.arch, "description": p.description, "metrics": p.metrics, "path": str(p.path)}
+        for p in pretrained_models().values()
+    ]
+    if args.json:
+        print(json.dumps({"architectures": archs, "pretrained": pretrained}, indent=2))
+        return 0
+    print("Architectures (default widths 16-256, t=2; untrained, for 'r2unet train'):")
+    for a in archs:
+        print(f"  {a['name']:<9} {a['parameters']:>9,} params  {a['description']}")
+    print("\nPretrained models (use as MODEL in predict/evaluate):")
+    if not pretrained:
+        print("  none shipped in this version yet; give a checkpoint path (.safetensors) instead")
+    for p in pretrained:
+        scores = "  ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items() if isinstance(v, (int, float)))
+        print(f"  {p['name']:<16} {p['arch']:<8} {scores}  {p['description']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .nets import ARCHITECTURES, build_model, count_parameters, flops_per_megapixel
+    from .registry import resolve_config
+
+    rows = []
+    for spec in args.model or list(ARCHITECTURES):
+        config, checkpoint = resolve_config(spec)
+        overrides = {k: v for k, v in (("widths", args.widths), ("t", args.t), ("in_channels", args.in_channels)) if v is not None}
+        if overrides:
+            if checkpoint is not None:
+                raise R2UNetError("--widths/--t/--in-channels apply to architecture names, not to trained models")
+            try:
+                config = config.replace(**overrides)
+            except ValueError as exc:
+                raise R2UNetError(str(exc)) from exc
+        row: dict[str, Any] = {
+            "model": spec,
+            "arch": config.arch,
+            "config": config.to_dict(),
+            "parameters": count_parameters(build_model(config)),
+            "gflops_per_megapixel": round(flops_per_megapixel(config) / 1e9, 3),
+        }
+        if checkpoint is not None:
+            row.update(preprocess=checkpoint.preprocess.to_dict(), class_names=list(checkpoint.class_names),
+                       provenance=checkpoint.provenance, sha256=checkpoint.sha256)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        return 0
+    base = next((r["parameters"] for r in rows if r["arch"] == "unet"), None)
+    print(f"{'model':<16} {'arch':<8} {'widths':<22} {'t':>2} {'params':>10} {'vs U-Net':>8} {'GFLOP/MP':>9}")
+    for r in rows:
+        c = r["config"]
+        ratio = f"{r['parameters'] / base:.3f}" if base else "-"
+        print(f"{r['model']:<16} {r['arch']:<8} {','.join(map(str, c['widths'])):<22} {c['t']:>2} {r['parameters']:>10,} {ratio:>8} {r['gflops_per_megapixel']:>9.1f}")
+    for r in rows:
+        if "provenance" in r:
+            print(f"\n{r['model']}: preprocess {r['preprocess']}, classes {r['class_names']}, sha256 {r['sha256'][:16]}...")
+            for k, v in sorted(r["provenance"].items()):
+                print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import read_image, write_tiff
+    from .inference import probabilities_to_labels
+
+    files = _expand_inputs(args.inputs)
+    out_dir = Path(args.out).expanduser()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise R2UNetError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    segmenter = _segmenter(args)
+    binary = segmenter.checkpoint.config.out_channels == 1
+    for i, path in enumerate(files, 1):
+        image = read_image(path)
+        probs = _predict_array(segmenter, image, args, f"[{i}/{len(files)}] {path.name}")
+        labels = probabilities_to_labels(probs, args.threshold)
+        if binary:
+            labels *= 255
+        write_tiff(out_dir / f"{path.stem}.tif", labels)
+        if args.save_prob:
+            write_tiff(out_dir / f"{path.stem}_prob.tif", np.squeeze(probs, axis=-3) if binary else probs)
+        fraction = float((labels > 0).mean())
+        print(f"{path} -> {out_dir / (path.stem + '.tif')}  ({fraction:.1%} foreground)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import pair_files, read_image, read_mask
+    from .metrics import METRIC_NAMES, MetricAccumulator
+
+    samples = pair_files(args.images, args.masks, args.fov)
+    segmenter = _segmenter(args)
+    if segmenter.checkpoint.config.out_channels != 1:
+        raise R2UNetError("evaluate computes binary metrics; this model is multi-class")
+    pooled = MetricAccumulator(threshold=args.threshold)
+    per_image = []
+    for i, sample in enumerate(samples, 1):
+        image = read_image(sample.image)
+        mask = read_mask(sample.mask)
+        fov = read_mask(sample.fov) if sample.fov else None
+        if image.shape[:2] != mask.shape:
+            raise R2UNetError(f"image {sample.image.name} is {image.shape[:2]} but its mask {sample.mask.name} is {mask.shape}")
+        probs = _predict_array(segmenter, image, args, f"[{i}/{len(samples)}] {sample.image.name}")[0]
+        metrics = pooled.add(probs, mask, fov)
+        per_image.append({"id": sample.id, "image": str(sample.image), "metrics": metrics})
+        if not args.json:
+            print(f"{sample.id:<12} " + "  ".join(f"{k} {_fmt(metrics[k])}" for k in METRIC_NAMES), flush=True)
+    result = pooled.pooled()
+    if args.json:
+        print(json.dumps({"model": args.model, "threshold": args.threshold, "fov": args.fov is not None,
+                          "images": per_image, "pooled": result, "confusion": pooled.confusion_dict()}, indent=2))
+    else:
+        print(f"{'pooled':<12} " + "  ".join(f"{k} {_fmt(result[k])}" for k in METRIC_NAMES))
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from exc
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu (default: auto)")
+    p.add_argument("--tile", type=_positive_int, default=None, help="tile size in pixels (default: whole image up to 1 MP, else 1024)")
+    p.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbours (default: 0.25)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default: 4)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the mask (default: 0.5)")
+    p.add_argument("--stack", action="store_true", help="treat a 3D (N, H, W) file with N <= 4 as a stack, not as channels")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="r2unet", description="U-Net / RU-Net / R2U-Net segmentation of medical images.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("models", help="list architectures and pretrained models", description="List the built-in architectures and the pretrained models with their metrics.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("info", help="architecture, parameters and FLOPs of a model", description="Show a model's architecture, config, parameter count and FLOPs per megapixel. Without MODEL: the four architectures side by side.")
+    p.add_argument("model", nargs="*", metavar="MODEL", help="architecture name, pretrained name or checkpoint path")
+    p.add_argument("--widths", type=_widths, default=None, help="override widths of an architecture, e.g. 16,32,64,128,256")
+    p.add_argument("--t", type=int, default=None, help="override the recurrent steps t of an architecture")
+    p.add_argument("--in-channels", type=_positive_int, default=None, help="override the input channels of an architecture")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("predict", help="segment image files", description="Segment images; write OUT/<stem>.tif (uint8 mask 0/255, or class labels) and optionally OUT/<stem>_prob.tif (float32).")
+    p.add_argument("model", metavar="MODEL", help="pretrained name or checkpoint path")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--save-prob", action="store_true", help="also write the probability map")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics against ground-truth masks", description="Predict every image and report SE, SP, ACC, F1, Jaccard and AUC per image and pooled over all (FOV) pixels.")
+    p.add_argument("model", metavar="MODEL", help="pretrained name or checkpoint path")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--masks", required=True, help="folder of ground-truth masks (paired by sample ID)")
+    p.add_argument("--fov", default=None, help="folder of field-of-view masks (only pixels inside count)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_inference_options(p)
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("overlap", "threshold"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value <= (0.95 if name == "overlap" else 1.0):
+            parser.error(f"--{name} {value} is out of range ({'0..0.95' if name == 'overlap' else '0..1'})")
+    try:
+        return int(args.func(args) or 0)
+    except R2UNetError as exc:
+        if args.debug:
+            raise
+        print(f"r2unet: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("r2unet: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: still one line, with the way to see more
+        if args.debug:
+            raise
+        print(f"r2unet: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

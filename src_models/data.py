@@ -1,0 +1,169 @@
+"""Image and mask files: reading, atomic writing, and pairing images with masks by sample ID.
+
+This module owns the file side of the engine:
+
+- :func:`read_image`: TIFF through tifffile (LZW/deflate need ``imagecodecs``, a dependency),
+  PNG/JPEG/GIF/BMP through Pillow (palette images become gray); one-line errors naming the file.
+- :func:`read_mask`: a binary mask from 0/1, 0/255 (or 0/max) files; refuses other values.
+- :func:`write_tiff`: atomic (temp file + rename) TIFF writing.
+- :func:`pair_files`: images, masks and optional FOV masks in three folders paired by sample
+  ID. Same stems pair first (``a.png`` / ``a.png``); otherwise IDs come from the stem with the
+  usual role words removed, so DRIVE's ``21_training.tif``, ``21_manual1.gif`` and
+  ``21_training_mask.gif`` all give ``21``. Unmatched or ambiguous files are an error that lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write
+from .errors import R2UNetError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
+# role words that name what a file is rather than which sample it shows (matched at the end of the stem)
+_ROLE_WORDS = re.compile(
+    r"([_\-. ](training|train|test|val|validation|image|img|mask|masks|manual\d*|label|labels|"
+    r"gt|groundtruth|ground_truth|seg|segmentation|fov|annotation|annot|vessels?))+$",
+    re.IGNORECASE,
+)
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files (by suffix) directly inside ``folder``, sorted; an error if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise R2UNetError(f"folder {folder} does not exist or is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise R2UNetError(f"folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """The pixels of an image file: ``(H, W)`` or ``(H, W, C)`` (TIFF may hold stacks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise R2UNetError(f"image {path} does not exist or is not a file")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            try:
+                return np.asarray(tifffile.imread(path))
+            except ValueError as exc:
+                if "imagecodecs" in str(exc):
+                    raise R2UNetError(f"cannot read {path}: it is compressed; install imagecodecs (pip install imagecodecs)") from exc
+                raise
+        from PIL import Image
+
+        with Image.open(path) as img:
+            if img.mode in ("P", "PA"):
+                img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
+                arr = np.asarray(img)
+                if arr.ndim == 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]):
+                    arr = arr[..., 0]  # a gray palette (DRIVE's GIF masks)
+                return np.array(arr)
+            if img.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(img).astype(np.uint16)
+            return np.array(img)
+    except R2UNetError:
+        raise
+    except PermissionError as exc:
+        raise R2UNetError(f"cannot read {path}: permission denied") from exc
+    except Exception as exc:  # Pillow/tifffile raise many types for broken files
+        raise R2UNetError(f"cannot read {path} as an image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from exc
+
+
+def binarize_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
+    """0/1, 0/255 or 0/max masks (RGB ones too, if gray) -> bool ``(H, W)``; other values are an error."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 1], mask[..., 2])):
+            raise R2UNetError(f"{name} is a colour image; a mask must be gray with values 0 and 1 (or 0 and 255)")
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise R2UNetError(f"{name} has shape {mask.shape}; a mask must be 2D (H, W)")
+    values = np.unique(mask)
+    if values.size > 2 or (values.size == 2 and values[0] != 0) or not np.all(np.isfinite(values.astype(np.float64))):
+        shown = ", ".join(str(v) for v in values[:6]) + (" ..." if values.size > 6 else "")
+        raise R2UNetError(f"{name} has values {shown}; a binary mask must hold only 0 and one other value (1 or 255)")
+    return mask > 0
+
+
+def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """A binary mask file -> bool ``(H, W)``."""
+    return binarize_mask(read_image(path), name=f"mask {path}")
+
+
+def write_tiff(path: str | os.PathLike[str], array: np.ndarray, **kwargs: object) -> None:
+    """Write ``array`` as a (zlib-compressed) TIFF atomically: ``path`` is never half-written."""
+    import tifffile
+
+    kwargs.setdefault("compression", "zlib")
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array, **kwargs), suffix=".tif")
+
+
+def sample_id(path: Path) -> str:
+    """``21_training.tif`` -> ``21``, ``21_manual1.gif`` -> ``21``, ``a.png`` -> ``a``."""
+    stem = path.stem
+    if stem.lower().endswith((".ome",)):
+        stem = stem[:-4]
+    stripped = _ROLE_WORDS.sub("", stem)
+    return (stripped or stem).lower()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with its mask and (optional) field-of-view mask."""
+
+    id: str
+    image: Path
+    mask: Path | None = None
+    fov: Path | None = None
+
+
+def _index(files: list[Path], key: str) -> tuple[dict[str, Path], list[str]]:
+    by_key: dict[str, list[Path]] = {}
+    for f in files:
+        by_key.setdefault(sample_id(f) if key == "id" else f.stem.lower(), []).append(f)
+    clashes = [f"{k}: {', '.join(p.name for p in v)}" for k, v in by_key.items() if len(v) > 1]
+    return {k: v[0] for k, v in by_key.items()}, clashes
+
+
+def _match(images: list[Path], others: list[Path], what: str, folder: Path) -> dict[Path, Path]:
+    for key in ("stem", "id"):
+        img_index, img_clash = _index(images, key)
+        oth_index, oth_clash = _index(others, key)
+        if key == "stem" and set(img_index) != set(oth_index):
+            continue  # not a same-stem layout: fall back to sample IDs
+        if img_clash or oth_clash:
+            raise R2UNetError(f"ambiguous sample IDs (several files per ID): {'; '.join(img_clash + oth_clash)}")
+        missing = sorted(img_index[k].name for k in set(img_index) - set(oth_index))
+        extra = sorted(oth_index[k].name for k in set(oth_index) - set(img_index))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"images without a {what} in {folder}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            if extra:
+                parts.append(f"{what}s without an image: {', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
+            raise R2UNetError("cannot pair files by sample ID; " + "; ".join(parts))
+        return {img_index[k]: oth_index[k] for k in img_index}
+    raise AssertionError("unreachable")
+
+
+def pair_files(
+    images: str | os.PathLike[str],
+    masks: str | os.PathLike[str] | None = None,
+    fov: str | os.PathLike[str] | None = None,
+) -> list[Sample]:
+    """Pair every image in ``images`` with one mask (and one FOV mask); sorted by sample ID."""
+    image_files = list_images(images)
+    mask_of = _match(image_files, list_images(masks), "mask", Path(masks)) if masks is not None else {}
+    fov_of = _match(image_files, list_images(fov), "FOV mask", Path(fov)) if fov is not None else {}
+    samples = [Sample(sample_id(p), p, mask_of.get(p), fov_of.get(p)) for p in image_files]
+    return sorted(samples, key=lambda s: s.id)

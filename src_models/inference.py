@@ -1,0 +1,348 @@
+"""The one tiler: sliding-window inference with Gaussian blending, streamed band by band.
+
+This module owns turning an image of any size into class probabilities:
+
+- :func:`sliding_window_inference` (the MONAI-shaped core): tiles of ``roi_size`` laid on a
+  regular grid with ``overlap``, run in batches of ``sw_batch_size`` through ``predictor``,
+  blended with a Gaussian weight (``mode="gaussian"``) or a flat one (``"constant"``). Tiles are
+  processed one row of tiles at a time and finished rows are written to ``out`` at once, so the
+  working memory is ``(K + 1) x tile_h x W`` floats whatever the image height; the input is read
+  band by band (``inputs[:, y0:y1]``), so dask and memory-mapped arrays stay lazy.
+- :class:`Segmenter`: a checkpoint on a device plus its preprocessing; ``predict`` handles one
+  2D image ``(H, W)``/``(H, W, C)``, ``predict_stack`` any leading stack/time axes slice by
+  slice. Device ``auto`` is cuda > mps > cpu; CUDA runs under autocast (AMP). On out-of-memory
+  the run restarts with half the batch, then half the tile (down to 128), then on the CPU, and
+  says so through ``log``.
+- :func:`probabilities_to_labels`: threshold (binary) or argmax (multi-class) to a uint8 mask.
+
+The image is padded by edge replication to the network's size multiple before tiling, exactly
+as the network pads a whole image, so a single-tile run equals ``model(image)`` and a tiled run
+differs from it only by the tiles' interior borders, which the Gaussian weights suppress.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import CancelledError, R2UNetError
+from .nets import logits_to_probabilities
+from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
+
+Progress = Callable[[float], None]
+ShouldStop = Callable[[], bool]
+Log = Callable[[str], None]
+
+DEFAULT_OVERLAP = 0.25
+MIN_TILE = 128
+AUTO_WHOLE_IMAGE_PIXELS = 1024 * 1024  # images up to this size run as one tile
+AUTO_TILE = 1024
+
+
+def available_devices() -> list[str]:
+    """Devices usable here, best first, always ending with ``cpu``."""
+    devices = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices + ["cpu"]
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda > mps > cpu; an explicit device that is not available is an error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device(available_devices()[0])
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise R2UNetError(f"device {name!r} is unknown; use auto, cuda, mps or cpu")
+    if kind not in available_devices():
+        raise R2UNetError(f"device {name!r} is not available here; available: {', '.join(available_devices())}")
+    return torch.device(name)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def gaussian_weight(shape: tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """``(h, w)`` float32 separable Gaussian centred on the tile, peak 1, never zero.
+
+    The floor (1e-3) is applied per axis, not to the product: along an image border every tile
+    has the same small weight in one axis, and the other axis must still decide between them.
+    """
+    axes = []
+    for n in shape:
+        coords = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        sigma = max(n * sigma_scale, 1e-6)
+        axis = np.exp(-0.5 * (coords / sigma) ** 2)
+        axes.append(np.maximum(axis / axis.max(), 1e-3))
+    return np.outer(axes[0], axes[1]).astype(np.float32)
+
+
+def tile_starts(size: int, tile: int, overlap: float, multiple: int = 1) -> list[int]:
+    """Start offsets of tiles of length ``tile`` covering ``size`` with at least ``overlap``.
+
+    Starts are multiples of ``multiple`` (``size`` and ``tile`` must be too), so every tile sees
+    the same pooling grid as the whole image; the last tile ends exactly at ``size``.
+    """
+    if tile >= size:
+        return [0]
+    stride = max(multiple, int(tile * (1.0 - overlap)) // multiple * multiple)
+    count = math.ceil((size - tile) / stride) + 1
+    starts = [round(i * (size - tile) / (count - 1) / multiple) * multiple for i in range(count)]
+    return sorted(set(starts))
+
+
+def _axis_weights(size: int, tile: int, starts: list[int], gaussian: bool) -> list[np.ndarray]:
+    """Per-tile 1D blending weights along one axis.
+
+    Inside the image a tile's outer ``margin`` pixels (half the smallest overlap) get weight 0,
+    so no pixel takes any part of its value from a tile whose border is near it: borders see
+    zero padding where the whole image has real context. Sides on the image border keep their
+    weight (the whole image has the same border there).
+    """
+    overlaps = [tile - (b - a) for a, b in zip(starts, starts[1:])]
+    margin = max(0, min(overlaps) // 2) if overlaps else 0
+    base = gaussian_weight((1, tile))[0] if gaussian and len(starts) > 1 else np.ones(tile, np.float32)
+    weights = []
+    for start in starts:
+        w = base.copy()
+        if margin and start > 0:
+            w[:margin] = 0.0
+        if margin and start + tile < size:
+            w[tile - margin :] = 0.0
+        weights.append(w)
+    return weights
+
+
+def _read_band(inputs: Any, y0: int, y1: int, padded_w: int) -> np.ndarray:
+    """Rows ``y0:y1`` of ``inputs`` ``(C, H, W)``, edge-replicated past the bottom/right border."""
+    height, width = inputs.shape[-2:]
+    band = np.asarray(inputs[:, y0 : min(y1, height), :])
+    pad_h, pad_w = y1 - y0 - band.shape[1], padded_w - width
+    if pad_h > 0 or pad_w > 0:
+        band = np.pad(band, ((0, 0), (0, max(pad_h, 0)), (0, max(pad_w, 0))), mode="edge")
+    return band
+
+
+def sliding_window_inference(
+    inputs: Any,
+    roi_size: int | tuple[int, int],
+    sw_batch_size: int,
+    predictor: Callable[[np.ndarray], np.ndarray],
+    overlap: float = DEFAULT_OVERLAP,
+    mode: str = "gaussian",
+    *,
+    size_multiple: int = 1,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    out: Any = None,
+) -> Any:
+    """Blend ``predictor`` over tiles of ``inputs``; returns ``out`` ``(K, H, W)`` float32.
+
+    Args:
+        inputs: ``(C, H, W)`` array-like (numpy, dask, memmap); read one band of rows at a time.
+        roi_size: tile height/width (clipped to the padded image, rounded down to ``size_multiple``).
+        sw_batch_size: tiles per ``predictor`` call.
+        predictor: ``(N, C', h, w)`` float32 -> ``(N, K, h, w)`` float32 probabilities.
+        overlap: fraction of a tile shared with its neighbour, in ``[0, 0.95]``.
+        mode: ``gaussian`` or ``constant`` blending.
+        size_multiple: the image is edge-padded to a multiple of this (the network's).
+        transform: applied to each raw band before tiling (pointwise preprocessing).
+        progress: called with the fraction of tiles done, in ``(0, 1]``.
+        should_stop: polled between batches; when it returns True, :class:`CancelledError`.
+        out: optional preallocated ``(K, H, W)`` float32 target (e.g. a memmap).
+    """
+    if not 0.0 <= overlap <= 0.95:
+        raise R2UNetError(f"overlap={overlap} must be in [0, 0.95]")
+    if mode not in ("gaussian", "constant"):
+        raise R2UNetError(f"blend mode {mode!r} is unknown; use gaussian or constant")
+    if sw_batch_size < 1:
+        raise R2UNetError(f"batch size {sw_batch_size} must be >= 1")
+    _, height, width = inputs.shape
+    padded = (-(-height // size_multiple) * size_multiple, -(-width // size_multiple) * size_multiple)
+    roi = (roi_size, roi_size) if isinstance(roi_size, int) else tuple(roi_size)
+    th, tw = (max(size_multiple, min(r, p) // size_multiple * size_multiple) for r, p in zip(roi, padded))
+    ys, xs = (tile_starts(p, t, overlap, size_multiple) for p, t in zip(padded, (th, tw)))
+    wys = _axis_weights(padded[0], th, ys, mode == "gaussian")
+    wxs = _axis_weights(padded[1], tw, xs, mode == "gaussian")
+
+    acc: np.ndarray | None = None
+    wsum = np.zeros((th, padded[1]), dtype=np.float32)
+    total, done = len(ys) * len(xs), 0
+    for row, y0 in enumerate(ys):
+        band = _read_band(inputs, y0, y0 + th, padded[1])
+        if transform is not None:
+            band = transform(band)
+        for b in range(0, len(xs), sw_batch_size):
+            if should_stop is not None and should_stop():
+                raise CancelledError()
+            starts = xs[b : b + sw_batch_size]
+            batch = np.stack([band[:, :, x0 : x0 + tw] for x0 in starts]).astype(np.float32, copy=False)
+            probs = predictor(batch)
+            if acc is None:
+                acc = np.zeros((probs.shape[1], th, padded[1]), dtype=np.float32)
+                if out is None:
+                    out = np.empty((probs.shape[1], height, width), dtype=np.float32)
+            for j, (prob, x0) in enumerate(zip(probs, starts)):
+                weight = np.outer(wys[row], wxs[b + j])
+                acc[:, :, x0 : x0 + tw] += prob * weight
+                wsum[:, x0 : x0 + tw] += weight
+            done += len(starts)
+            if progress is not None:
+                progress(done / total)
+        # rows above the next tile row are final: write them out and slide the buffers up
+        shift = (ys[row + 1] - y0) if row + 1 < len(ys) else th
+        stop = min(y0 + shift, height)
+        if stop > y0:
+            out[:, y0:stop] = acc[:, : stop - y0, :width] / wsum[None, : stop - y0, :width]
+        acc[:, : th - shift], wsum[: th - shift] = acc[:, shift:].copy(), wsum[shift:].copy()
+        acc[:, th - shift :], wsum[th - shift :] = 0.0, 0.0
+    return out
+
+
+class Segmenter:
+    """A checkpoint loaded on a device, ready to segment images of any size.
+
+    ``predict(image)`` -> probabilities ``(K, H, W)`` float32 (K = 1 for a binary model).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.device = select_device(device)
+        self.amp = amp
+        self.log = log or (lambda message: None)
+        self.model = checkpoint.build(self.device)
+        self.in_channels = checkpoint.config.in_channels
+        self.size_multiple = checkpoint.config.size_multiple
+
+    # -- the network on one batch -------------------------------------------------------
+    def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(self.device)
+        use_amp = self.amp and self.device.type == "cuda"
+        dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=use_amp):
+            probs = logits_to_probabilities(self.model(x).float())
+        return probs.cpu().numpy()
+
+    def _move_to_cpu(self) -> None:
+        self.device = torch.device("cpu")
+        self.model = self.model.to(self.device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def auto_tile(self, height: int, width: int) -> int:
+        padded = -(-height // self.size_multiple) * self.size_multiple, -(-width // self.size_multiple) * self.size_multiple
+        if padded[0] * padded[1] <= AUTO_WHOLE_IMAGE_PIXELS:
+            return max(padded)
+        return AUTO_TILE
+
+    # -- one 2D image -------------------------------------------------------------------
+    def predict(
+        self,
+        image: Any,
+        *,
+        channel_axis: int | None | str = "auto",
+        tile: int | None = None,
+        overlap: float = DEFAULT_OVERLAP,
+        batch_size: int = 4,
+        progress: Progress | None = None,
+        should_stop: ShouldStop | None = None,
+        out: Any = None,
+    ) -> Any:
+        """2D image ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` -> probabilities ``(K, H, W)``."""
+        chw = to_chw(image, channel_axis)
+        check_image(chw)
+        config = self.checkpoint.preprocess
+        channels = config.out_channels(chw.shape[0])
+        if channels != self.in_channels:
+            raise R2UNetError(
+                f"the model takes {self.in_channels} channel(s) but this {chw.shape[0]}-channel image gives {channels} "
+                f"with channels={config.channels!r}; use a model trained for this kind of image"
+            )
+        stats = measure_stats(chw, config)
+        tile = tile or self.auto_tile(*chw.shape[1:])
+        if tile < 16:
+            raise R2UNetError(f"tile={tile} is too small; use 128 or more (or leave it to auto)")
+        while True:
+            try:
+                return sliding_window_inference(
+                    chw, tile, batch_size, self._predict_batch, overlap,
+                    size_multiple=self.size_multiple,
+                    transform=lambda band: normalize_tile(band, stats, config),
+                    progress=progress, should_stop=should_stop, out=out,
+                )
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if batch_size > 1:
+                    batch_size //= 2
+                    self.log(f"out of memory: retrying with batch size {batch_size}")
+                elif tile > MIN_TILE:
+                    tile = max(MIN_TILE, tile // 2)
+                    self.log(f"out of memory: retrying with {tile}-pixel tiles")
+                elif self.device.type != "cpu":
+                    self._move_to_cpu()
+                    self.log("out of memory on the accelerator: retrying on the CPU")
+                else:
+                    raise R2UNetError(
+                        f"out of memory even with batch 1 and {tile}-pixel tiles on the CPU; close other programs or use a smaller image"
+                    ) from exc
+
+    # -- stacks and time series -----------------------------------------------------------
+    def predict_stack(
+        self,
+        array: Any,
+        *,
+        channel_axis: int | None = None,
+        progress: Progress | None = None,
+        should_stop: ShouldStop | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """``(..., H, W)`` (``channel_axis=None``) or ``(..., H, W, C)`` (``channel_axis=-1``) ->
+        ``(..., K, H, W)`` float32, each 2D slice predicted on its own."""
+        spatial = 2 if channel_axis is None else 3
+        if array.ndim < spatial:
+            raise R2UNetError(f"array of shape {tuple(array.shape)} has fewer than {spatial} image axes")
+        if channel_axis not in (None, -1, array.ndim - 1):
+            raise R2UNetError("for stacks the channel axis must be the last one (napari's RGB layout) or None")
+        leading = tuple(array.shape[: array.ndim - spatial])
+        slices = list(np.ndindex(*leading)) or [()]
+        result: np.ndarray | None = None
+        for i, index in enumerate(slices):
+            def sub_progress(fraction: float, i: int = i) -> None:
+                if progress is not None:
+                    progress((i + fraction) / len(slices))
+
+            probs = self.predict(
+                array[index], channel_axis=None if channel_axis is None else -1,
+                progress=sub_progress, should_stop=should_stop, **kwargs,
+            )
+            if result is None:
+                result = np.empty(leading + probs.shape, dtype=np.float32)
+            result[index] = probs
+        assert result is not None
+        return result
+
+
+def probabilities_to_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """``(..., K, H, W)`` -> uint8 ``(..., H, W)``: ``p >= threshold`` for K == 1, argmax otherwise."""
+    if not 0.0 <= threshold <= 1.0:
+        raise R2UNetError(f"threshold={threshold} must be in [0, 1]")
+    if probs.shape[-3] == 1:
+        return (probs[..., 0, :, :] >= threshold).astype(np.uint8)
+    return np.argmax(probs, axis=-3).astype(np.uint8)

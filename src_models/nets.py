@@ -1,0 +1,267 @@
+"""U-Net, ResU-Net, RU-Net and R2U-Net (Alom et al. 2018, arXiv 1802.06955), one config, one factory.
+
+This module owns the network definitions and :func:`build_model`, the only way to make one.
+
+Equations implemented (``f`` is ONE module ``conv3x3 -> norm -> ReLU`` whose weights are shared
+by every application inside a recurrent layer; ``t`` is the number of recurrent steps, 2 by
+default as in the paper):
+
+- recurrent convolutional layer (RCL)::
+
+      x1 = f(x)
+      repeat t times:  x1 = f(x + x1)        # t + 1 applications of the same f
+
+- U-Net block (Ronneberger 2015):           ``out = f2(f1(x))``  (``f1``: c_in -> c_out)
+- ResU-Net block (residual units):          ``y = conv1x1(x);  out = y + f2(f1(y))``
+- RU-Net block (recurrent, two RCLs):       ``y = conv1x1(x);  out = R2(R1(y))``
+- R2U-Net block (recurrent residual):       ``y = conv1x1(x);  out = y + R2(R1(y))``
+
+where ``R1``/``R2`` are two RCLs with their own weights. The ResU-Net block is the R2U-Net block
+with ``t = 0``. All four use the same U-Net skeleton: ``depth = len(widths)`` levels, 2x2 max
+pooling down, 2x2 transposed convolution up, skip concatenation, a 1x1 head giving logits.
+
+Shapes: input ``(N, in_channels, H, W)`` for any ``H, W >= 1`` (the input is padded by edge
+replication to a multiple of ``2 ** (depth - 1)`` and the output cropped back); output logits
+``(N, out_channels, H, W)``. ``out_channels == 1`` is a binary head (use a sigmoid),
+``out_channels >= 2`` a multi-class head (use a softmax); see :func:`logits_to_probabilities`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES: dict[str, str] = {
+    "unet": "U-Net (Ronneberger et al. 2015): two conv3x3-norm-ReLU per level",
+    "resunet": "ResU-Net: U-Net with residual units, y = conv1x1(x); y + f(f(y))",
+    "runet": "RU-Net: two recurrent conv layers (t steps, shared weights) per level",
+    "r2unet": "R2U-Net: recurrent residual units, y = conv1x1(x); y + R(R(y))",
+}
+NORMS = ("batch", "instance", "group", "none")
+DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network; serialisable to JSON and stored in checkpoints.
+
+    Args:
+        arch: one of ``unet``, ``resunet``, ``runet``, ``r2unet``.
+        in_channels: image channels the network takes (1 for gray/green, 3 for RGB).
+        out_channels: 1 for a binary (sigmoid) head, >= 2 for a multi-class (softmax) head.
+        widths: feature channels per level, top to bottom, each level halving the resolution.
+        t: recurrent steps of each RCL (RU-Net, R2U-Net); ignored by U-Net and ResU-Net.
+        norm: ``batch``, ``instance``, ``group`` (8 groups or fewer) or ``none``.
+    """
+
+    arch: str = "r2unet"
+    in_channels: int = 1
+    out_channels: int = 1
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
+    t: int = 2
+    norm: str = "batch"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch={self.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}")
+        for name in ("in_channels", "out_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not 1 <= len(self.widths) <= 8 or any(w < 1 for w in self.widths):
+            raise ValueError(f"widths={self.widths} must hold 1 to 8 positive channel counts")
+        if not isinstance(self.t, int) or not 0 <= self.t <= 16:
+            raise ValueError(f"t={self.t!r} must be an integer in [0, 16] (the paper uses 2)")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r} is unknown; choose one of {list(NORMS)}")
+
+    @property
+    def depth(self) -> int:
+        return len(self.widths)
+
+    @property
+    def size_multiple(self) -> int:
+        """Spatial sizes the network takes without padding are multiples of this."""
+        return 2 ** (self.depth - 1)
+
+    @property
+    def multiclass(self) -> bool:
+        return self.out_channels >= 2
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    return nn.Identity()
+
+
+class ConvNormAct(nn.Sequential):
+    """``f``: conv3x3 -> norm -> ReLU, ``(N, c_in, H, W) -> (N, c_out, H, W)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none"),
+            _norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class RecurrentConv(nn.Module):
+    """RCL: ONE shared ``f`` applied ``t + 1`` times: ``x1 = f(x); repeat t: x1 = f(x + x1)``.
+
+    ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, t: int, norm: str) -> None:
+        super().__init__()
+        self.t = t
+        self.f = ConvNormAct(channels, channels, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.f(x)
+        for _ in range(self.t):
+            x1 = self.f(x + x1)
+        return x1
+
+
+class UNetBlock(nn.Module):
+    """U-Net level: ``f2(f1(x))``, ``(N, c_in, H, W) -> (N, c_out, H, W)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__()
+        self.f1 = ConvNormAct(in_channels, out_channels, norm)
+        self.f2 = ConvNormAct(out_channels, out_channels, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f2(self.f1(x))
+
+
+class RecurrentResidualBlock(nn.Module):
+    """``y = conv1x1(x); out = [y +] R2(R1(y))`` with RCLs of ``t`` steps.
+
+    ``t = 0, residual`` is the ResU-Net unit, ``residual=False`` RU-Net, both R2U-Net.
+    ``(N, c_in, H, W) -> (N, c_out, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, t: int, residual: bool, norm: str) -> None:
+        super().__init__()
+        self.residual = residual
+        self.conv1x1 = nn.Conv2d(in_channels, out_channels, 1)
+        self.r1 = RecurrentConv(out_channels, t, norm)
+        self.r2 = RecurrentConv(out_channels, t, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1x1(x)
+        out = self.r2(self.r1(y))
+        return y + out if self.residual else out
+
+
+def _block(config: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
+    if config.arch == "unet":
+        return UNetBlock(in_channels, out_channels, config.norm)
+    t = 0 if config.arch == "resunet" else config.t
+    residual = config.arch in ("resunet", "r2unet")
+    return RecurrentResidualBlock(in_channels, out_channels, t, residual, config.norm)
+
+
+class SegmentationUNet(nn.Module):
+    """The shared U-Net skeleton; the block type comes from ``config.arch``.
+
+    ``forward``: ``(N, in_channels, H, W)`` float -> logits ``(N, out_channels, H, W)``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.widths
+        self.encoder = nn.ModuleList(
+            [_block(config, config.in_channels if i == 0 else w[i - 1], w[i]) for i in range(len(w))]
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in range(len(w) - 1)])
+        self.decoder = nn.ModuleList([_block(config, 2 * w[i], w[i]) for i in range(len(w) - 1)])
+        self.head = nn.Conv2d(w[0], config.out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected input of shape (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        m = self.config.size_multiple
+        pad_h, pad_w = (-height) % m, (-width) % m
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        skips = []
+        for i, block in enumerate(self.encoder):
+            if i:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(len(self.decoder))):
+            x = self.decoder[i](torch.cat([skips.pop(), self.up[i](x)], dim=1))
+        return self.head(x)[..., :height, :width]
+
+
+def build_model(config: ModelConfig) -> SegmentationUNet:
+    """The one factory: a freshly initialised network for ``config``."""
+    return SegmentationUNet(config)
+
+
+def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, K, H, W)`` logits -> probabilities: sigmoid for K == 1, softmax over K otherwise."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_megapixel(config: ModelConfig) -> float:
+    """Forward FLOPs (2 x multiply-adds) for a 1024 x 1024 input, counted by torch's FlopCounterMode.
+
+    Counted on the meta device, so it costs no memory and no compute.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build_model(config).eval()
+        x = torch.zeros(1, config.in_channels, 1024, 1024)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return float(counter.get_total_flops()) / (1024 * 1024 / 1e6)

@@ -1,0 +1,90 @@
+"""Model names: built-in architectures, pretrained models shipped in the package, checkpoint files.
+
+This module owns turning what a user types (``r2unet``, ``r2unet-drive``, ``~/m.safetensors``)
+into a config or a loaded checkpoint.
+
+Pretrained models are the ``.safetensors`` files in ``src_models/weights/``; their name is the
+file stem and everything else (architecture, metrics, training data, licence) is read from the
+file's own metadata, so there is no second list to keep in sync and nothing to download.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import LEGACY_SUFFIXES, Checkpoint, load_checkpoint
+from .errors import R2UNetError
+from .nets import ARCHITECTURES, ModelConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class PretrainedInfo:
+    """What ``r2unet models`` shows for one shipped checkpoint (read from its metadata)."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    provenance: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.provenance.get("metrics", {}))
+
+    @property
+    def description(self) -> str:
+        return str(self.provenance.get("description", ""))
+
+
+def pretrained_models(weights_dir: Path = WEIGHTS_DIR) -> dict[str, PretrainedInfo]:
+    """Shipped pretrained models by name (reads only the small JSON headers)."""
+    from safetensors import safe_open
+
+    found: dict[str, PretrainedInfo] = {}
+    if not weights_dir.is_dir():
+        return found
+    for path in sorted(weights_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        config = ModelConfig.from_dict(json.loads(meta["config"]))
+        found[path.stem] = PretrainedInfo(path.stem, path, config, json.loads(meta.get("provenance", "{}")))
+    return found
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith((".safetensors", *LEGACY_SUFFIXES)) or "/" in spec or "\\" in spec or Path(spec).exists()
+
+
+def _unknown(spec: str) -> R2UNetError:
+    names = sorted(pretrained_models())
+    known = ", ".join(names) if names else "none shipped yet"
+    return R2UNetError(
+        f"model {spec!r} is neither a pretrained model ({known}), an architecture ({', '.join(ARCHITECTURES)}) "
+        "nor an existing checkpoint file; see 'r2unet models'"
+    )
+
+
+def load_model(spec: str) -> Checkpoint:
+    """A pretrained model name or a checkpoint path -> validated :class:`Checkpoint`."""
+    pretrained = pretrained_models()
+    if spec in pretrained:
+        return load_checkpoint(pretrained[spec].path)
+    if _looks_like_path(spec):
+        return load_checkpoint(Path(spec).expanduser())
+    if spec in ARCHITECTURES:
+        trained = [n for n, info in pretrained.items() if info.config.arch == spec]
+        hint = f"use {trained[0]!r}" if trained else "train one with 'r2unet train' or give a checkpoint path"
+        raise R2UNetError(f"{spec!r} is an architecture without trained weights; {hint}")
+    raise _unknown(spec)
+
+
+def resolve_config(spec: str) -> tuple[ModelConfig, Checkpoint | None]:
+    """For ``r2unet info``: an architecture name gives its default config, otherwise load the model."""
+    if spec in ARCHITECTURES and spec not in pretrained_models():
+        return ModelConfig(arch=spec), None
+    checkpoint = load_model(spec)
+    return checkpoint.config, checkpoint
