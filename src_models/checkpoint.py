@@ -84,7 +84,7 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().to("cpu").contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -112,6 +112,9 @@ def atomic_write(path: str | os.PathLike[str], write: Any, suffix: str = "") -> 
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, target)
     except OSError as exc:
         raise R2UNetError(f"cannot write {target}: {exc.strerror or exc}; check the folder's space and permissions") from exc
@@ -134,8 +137,7 @@ def save_checkpoint(
     raw = model.state_dict() if isinstance(model, nn.Module) else model
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in strip_prefixes(raw).items()}
     class_names = tuple(str(c) for c in class_names)
-    expected = max(config.out_channels, 2) if config.multiclass else 1
-    if len(class_names) != expected:
+    if len(class_names) != config.out_channels:
         raise ValueError(f"{len(class_names)} class names given for a model with {config.out_channels} output channels")
     prov = {"package_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     prov.update(dict(provenance or {}))
@@ -182,6 +184,8 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str] | None) -> tuple[Mod
         raise _fail(path, f"metadata is invalid ({exc})") from exc
     if not isinstance(provenance, dict):
         raise _fail(path, "metadata 'provenance' is not a JSON object")
+    if len(class_names) != config.out_channels:
+        raise _fail(path, f"{len(class_names)} class names for {config.out_channels} output channels")
     return config, preprocess, class_names, provenance
 
 

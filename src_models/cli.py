@@ -70,16 +70,23 @@ def _segmenter(args: argparse.Namespace) -> Any:
 
 
 def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str) -> Any:
-    """Probabilities ``(K, H, W)`` for a 2D image, ``(..., K, H, W)`` for a stack."""
-    from .preprocessing import guess_channel_axis
+    """Probabilities ``(K, H, W)`` for a 2D image, ``(..., K, H, W)`` for a stack.
 
+    Layouts: ``(H, W)``; ``(H, W, C)`` and planar ``(C, H, W)`` with C <= 4 are one colour image
+    (``--stack`` makes a 3D array a stack of gray slices); any other 3D+ array is a stack of
+    gray slices ``(..., H, W)``, or of colour slices ``(..., H, W, C)`` when the last axis <= 4.
+    """
     update, close = _progress_bar(description)
     options = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=update)
     try:
-        if image.ndim == 2 or (image.ndim == 3 and guess_channel_axis(image.shape) is not None and not args.stack):
-            return segmenter.predict(image, **options)
-        channel_axis = -1 if image.shape[-1] <= 4 and image.ndim >= 4 else None
-        return segmenter.predict_stack(image, channel_axis=channel_axis, **options)
+        if image.ndim == 2:
+            return segmenter.predict(image, channel_axis=None, **options)
+        if image.ndim == 3 and not args.stack and image.shape[-1] <= 4:
+            return segmenter.predict(image, channel_axis=-1, **options)
+        if image.ndim == 3 and not args.stack and image.shape[0] <= 4:
+            return segmenter.predict(image, channel_axis=0, **options)
+        colour = image.ndim >= 4 and image.shape[-1] <= 4
+        return segmenter.predict_stack(image, channel_axis=-1 if colour else None, **options)
     finally:
         close()
 
@@ -161,13 +168,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import read_image, write_tiff
     from .inference import probabilities_to_labels
 
+    segmenter = _segmenter(args)
     files = _expand_inputs(args.inputs)
     out_dir = Path(args.out).expanduser()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise R2UNetError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
-    segmenter = _segmenter(args)
     binary = segmenter.checkpoint.config.out_channels == 1
     for i, path in enumerate(files, 1):
         image = read_image(path)
@@ -232,7 +239,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu (default: auto)")
     p.add_argument("--tile", type=_positive_int, default=None, help="tile size in pixels (default: whole image up to 1 MP, else 1024)")
     p.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbours (default: 0.25)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default: 4)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the mask (default: 0.5)")
     p.add_argument("--stack", action="store_true", help="treat a 3D (N, H, W) file with N <= 4 as a stack, not as channels")
 

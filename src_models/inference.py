@@ -257,12 +257,18 @@ class Segmenter:
         channel_axis: int | None | str = "auto",
         tile: int | None = None,
         overlap: float = DEFAULT_OVERLAP,
-        batch_size: int = 4,
+        batch_size: int | None = None,
         progress: Progress | None = None,
         should_stop: ShouldStop | None = None,
         out: Any = None,
     ) -> Any:
-        """2D image ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` -> probabilities ``(K, H, W)``."""
+        """2D image ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` -> probabilities ``(K, H, W)``.
+
+        ``tile=None`` runs images up to 1 MP whole and larger ones in 1024-pixel tiles;
+        ``batch_size=None`` is 1 on the CPU (batching gains nothing there and costs memory), 4 on
+        accelerators.
+        """
+        batch_size = batch_size or (1 if self.device.type == "cpu" else 4)
         chw = to_chw(image, channel_axis)
         check_image(chw)
         config = self.checkpoint.preprocess

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models (widths 4-16) and synthetic images made here, never downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src_models.checkpoint import save_checkpoint
+from src_models.nets import ModelConfig, build_model
+from src_models.preprocessing import PreprocessConfig, preprocess
+from src_models.synthetic import vessel_image
+
+DRIVE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "DRIVE"
+
+
+def random_checkpoint(path: Path, seed: int = 0, **config_kwargs) -> Path:
+    """A randomly initialised tiny R2U-Net saved as a checkpoint."""
+    torch.manual_seed(seed)
+    config = ModelConfig(**{"arch": "r2unet", "widths": (4, 8, 16), **config_kwargs})
+    save_checkpoint(path, build_model(config), config, PreprocessConfig(), ["vessel"] * max(1, config.out_channels) if config.out_channels == 1 else [f"c{i}" for i in range(config.out_channels)])
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    return random_checkpoint(tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A depth-4 R2U-Net trained for a few seconds on synthetic vessels: realistic weights."""
+    torch.manual_seed(0)
+    config = ModelConfig(arch="r2unet", widths=(4, 8, 16, 32))
+    model = build_model(config)
+    pp = PreprocessConfig()
+    data = [vessel_image((64, 64), seed=s) for s in range(16)]
+    x = torch.tensor(np.stack([preprocess(img, pp) for img, _ in data]))
+    y = torch.tensor(np.stack([m for _, m in data]))[:, None].float()
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    for step in range(60):
+        idx = torch.arange(step * 8, step * 8 + 8) % 16
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("trained") / "trained.safetensors"
+    save_checkpoint(path, model, config, pp, ["vessel"], {"note": "test fixture"})
+    return path

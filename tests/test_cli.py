@@ -1,0 +1,164 @@
+"""The r2unet command line: help, JSON outputs, predict/evaluate outputs, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from src_models.cli import main
+from src_models.synthetic import vessel_image
+
+SUBCOMMANDS = ["models", "info", "predict", "evaluate"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: r2unet " + command in capsys.readouterr().out
+
+
+def test_models_json(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    data = json.loads(out)
+    assert code == 0 and [a["name"] for a in data["architectures"]] == ["unet", "resunet", "runet", "r2unet"]
+    assert isinstance(data["pretrained"], list)
+
+
+def test_info_prints_parameter_parity(capsys):
+    code, out, _ = run(capsys, "info", "--json")
+    rows = {r["arch"]: r for r in json.loads(out)}
+    assert code == 0 and set(rows) == {"unet", "resunet", "runet", "r2unet"}
+    for arch in ("runet", "r2unet"):
+        assert abs(rows[arch]["parameters"] / rows["unet"]["parameters"] - 1) <= 0.15
+        assert rows[arch]["gflops_per_megapixel"] > 2 * rows["unet"]["gflops_per_megapixel"]
+    code, out, _ = run(capsys, "info")
+    assert "vs U-Net" in out and "r2unet" in out
+    code, out, _ = run(capsys, "info", "r2unet", "--widths", "8,16", "--t", "3", "--json")
+    assert json.loads(out)["config"]["widths"] == [8, 16] and json.loads(out)["config"]["t"] == 3
+
+
+def test_info_of_a_checkpoint_shows_provenance(capsys, tiny_checkpoint):
+    code, out, _ = run(capsys, "info", str(tiny_checkpoint), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["config"]["widths"] == [4, 8, 16] and "package_version" in data["provenance"] and len(data["sha256"]) == 64
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(2):
+        img, _ = vessel_image((70, 90), seed=seed, rgb=True)
+        tifffile.imwrite(folder / f"{seed + 1:02d}_test.tif", img, compression="lzw")
+    return folder
+
+
+def test_predict_writes_masks_and_probabilities(capsys, tiny_checkpoint, image_folder, tmp_path):
+    out_dir = tmp_path / "out" / "nested"
+    code, out, err = run(capsys, "predict", str(tiny_checkpoint), str(image_folder), "--out", str(out_dir), "--save-prob", "--tile", "32")
+    assert code == 0, err
+    mask = tifffile.imread(out_dir / "01_test.tif")
+    prob = tifffile.imread(out_dir / "01_test_prob.tif")
+    assert mask.shape == prob.shape == (70, 90) and mask.dtype == np.uint8 and prob.dtype == np.float32
+    assert set(np.unique(mask)) <= {0, 255}
+    assert np.array_equal(mask > 0, prob >= 0.5)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["01_test.tif", "01_test_prob.tif", "02_test.tif", "02_test_prob.tif"]
+
+
+def test_predict_stack_and_multiclass(capsys, tmp_path):
+    from conftest import random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "multi.safetensors", out_channels=3)
+    stack = np.stack([vessel_image((40, 48), seed=s)[0] for s in range(5)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    code, _, err = run(capsys, "predict", str(ckpt), str(tmp_path / "stack.tif"), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    labels = tifffile.imread(tmp_path / "o" / "stack.tif")
+    assert labels.shape == (5, 40, 48) and labels.max() <= 2
+
+
+def test_evaluate_json(capsys, tiny_checkpoint, image_folder, tmp_path):
+    masks, fov = tmp_path / "manual", tmp_path / "fov"
+    masks.mkdir()
+    fov.mkdir()
+    for seed in range(2):
+        _, m = vessel_image((70, 90), seed=seed, rgb=True)
+        Image.fromarray(m * 255).save(masks / f"{seed + 1:02d}_manual1.gif")
+        Image.fromarray(np.full((70, 90), 255, np.uint8)).save(fov / f"{seed + 1:02d}_test_mask.gif")
+    code, out, err = run(capsys, "evaluate", str(tiny_checkpoint), "--images", str(image_folder), "--masks", str(masks), "--fov", str(fov), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [i["id"] for i in data["images"]] == ["01", "02"]
+    assert set(data["pooled"]) == {"F1", "SE", "SP", "ACC", "JS", "AUC"}
+    assert sum(data["confusion"].values()) == 2 * 70 * 90
+    code, out, _ = run(capsys, "evaluate", str(tiny_checkpoint), "--images", str(image_folder), "--masks", str(masks))
+    assert code == 0 and out.splitlines()[-1].startswith("pooled")
+
+
+ERROR_CASES = [
+    (["predict", "r2unet", "x.png", "--out", "o"], "architecture without trained weights"),
+    (["predict", "no-such-model", "x.png", "--out", "o"], "is neither a pretrained model"),
+    (["predict", "missing.safetensors", "x.png", "--out", "o"], "does not exist"),
+    (["evaluate", "missing.safetensors", "--images", "nowhere", "--masks", "nowhere"], "does not exist"),
+    (["info", "r2unet", "--widths", "8,-1"], "widths"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), ERROR_CASES)
+def test_errors_are_one_line_with_nonzero_exit(capsys, tmp_path, argv, message):
+    os.chdir(tmp_path)
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("r2unet: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_corrupt_checkpoint_and_image_errors(capsys, tmp_path, tiny_checkpoint):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(tiny_checkpoint.read_bytes()[:300])
+    (tmp_path / "img.png").write_bytes(b"not an image")
+    code, _, err = run(capsys, "predict", str(bad), str(tmp_path / "img.png"), "--out", str(tmp_path / "o"))
+    assert code == 1 and "cannot load checkpoint" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(tmp_path / "img.png"), "--out", str(tmp_path / "o"))
+    assert code == 1 and "cannot read" in err and err.count("\n") == 1
+
+
+def test_mismatched_mask_shape_is_named(capsys, tmp_path, tiny_checkpoint, image_folder):
+    masks = tmp_path / "m"
+    masks.mkdir()
+    for i in (1, 2):
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / f"{i:02d}_manual1.gif")
+    code, _, err = run(capsys, "evaluate", str(tiny_checkpoint), "--images", str(image_folder), "--masks", str(masks))
+    assert code == 1 and "01_manual1.gif" in err and "(70, 90)" in err
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "m", "x", "--out", "o", "--overlap", "1.5"])
+    assert exc.value.code == 2
+
+
+def test_console_script_runs_without_importing_torch_for_help(tmp_path):
+    exe = shutil.which("r2unet", path=str(Path(sys.executable).parent))
+    assert exe, "the r2unet console script is installed"
+    result = subprocess.run([exe, "predict", "r2unet", "nothing.png", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    probe = "import sys; from src_models.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip() == "False"

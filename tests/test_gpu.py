@@ -1,0 +1,26 @@
+"""Accelerator paths (CUDA AMP, MPS): run only where such a device exists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from src_models.checkpoint import load_checkpoint
+from src_models.inference import Segmenter, available_devices
+from src_models.synthetic import vessel_image
+
+ACCELERATORS = [d for d in available_devices() if d != "cpu"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ACCELERATORS, reason="no CUDA or MPS device here")
+@pytest.mark.parametrize("device", ACCELERATORS)
+def test_accelerator_matches_cpu(trained_checkpoint, device):
+    checkpoint = load_checkpoint(trained_checkpoint)
+    img, _ = vessel_image((300, 280), seed=0)
+    cpu = Segmenter(checkpoint, "cpu").predict(img, tile=128)
+    accelerated = Segmenter(checkpoint, device).predict(img, tile=128, batch_size=4)  # AMP on CUDA
+    assert np.abs(accelerated - cpu).max() < 2e-2
+    assert ((accelerated >= 0.5) != (cpu >= 0.5)).mean() < 1e-3
+    assert Segmenter(checkpoint, "auto").device.type == torch.device(ACCELERATORS[0]).type

@@ -1,0 +1,183 @@
+"""The tiler and the Segmenter: exact blending, seamless tiles, stacks, dask, cancel, OOM fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from src_models.checkpoint import load_checkpoint
+from src_models.errors import CancelledError, R2UNetError
+from src_models.inference import (
+    DEFAULT_OVERLAP,
+    Segmenter,
+    probabilities_to_labels,
+    select_device,
+    sliding_window_inference,
+    tile_starts,
+)
+from src_models.preprocessing import preprocess
+from src_models.synthetic import vessel_image
+
+
+def _pointwise(batch: np.ndarray) -> np.ndarray:
+    return np.concatenate([1 / (1 + np.exp(-batch[:, :1])), np.tanh(batch[:, :1]) ** 2], axis=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(1, 150), w=st.integers(1, 150), c=st.integers(1, 3),
+    tile=st.integers(8, 96), overlap=st.floats(0, 0.9), batch=st.integers(1, 5),
+    multiple=st.sampled_from([1, 2, 8]), mode=st.sampled_from(["gaussian", "constant"]),
+)
+def test_blending_is_exact_for_a_pointwise_predictor(h, w, c, tile, overlap, batch, multiple, mode):
+    x = np.random.default_rng(h * w).normal(size=(c, h, w)).astype(np.float32)
+    out = sliding_window_inference(x, tile, batch, _pointwise, overlap, mode, size_multiple=multiple)
+    assert out.shape == (2, h, w) and np.isfinite(out).all()
+    assert np.allclose(out, _pointwise(x[None])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "tile", "overlap", "multiple"), [(100, 32, 0.25, 1), (640, 256, 0.25, 8), (64, 64, 0.5, 16), (1008, 128, 0.9, 16)])
+def test_tile_starts_cover_and_align(size, tile, overlap, multiple):
+    starts = tile_starts(size, tile, overlap, multiple)
+    assert starts[0] == 0 and starts[-1] + tile == size
+    assert all(s % multiple == 0 for s in starts)
+    assert all(b - a <= tile * (1 - overlap) + multiple for a, b in zip(starts, starts[1:]))
+
+
+def test_single_tile_equals_the_network_on_the_whole_image(trained_checkpoint):
+    seg = Segmenter(load_checkpoint(trained_checkpoint), "cpu")
+    img, _ = vessel_image((150, 133), seed=5)
+    x = torch.from_numpy(preprocess(img, seg.checkpoint.preprocess))[None]
+    with torch.inference_mode():
+        reference = torch.sigmoid(seg.model(x))[0].numpy()
+    assert np.abs(seg.predict(img) - reference).max() < 1e-5
+
+
+def test_tiled_matches_whole_image_at_the_default_overlap(trained_checkpoint):
+    seg = Segmenter(load_checkpoint(trained_checkpoint), "cpu")
+    img, _ = vessel_image((1100, 1050), seed=7, n_vessels=30, rgb=True)
+    whole = seg.predict(img, tile=2048)
+    tiled = seg.predict(img, tile=512, overlap=DEFAULT_OVERLAP, batch_size=3)
+    assert tiled.shape == whole.shape == (1, 1100, 1050)
+    assert np.abs(tiled - whole).max() < 1e-3
+
+
+def test_progress_and_cancel(tiny_checkpoint):
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
+    img, _ = vessel_image((200, 200), seed=1)
+    seen: list[float] = []
+    seg.predict(img, tile=64, overlap=0.25, batch_size=2, progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) > 3
+    calls = []
+
+    def stop_after_two() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(CancelledError):
+        seg.predict(img, tile=64, batch_size=1, should_stop=stop_after_two)
+    assert len(calls) == 3
+
+
+def test_dask_input_is_read_lazily_and_matches_numpy(tiny_checkpoint):
+    da = pytest.importorskip("dask.array")
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
+    img, _ = vessel_image((300, 260), seed=2, rgb=True)
+    lazy = da.from_array(img, chunks=(64, 64, 3))
+    assert np.allclose(seg.predict(lazy, tile=128), seg.predict(img, tile=128), atol=1e-6)
+
+
+def test_out_can_be_a_memmap(tiny_checkpoint, tmp_path):
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
+    img, _ = vessel_image((200, 180), seed=3)
+    out = np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=np.float32, shape=(1, 200, 180))
+    result = seg.predict(img, tile=64, out=out)
+    assert result is out
+    assert np.allclose(np.load(tmp_path / "p.npy"), seg.predict(img, tile=64))
+
+
+def test_stacks_and_time_series_go_slice_by_slice(tiny_checkpoint):
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
+    gray = np.stack([vessel_image((48, 40), seed=s)[0] for s in range(3)])
+    probs = seg.predict_stack(gray)
+    assert probs.shape == (3, 1, 48, 40)
+    assert np.allclose(probs[1], seg.predict(gray[1]))
+    rgb_t = np.stack([np.stack([vessel_image((40, 40), seed=s + 2 * t, rgb=True)[0] for s in range(2)]) for t in range(2)])
+    assert seg.predict_stack(rgb_t, channel_axis=-1).shape == (2, 2, 1, 40, 40)
+    fractions = []
+    seg.predict_stack(gray, progress=fractions.append)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+def test_out_of_memory_retries_smaller_and_says_so(tiny_checkpoint):
+    messages: list[str] = []
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", log=messages.append)
+    img, _ = vessel_image((300, 300), seed=4)
+    reference = seg.predict(img, tile=128, batch_size=1)
+    real = seg._predict_batch
+
+    def limited(batch: np.ndarray) -> np.ndarray:
+        if batch.shape[0] > 1 or batch.shape[-1] > 128:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch)
+
+    seg._predict_batch = limited
+    result = seg.predict(img, tile=512, batch_size=4)
+    assert any("batch size 1" in m for m in messages) and any("128-pixel tiles" in m for m in messages)
+    assert np.abs(result - reference).max() < 1e-5
+
+    def always(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    seg._predict_batch = always
+    with pytest.raises(R2UNetError, match="out of memory even with batch 1"):
+        seg.predict(img, tile=256)
+
+
+def test_other_errors_are_not_mistaken_for_oom(tiny_checkpoint):
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
+    seg._predict_batch = lambda batch: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        seg.predict(np.zeros((32, 32), np.uint8))
+
+
+def test_devices():
+    assert select_device("auto").type in ("cuda", "mps", "cpu")
+    assert select_device("cpu").type == "cpu"
+    with pytest.raises(R2UNetError, match="unknown"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(R2UNetError, match="not available here; available: .*cpu"):
+            select_device("cuda")
+
+
+def test_channel_mismatch_is_explained(tmp_path):
+    from conftest import random_checkpoint
+
+    seg = Segmenter(load_checkpoint(random_checkpoint(tmp_path / "rgb.safetensors", in_channels=3)), "cpu")
+    # default preprocessing (green) makes one channel; this model wants 3
+    with pytest.raises(R2UNetError, match="takes 3 channel"):
+        seg.predict(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_bad_settings():
+    x = np.zeros((1, 20, 20), np.float32)
+    with pytest.raises(R2UNetError, match="overlap"):
+        sliding_window_inference(x, 8, 1, _pointwise, overlap=0.99)
+    with pytest.raises(R2UNetError, match="blend mode"):
+        sliding_window_inference(x, 8, 1, _pointwise, mode="cubic")
+    with pytest.raises(R2UNetError, match="batch size"):
+        sliding_window_inference(x, 8, 0, _pointwise)
+
+
+def test_labels():
+    probs = np.array([[[0.2, 0.5], [0.7, 0.49]]], np.float32)
+    assert probabilities_to_labels(probs).tolist() == [[0, 1], [1, 0]]
+    assert probabilities_to_labels(probs, 0.6).tolist() == [[0, 0], [1, 0]]
+    multi = np.stack([1 - probs[0], probs[0] * 0.5, probs[0] * 0.5])
+    assert probabilities_to_labels(multi).dtype == np.uint8
+    with pytest.raises(R2UNetError):
+        probabilities_to_labels(probs, 1.5)

@@ -1,0 +1,147 @@
+"""The four networks: equations, shared weights, shapes, parameter parity, ill configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from src_models.nets import (
+    ARCHITECTURES,
+    ModelConfig,
+    RecurrentConv,
+    RecurrentResidualBlock,
+    build_model,
+    count_parameters,
+    flops_per_megapixel,
+    logits_to_probabilities,
+)
+
+CASES = [  # (config kwargs, input shape)
+    ({"arch": "unet", "widths": (8, 16)}, (2, 1, 32, 32)),
+    ({"arch": "resunet", "widths": (8, 16, 16)}, (1, 1, 32, 32)),
+    ({"arch": "runet", "widths": (8, 16), "t": 1}, (2, 1, 32, 32)),
+    ({"arch": "r2unet", "widths": (8, 16, 32), "in_channels": 3}, (1, 3, 64, 64)),
+    ({"arch": "r2unet", "widths": (8, 16), "out_channels": 4, "norm": "group"}, (2, 1, 32, 32)),
+    ({"arch": "r2unet", "widths": (8, 16), "norm": "instance"}, (2, 1, 32, 48)),
+    ({"arch": "unet", "widths": (8, 16), "norm": "none"}, (1, 1, 17, 33)),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "shape"), CASES)
+def test_forward_backward_shapes(kwargs, shape):
+    config = ModelConfig(**kwargs)
+    model = build_model(config)
+    x = torch.randn(*shape, requires_grad=True)
+    out = model(x)
+    assert out.shape == (shape[0], config.out_channels, *shape[2:])
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+ILL = [
+    ({"arch": "r3unet"}, "arch"),
+    ({"in_channels": 0}, "in_channels"),
+    ({"out_channels": -1}, "out_channels"),
+    ({"widths": ()}, "widths"),
+    ({"widths": (8, 0)}, "widths"),
+    ({"t": -1}, "t="),
+    ({"t": 2.5}, "t="),
+    ({"norm": "layer"}, "norm"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "word"), ILL)
+def test_ill_configs_raise_with_the_rule(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        ModelConfig(**kwargs)
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    config = ModelConfig(arch="runet", widths=[8, 16], t=3)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({**config.to_dict(), "dropout": 0.1})
+
+
+def test_wrong_input_channels_message():
+    model = build_model(ModelConfig(widths=(4, 8), in_channels=3))
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+        model(torch.zeros(1, 1, 16, 16))
+
+
+@pytest.mark.parametrize("t", [0, 1, 2, 3])
+def test_recurrent_layer_applies_one_shared_conv_t_plus_1_times(t):
+    torch.manual_seed(0)
+    layer = RecurrentConv(6, t, "batch").eval()
+    convs = [m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1, "one conv, its weights shared by every step"
+    calls = []
+    convs[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].clone()))
+    x = torch.randn(2, 6, 12, 12)
+    out = layer(x)
+    assert len(calls) == t + 1
+    # the paper's equations: x1 = f(x); repeat t: x1 = f(x + x1)
+    f = layer.f
+    x1 = f(x)
+    assert torch.allclose(calls[0], x)
+    for step in range(t):
+        assert torch.allclose(calls[step + 1], x + x1, atol=1e-6)
+        x1 = f(x + x1)
+    assert torch.allclose(out, x1, atol=1e-6)
+    if t >= 1:  # and not the popular mistake f(2 * f(x))
+        assert not torch.allclose(out, f(2 * f(x)) if t == 1 else f(x + f(2 * f(x))), atol=1e-4)
+
+
+@pytest.mark.parametrize(("arch", "residual", "t"), [("r2unet", True, 2), ("runet", False, 2), ("resunet", True, 0)])
+def test_block_equations(arch, residual, t):
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(arch=arch, widths=(6, 12), t=3 if arch == "resunet" else 2)).eval()
+    block = model.encoder[1]
+    assert isinstance(block, RecurrentResidualBlock)
+    assert block.r1.t == t and block.r2.t == t
+    x = torch.randn(1, 6, 16, 16)
+    y = block.conv1x1(x)
+    expected = block.r2(block.r1(y)) + (y if residual else 0)
+    assert torch.allclose(block(x), expected, atol=1e-6)
+
+
+def test_parameter_counts_stay_within_15_percent_of_unet():
+    counts = {a: count_parameters(build_model(ModelConfig(arch=a))) for a in ARCHITECTURES}
+    for arch in ("runet", "r2unet", "resunet"):
+        assert abs(counts[arch] / counts["unet"] - 1) <= 0.15, counts
+    assert counts["runet"] == counts["r2unet"]  # the residual adds no parameters
+
+
+def test_recurrence_costs_flops_not_parameters():
+    unet = flops_per_megapixel(ModelConfig(arch="unet"))
+    r2 = flops_per_megapixel(ModelConfig(arch="r2unet"))
+    t1 = flops_per_megapixel(ModelConfig(arch="r2unet", t=1))
+    assert 2.0 < r2 / unet < 3.5
+    assert t1 < r2
+    assert count_parameters(build_model(ModelConfig(t=1))) == count_parameters(build_model(ModelConfig(t=2)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 1000), w=st.integers(1, 1000))
+def test_any_size_from_1_to_1000_keeps_its_shape(h, w):
+    model = build_model(ModelConfig(widths=(2, 2, 2, 2, 2), t=1)).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 1, h, w)).shape == (1, 1, h, w)
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (1, 1000), (1000, 1), (15, 17), (16, 16), (999, 1000)])
+def test_corner_sizes(h, w):
+    model = build_model(ModelConfig(widths=(2, 2, 2, 2, 2), t=1)).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 1, h, w)).shape == (1, 1, h, w)
+
+
+def test_heads():
+    logits = torch.randn(2, 3, 4, 4)
+    probs = logits_to_probabilities(logits)
+    assert torch.allclose(probs.sum(1), torch.ones(2, 4, 4))
+    binary = logits_to_probabilities(logits[:, :1])
+    assert torch.allclose(binary, torch.sigmoid(logits[:, :1]))
