@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import DRIVE
+
 from src_models.data import pair_files, read_image, read_mask
 
 pytestmark = [pytest.mark.drive, pytest.mark.skipif(not DRIVE.is_dir(), reason="DRIVE is not in ../shared/datasets")]
