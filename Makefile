@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # torch pinned to the CPU wheel these machines hold locally; a bare `torch` pulls a multi-GB CUDA build
 TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: help venv test test-fast run lint clean system-deps
 
