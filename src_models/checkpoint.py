@@ -45,6 +45,7 @@ FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 LEGACY_SUFFIXES = (".pt", ".pth")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -180,8 +181,8 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str] | None) -> tuple[Mod
         preprocess = PreprocessConfig.from_dict(json.loads(metadata.get("preprocess", "{}")))
         class_names = tuple(str(c) for c in json.loads(metadata.get("class_names", '["foreground"]')))
         provenance = json.loads(metadata.get("provenance", "{}"))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise _fail(path, f"metadata is invalid ({exc})") from exc
+    except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise _fail(path, f"metadata is invalid ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(provenance, dict):
         raise _fail(path, "metadata 'provenance' is not a JSON object")
     if len(class_names) != config.out_channels:
@@ -208,6 +209,10 @@ def _check_shapes(path: Path, config: ModelConfig, shapes: Mapping[str, tuple[in
 
 
 def _check_values(path: Path, state_dict: Mapping[str, torch.Tensor], expected_sha: str | None) -> None:
+    for key, tensor in state_dict.items():
+        allowed = (torch.int64,) if key.endswith("num_batches_tracked") else _FLOAT_DTYPES
+        if tensor.dtype not in allowed:
+            raise _fail(path, f"tensor {key} has dtype {tensor.dtype}; expected {', '.join(map(str, allowed))}")
     if expected_sha is not None and weights_sha256(state_dict) != expected_sha:
         raise _fail(path, "weights do not match their recorded checksum; the file is corrupt, get a fresh copy")
     for key, tensor in state_dict.items():
@@ -231,9 +236,25 @@ def _load_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(config, state_dict, preprocess, class_names, provenance, path, file_sha256(path))
 
 
+def _check_zip(path: Path) -> None:
+    """torch.save files are zip archives of stored (uncompressed) entries: refuse zip bombs."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the pre-1.6 format is a plain, uncompressed pickle stream
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise _fail(path, f"broken zip archive ({exc})") from exc
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(e.file_size for e in entries) > path.stat().st_size:
+        raise _fail(path, "it holds compressed entries, which torch.save never writes; refused (possible zip bomb)")
+
+
 def _load_legacy(path: Path) -> Checkpoint:
     import pickle
 
+    _check_zip(path)
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -248,12 +269,15 @@ def _load_legacy(path: Path) -> Checkpoint:
     except (ValueError, TypeError) as exc:
         raise _fail(path, f"its config is invalid ({exc})") from exc
     state_dict = payload["state_dict"]
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
         raise _fail(path, "'state_dict' is not a mapping of names to tensors")
     state_dict = strip_prefixes(state_dict)
     _check_shapes(path, config, {k: tuple(v.shape) for k, v in state_dict.items()})
     _check_values(path, state_dict, None)
-    class_names = tuple(payload.get("class_names", ("foreground",)))
+    class_names = payload.get("class_names", ["foreground"] * config.out_channels if config.out_channels == 1 else None)
+    if not isinstance(class_names, (list, tuple)) or len(class_names) != config.out_channels:
+        raise _fail(path, f"'class_names' must be a list of {config.out_channels} names")
+    class_names = tuple(str(c) for c in class_names)
     return Checkpoint(config, state_dict, preprocess, class_names, {"legacy_source": path.name}, path, file_sha256(path))
 
 
@@ -270,5 +294,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if path.suffix.lower() in LEGACY_SUFFIXES:
             return _load_legacy(path)
         return _load_safetensors(path)
+    except R2UNetError:
+        raise
     except OSError as exc:
         raise _fail(path, exc.strerror or str(exc)) from exc
+    except (ValueError, TypeError, OverflowError, RecursionError, RuntimeError, NotImplementedError, MemoryError) as exc:
+        # anything a crafted file can still provoke is a refusal, never a crash
+        raise _fail(path, f"invalid contents ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc

@@ -55,11 +55,21 @@ def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
             files.append(path)
         else:
             raise R2UNetError(f"input {path} does not exist")
-    stems = [f.stem for f in files]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
-    if clashes:
-        raise R2UNetError(f"several inputs share the output name {clashes[0]!r}; predict them into different folders")
     return files
+
+
+def _output_paths(files: list[Path], out_dir: Path, save_prob: bool) -> list[tuple[Path, Path | None]]:
+    """``(mask, prob)`` paths per input; refuses any that would overwrite an input or each other."""
+    outputs = [(out_dir / f"{f.stem}.tif", out_dir / f"{f.stem}_prob.tif" if save_prob else None) for f in files]
+    written = [p for pair in outputs for p in pair if p is not None]
+    resolved = [p.resolve() for p in written]
+    inputs = {f.resolve() for f in files}
+    for path, real in zip(written, resolved):
+        if real in inputs:
+            raise R2UNetError(f"output {path} would overwrite an input image; choose another --out folder")
+        if resolved.count(real) > 1:
+            raise R2UNetError(f"two inputs would both write {path}; predict them into different folders")
+    return outputs
 
 
 def _segmenter(args: argparse.Namespace) -> Any:
@@ -85,6 +95,11 @@ def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, descrip
             return segmenter.predict(image, channel_axis=-1, **options)
         if image.ndim == 3 and not args.stack and image.shape[0] <= 4:
             return segmenter.predict(image, channel_axis=0, **options)
+        if image.ndim == 3 and not args.stack and image.shape[-1] < min(image.shape[:2]) and image.shape[-1] < 16:
+            raise R2UNetError(
+                f"{description.split()[-1]} looks like a {image.shape[-1]}-channel image {image.shape}; models take 1-4 channels. "
+                "If it is a stack of 2D images, pass --stack"
+            )
         colour = image.ndim >= 4 and image.shape[-1] <= 4
         return segmenter.predict_stack(image, channel_axis=-1 if colour else None, **options)
     finally:
@@ -171,22 +186,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     segmenter = _segmenter(args)
     files = _expand_inputs(args.inputs)
     out_dir = Path(args.out).expanduser()
+    outputs = _output_paths(files, out_dir, args.save_prob)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise R2UNetError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
     binary = segmenter.checkpoint.config.out_channels == 1
-    for i, path in enumerate(files, 1):
+    for i, (path, (mask_path, prob_path)) in enumerate(zip(files, outputs), 1):
         image = read_image(path)
         probs = _predict_array(segmenter, image, args, f"[{i}/{len(files)}] {path.name}")
         labels = probabilities_to_labels(probs, args.threshold)
         if binary:
             labels *= 255
-        write_tiff(out_dir / f"{path.stem}.tif", labels)
-        if args.save_prob:
-            write_tiff(out_dir / f"{path.stem}_prob.tif", np.squeeze(probs, axis=-3) if binary else probs)
+        write_tiff(mask_path, labels)
+        if prob_path is not None:
+            write_tiff(prob_path, np.squeeze(probs, axis=-3) if binary else probs)
         fraction = float((labels > 0).mean())
-        print(f"{path} -> {out_dir / (path.stem + '.tif')}  ({fraction:.1%} foreground)")
+        print(f"{path} -> {mask_path}  ({fraction:.1%} foreground)")
     return 0
 
 
@@ -204,9 +220,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         image = read_image(sample.image)
         mask = read_mask(sample.mask)
         fov = read_mask(sample.fov) if sample.fov else None
-        if image.shape[:2] != mask.shape:
-            raise R2UNetError(f"image {sample.image.name} is {image.shape[:2]} but its mask {sample.mask.name} is {mask.shape}")
-        probs = _predict_array(segmenter, image, args, f"[{i}/{len(samples)}] {sample.image.name}")[0]
+        probs = _predict_array(segmenter, image, args, f"[{i}/{len(samples)}] {sample.image.name}")
+        if probs.ndim != 3 or probs.shape[-2:] != mask.shape:
+            raise R2UNetError(f"image {sample.image.name} is {tuple(probs.shape[-2:])} pixels but its mask {sample.mask.name} is {mask.shape}; masks must match their images")
+        probs = probs[0]
         metrics = pooled.add(probs, mask, fov)
         per_image.append({"id": sample.id, "image": str(sample.image), "metrics": metrics})
         if not args.json:

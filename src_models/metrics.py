@@ -103,7 +103,7 @@ def segmentation_metrics(prob: np.ndarray, target: np.ndarray, fov: np.ndarray |
 class MetricAccumulator:
     """Pools pixels over a set of images: counts add up, AUC is computed over all kept pixels.
 
-    Memory: one float32 and one bool per FOV pixel (DRIVE test set: about 23 MB).
+    Memory: one float64 and one bool per FOV pixel (DRIVE test set: about 40 MB).
     """
 
     threshold: float = 0.5
@@ -115,7 +115,7 @@ class MetricAccumulator:
         """Add one image; returns its own metrics."""
         p, t = _flatten(prob, target, fov)
         self.counts = self.counts + confusion(p, t, None, self.threshold)
-        self._probs.append(p.astype(np.float32))
+        self._probs.append(p)
         self._targets.append(t)
         one = confusion(p, t, None, self.threshold).metrics()
         one["AUC"] = roc_auc(p, t)

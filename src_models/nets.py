@@ -21,7 +21,8 @@ with ``t = 0``. All four use the same U-Net skeleton: ``depth = len(widths)`` le
 pooling down, 2x2 transposed convolution up, skip concatenation, a 1x1 head giving logits.
 
 Shapes: input ``(N, in_channels, H, W)`` for any ``H, W >= 1`` (the input is padded by edge
-replication to a multiple of ``2 ** (depth - 1)`` and the output cropped back); output logits
+replication to a multiple of ``2 ** (depth - 1)``, and to at least twice that with instance
+norm, which needs 2 x 2 pixels at the bottom level; the output is cropped back); output logits
 ``(N, out_channels, H, W)``. ``out_channels == 1`` is a binary head (use a sigmoid),
 ``out_channels >= 2`` a multi-class head (use a softmax); see :func:`logits_to_probabilities`.
 """
@@ -45,6 +46,7 @@ ARCHITECTURES: dict[str, str] = {
 }
 NORMS = ("batch", "instance", "group", "none")
 DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
+MAX_CHANNELS = 4096  # a bound that no sane model reaches and that keeps hostile configs small
 
 
 @dataclass(frozen=True)
@@ -68,16 +70,21 @@ class ModelConfig:
     norm: str = "batch"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        widths = self.widths
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__") or not all(
+            isinstance(w, int) and not isinstance(w, bool) for w in widths
+        ):
+            raise ValueError(f"widths={widths!r} must be a list of integers")
+        object.__setattr__(self, "widths", tuple(widths))
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch={self.arch!r} is unknown; choose one of {sorted(ARCHITECTURES)}")
         for name in ("in_channels", "out_channels"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if not 1 <= len(self.widths) <= 8 or any(w < 1 for w in self.widths):
-            raise ValueError(f"widths={self.widths} must hold 1 to 8 positive channel counts")
-        if not isinstance(self.t, int) or not 0 <= self.t <= 16:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHANNELS:
+                raise ValueError(f"{name}={value!r} must be an integer in [1, {MAX_CHANNELS}]")
+        if not 1 <= len(self.widths) <= 8 or any(not 1 <= w <= MAX_CHANNELS for w in self.widths):
+            raise ValueError(f"widths={self.widths} must hold 1 to 8 channel counts in [1, {MAX_CHANNELS}]")
+        if not isinstance(self.t, int) or isinstance(self.t, bool) or not 0 <= self.t <= 16:
             raise ValueError(f"t={self.t!r} must be an integer in [0, 16] (the paper uses 2)")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r} is unknown; choose one of {list(NORMS)}")
@@ -223,6 +230,8 @@ class SegmentationUNet(nn.Module):
         height, width = x.shape[-2:]
         m = self.config.size_multiple
         pad_h, pad_w = (-height) % m, (-width) % m
+        if self.config.norm == "instance" and self.config.depth > 1:  # needs >= 2x2 at the bottom level
+            pad_h, pad_w = max(pad_h, 2 * m - height), max(pad_w, 2 * m - width)
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         skips = []

@@ -5,7 +5,8 @@ This module owns the path from a user's array to the network's float input:
 1. layout: a 2D image is ``(H, W)`` (gray) or ``(H, W, C)`` / ``(C, H, W)`` with the channel
    axis given or guessed (a last or first axis of size <= 4 on an image of more than 4 pixels
    per side); :func:`to_chw` returns ``(C, H, W)``;
-2. channels (:attr:`PreprocessConfig.channels`): ``gray`` (luminance of RGB, mean otherwise),
+2. channels (:attr:`PreprocessConfig.channels`): ``gray`` (luminance of RGB; the first channel
+   of gray or gray + alpha images),
    ``green`` (the green channel of RGB, the usual choice for fundus images), ``rgb`` (3 colour
    channels, alpha dropped, gray repeated) or ``all`` (every channel as it is);
 3. intensity (:attr:`PreprocessConfig.normalize`): ``percentile`` maps the ``low``..``high``
@@ -132,21 +133,17 @@ def select_channels(chw: np.ndarray, mode: str) -> np.ndarray:
     """``(C, H, W)`` any dtype -> ``(C', H, W)`` float32 per ``mode`` (see module docstring)."""
     c = chw.shape[0]
     x = np.asarray(chw)
-    if x.dtype == bool:
-        x = x.astype(np.float32)
     if mode == "all":
-        return x.astype(np.float32, copy=False)
-    colour = x[:3] if c >= 3 else None  # RGB(A): alpha (and extra channels) dropped
-    if mode == "green":
-        return x[1:2].astype(np.float32) if colour is not None else x.astype(np.float32).mean(0, keepdims=True)
-    if mode == "gray":
-        if colour is not None:
-            return np.tensordot(_LUMA, colour.astype(np.float32), axes=1)[None]
-        return x.astype(np.float32).mean(0, keepdims=True)
-    # rgb
-    if colour is not None:
-        return colour.astype(np.float32)
-    return np.repeat(x.astype(np.float32).mean(0, keepdims=True), 3, axis=0)
+        return x.astype(np.float32)  # always a copy: the caller's array is never modified
+    if c >= 3:  # RGB(A): alpha (and extra channels) dropped
+        colour = x[:3].astype(np.float32)
+        if mode == "green":
+            return colour[1:2]
+        if mode == "gray":
+            return np.tensordot(_LUMA, colour, axes=1)[None].astype(np.float32)
+        return colour
+    intensity = x[:1].astype(np.float32)  # gray, or gray + alpha: alpha dropped
+    return np.repeat(intensity, 3, axis=0) if mode == "rgb" else intensity
 
 
 def _subsample(chw: Any) -> np.ndarray:
@@ -172,6 +169,8 @@ def measure_stats(chw: Any, config: PreprocessConfig) -> np.ndarray:
             stats[i] = (0.0, top)
         elif config.normalize == "percentile":
             lo, hi = np.percentile(values, [config.low, config.high])
+            if hi <= lo:  # sparse image (e.g. > 99 % zeros): fall back to the full range
+                lo, hi = float(values.min()), float(values.max())
             stats[i] = (lo, hi - lo)
         else:
             median = float(np.median(values))

@@ -56,7 +56,7 @@ def pretrained_models(weights_dir: Path = WEIGHTS_DIR) -> dict[str, PretrainedIn
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.endswith((".safetensors", *LEGACY_SUFFIXES)) or "/" in spec or "\\" in spec or Path(spec).exists()
+    return spec.endswith((".safetensors", *LEGACY_SUFFIXES)) or "/" in spec or "\\" in spec or Path(spec).is_file()
 
 
 def _unknown(spec: str) -> R2UNetError:
