@@ -40,10 +40,11 @@ class PretrainedInfo:
         return str(self.provenance.get("description", ""))
 
 
-def pretrained_models(weights_dir: Path = WEIGHTS_DIR) -> dict[str, PretrainedInfo]:
+def pretrained_models(weights_dir: Path | None = None) -> dict[str, PretrainedInfo]:
     """Shipped pretrained models by name (reads only the small JSON headers)."""
     from safetensors import safe_open
 
+    weights_dir = weights_dir or WEIGHTS_DIR
     found: dict[str, PretrainedInfo] = {}
     if not weights_dir.is_dir():
         return found

@@ -162,3 +162,57 @@ def test_console_script_runs_without_importing_torch_for_help(tmp_path):
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     probe = "import sys; from src_models.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip() == "False"
+
+
+@pytest.fixture
+def train_folders(tmp_path) -> tuple[Path, Path]:
+    images, masks = tmp_path / "train_img", tmp_path / "train_gt"
+    images.mkdir()
+    masks.mkdir()
+    for seed in range(3):
+        img, m = vessel_image((64, 64), seed=seed, rgb=True)
+        Image.fromarray(img).save(images / f"{seed}.png")
+        Image.fromarray(m * 255).save(masks / f"{seed}.png")
+    return images, masks
+
+
+def test_train_finetune_resume_and_predict(capsys, tmp_path, train_folders):
+    images, masks = train_folders
+    out = tmp_path / "m.safetensors"
+    common = ["--images", str(images), "--masks", str(masks), "--patch-size", "32", "--batch-size", "2", "--steps-per-epoch", "2"]
+    code, stdout, err = run(capsys, "train", "r2unet", *common, "--out", str(out), "--widths", "4,8", "--epochs", "1", "--val-fraction", "0.34")
+    assert code == 0, err
+    assert "epoch 1/1" in stdout and "finished" in stdout
+    code, _, err = run(capsys, "train", "r2unet", *common, "--out", str(out), "--widths", "4,8", "--epochs", "2", "--val-fraction", "0.34", "--resume")
+    assert code == 0, err
+    assert resumed_steps(out) == 4
+    corrections = tmp_path / "corr"
+    corrections.mkdir()
+    for seed in range(3):
+        Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 28)).save(corrections / f"{seed}.png")
+    tuned = tmp_path / "tuned.safetensors"
+    code, _, err = run(capsys, "finetune", str(out), *common, "--out", str(tuned), "--epochs", "1", "--corrections", str(corrections))
+    assert code == 0, err
+    code, stdout, err = run(capsys, "info", str(tuned), "--json")
+    assert json.loads(stdout)["provenance"]["parent"] == "m"
+    code, _, err = run(capsys, "finetune", str(out), *common, "--out", str(out))
+    assert code == 1 and "never overwritten" in err
+
+
+def resumed_steps(path: Path) -> int:
+    import torch
+
+    from src_models.training import resume_path
+
+    return torch.load(resume_path(path), weights_only=True)["state"]["step"]
+
+
+def test_training_errors_are_one_line(capsys, tmp_path, train_folders):
+    images, masks = train_folders
+    Image.fromarray(np.array([[0, 1, 2, 3]] * 4, np.uint8)).save(masks / "0.png")
+    code, _, err = run(capsys, "train", "unet", "--images", str(images), "--masks", str(masks), "--out", str(tmp_path / "m.safetensors"))
+    assert code == 1 and err.count("\n") == 1 and "values 0, 1, 2, 3" in err
+    code, _, err = run(capsys, "train", "unet", "--images", str(images), "--masks", str(masks), "--out", str(tmp_path / "m.safetensors"), "--resume")
+    assert code == 1 and err.count("\n") == 1
+    code, _, err = run(capsys, "train", "unet", "--images", str(tmp_path / "none"), "--masks", str(masks), "--out", str(tmp_path / "m.safetensors"))
+    assert code == 1 and "does not exist" in err

@@ -1,0 +1,150 @@
+"""DRIVE test-set results of trained models, the shipped pretrained files and docs/RESULTS.md.
+
+Usage:
+    .venv/bin/python benchmarks/drive_results.py [--runs runs] [--install] [--drive ../shared/datasets/DRIVE]
+
+For every ``RUNS/<arch>-drive.safetensors`` (written by ``r2unet train``): evaluate it on the 20
+DRIVE test images against ``1st_manual`` inside the FOV masks, all pixels pooled (the protocol of
+the DRIVE README), threshold 0.5; measure the second human observer the same way; write
+docs/RESULTS.md and, if matplotlib is installed, docs/training_curves.png from each run's
+``.history.json``. With ``--install`` the checkpoints are copied into ``src_models/weights/``
+with the test-set metrics added to their provenance (the validation metrics are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from src_models.checkpoint import load_checkpoint, save_checkpoint
+from src_models.data import pair_files, read_image, read_mask
+from src_models.inference import Segmenter
+from src_models.metrics import METRIC_NAMES, MetricAccumulator
+from src_models.training import history_path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = {  # Alom et al. 2018, as quoted in ../shared/datasets/DRIVE/README.md
+    "U-Net (paper)": {"F1": 0.8142, "SE": 0.7537, "SP": 0.9820, "ACC": 0.9531, "AUC": 0.9755},
+    "ResU-Net (paper)": {"F1": 0.8149, "SE": 0.7726, "SP": 0.9820, "ACC": 0.9553, "AUC": 0.9779},
+    "RU-Net (paper)": {"F1": 0.8155, "SE": 0.7751, "SP": 0.9816, "ACC": 0.9556, "AUC": 0.9782},
+    "R2U-Net (paper)": {"F1": 0.8171, "SE": 0.7792, "SP": 0.9813, "ACC": 0.9556, "AUC": 0.9784},
+}
+ORDER = ("unet", "resunet", "runet", "r2unet")
+
+
+def evaluate(path: Path, drive: Path) -> tuple[dict[str, float], float]:
+    segmenter = Segmenter(load_checkpoint(path), "cpu")
+    acc = MetricAccumulator()
+    start = time.perf_counter()
+    for s in pair_files(drive / "test" / "images", drive / "test" / "1st_manual", drive / "test" / "mask"):
+        acc.add(segmenter.predict(read_image(s.image))[0], read_mask(s.mask), read_mask(s.fov))
+    return acc.pooled(), (time.perf_counter() - start) / 20
+
+
+def second_observer(drive: Path) -> dict[str, float]:
+    acc = MetricAccumulator()
+    firsts = pair_files(drive / "test" / "images", drive / "test" / "1st_manual", drive / "test" / "mask")
+    seconds = {s.id: s.mask for s in pair_files(drive / "test" / "images", drive / "test" / "2nd_manual")}
+    for s in firsts:
+        acc.add(read_mask(seconds[s.id]).astype(np.float64), read_mask(s.mask), read_mask(s.fov))
+    result = acc.pooled()
+    result["AUC"] = float("nan")  # a binary mask has no ROC curve worth the name
+    return result
+
+
+def _row(name: str, m: dict[str, float]) -> str:
+    cells = [f"{m[k]:.4f}" if k in m and m[k] == m[k] else "-" for k in ("F1", "SE", "SP", "ACC", "AUC")]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def plot_curves(runs: list[Path], target: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no curves PNG (pip install matplotlib)")
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in runs:
+        history = json.loads(history_path(run).read_text())
+        epochs = [h["epoch"] for h in history]
+        label = run.stem.removesuffix("-drive")
+        ax1.plot(epochs, [h["train_loss"] for h in history], label=label)
+        ax2.plot(epochs, [h.get("val_F1", np.nan) for h in history], label=label)
+    ax1.set(xlabel="epoch", ylabel="training loss (BCE + Dice)", title="training loss")
+    ax2.set(xlabel="epoch", ylabel="F1", title="validation F1 (DRIVE 39, 40)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--drive", type=Path, default=ROOT.parent / "shared" / "datasets" / "DRIVE")
+    parser.add_argument("--install", action="store_true", help="copy the evaluated checkpoints into src_models/weights/")
+    args = parser.parse_args()
+    runs = sorted(args.runs.glob("*-drive.safetensors"), key=lambda p: ORDER.index(p.stem.split("-")[0]) if p.stem.split("-")[0] in ORDER else 9)
+    rows, details = [], []
+    for run in runs:
+        metrics, seconds = evaluate(run, args.drive)
+        ck = load_checkpoint(run)
+        prov = ck.provenance
+        print(f"{run.stem}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_NAMES))
+        rows.append(_row(f"**{run.stem} (ours)**", metrics))
+        details.append(
+            f"- `{run.stem}`: {ck.config.arch}, widths {list(ck.config.widths)}, t={ck.config.t}, "
+            f"{sum(v.numel() for k, v in ck.state_dict.items() if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))):,} parameters; "
+            f"best epoch {prov.get('best_epoch')} of {prov.get('train_config', {}).get('epochs')}, seed {prov.get('train_config', {}).get('seed')}; "
+            f"training wall time to the best epoch {prov.get('wall_time_s', 0) / 60:.1f} min on {prov.get('machine')}; "
+            f"inference {seconds:.2f} s per test image.\n  Command: `{prov.get('command')}`"
+        )
+        if args.install:
+            weights = ROOT / "src_models" / "weights" / run.name
+            installed = dict(prov)
+            installed["validation_metrics"] = prov.get("metrics", {})
+            installed["metrics"] = {k: round(v, 4) for k, v in metrics.items()}
+            installed["metrics_on"] = "DRIVE test set, 20 images, 1st_manual, inside FOV, pooled, threshold 0.5"
+            installed["license"] = "weights: BSD-3-Clause (this project); trained on DRIVE (research use)"
+            save_checkpoint(weights, ck.state_dict, ck.config, ck.preprocess, ck.class_names, installed)
+            print(f"installed {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
+    human = second_observer(args.drive)
+    curves = plot_curves(runs, ROOT / "docs" / "training_curves.png") if runs else False
+    lines = [
+        "# Results on DRIVE",
+        "",
+        "Protocol (from `../shared/datasets/DRIVE/README.md`): trained on the 20 training images (18 for",
+        "training, 39 and 40 held out for checkpoint selection), evaluated on the 20 test images against",
+        "`1st_manual`, counting only pixels inside the FOV masks, all test pixels pooled; threshold 0.5",
+        "for SE/SP/ACC/F1, AUC from the probability maps. Reproduce every number of this page with",
+        "`.venv/bin/python benchmarks/drive_results.py` after the training commands below.",
+        "",
+        "| system | F1 | SE | SP | ACC | AUC |",
+        "|---|---|---|---|---|---|",
+        _row("second human observer (2nd_manual)", human),
+        *[_row(name, m) for name, m in PAPER.items()],
+        *rows,
+        "",
+        "## Our models",
+        "",
+        *details,
+        "",
+    ]
+    if curves:
+        lines += ["## Training curves", "", "![training curves](training_curves.png)", ""]
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "RESULTS.md").write_text("\n".join(lines))
+    print("wrote docs/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Model names: shipped pretrained files are found by name and described by their own metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import DRIVE, random_checkpoint
+
+from src_models import registry
+from src_models.checkpoint import load_checkpoint
+from src_models.cli import main
+from src_models.errors import R2UNetError
+
+SHIPPED = sorted(registry.WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def test_pretrained_models_come_from_the_weights_folder(tmp_path, monkeypatch, capsys):
+    random_checkpoint(tmp_path / "toy-drive.safetensors")
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    found = registry.pretrained_models()
+    assert list(found) == ["toy-drive"] and found["toy-drive"].config.arch == "r2unet"
+    assert registry.load_model("toy-drive").path == tmp_path / "toy-drive.safetensors"
+    assert main(["models", "--json"]) == 0
+    assert [p["name"] for p in json.loads(capsys.readouterr().out)["pretrained"]] == ["toy-drive"]
+    with pytest.raises(R2UNetError, match="use 'toy-drive'"):
+        registry.load_model("r2unet")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_models_are_valid_small_and_documented(path):
+    assert path.stat().st_size < 10 * 1024 * 1024
+    ck = load_checkpoint(path)
+    assert set(ck.provenance["metrics"]) >= {"F1", "AUC"} and "DRIVE test set" in ck.provenance["metrics_on"]
+    assert ck.provenance["command"].split()[1:3] == ["train", ck.config.arch]
+
+
+@pytest.mark.drive
+@pytest.mark.skipif(not DRIVE.is_dir() or not SHIPPED, reason="needs DRIVE and shipped models")
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_models_segment_a_drive_test_image(path):
+    from src_models.data import read_image, read_mask
+    from src_models.inference import Segmenter
+    from src_models.metrics import segmentation_metrics
+
+    probs = Segmenter(load_checkpoint(path), "cpu").predict(read_image(DRIVE / "test" / "images" / "01_test.tif"))[0]
+    m = segmentation_metrics(probs, read_mask(DRIVE / "test" / "1st_manual" / "01_manual1.gif"), read_mask(DRIVE / "test" / "mask" / "01_test_mask.gif"))
+    assert m["F1"] > 0.75 and m["AUC"] > 0.95 and np.isfinite(probs).all()

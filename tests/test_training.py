@@ -1,0 +1,212 @@
+"""The training engine: loss, patches, events, cancel, exact resume, early stop, fine-tuning, bad data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from src_models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from src_models.errors import R2UNetError
+from src_models.inference import Segmenter
+from src_models.metrics import MetricAccumulator
+from src_models.nets import ModelConfig, build_model
+from src_models.preprocessing import PreprocessConfig
+from src_models.synthetic import vessel_image
+from src_models.training import (
+    PatchDataset,
+    TrainConfig,
+    Trainer,
+    emphasize_corrections,
+    finetune_config,
+    make_sample,
+    resume_path,
+    segmentation_loss,
+)
+
+PP = PreprocessConfig()
+TINY = ModelConfig(arch="r2unet", widths=(4, 8, 16))
+
+
+def synthetic_samples(n: int, size=(64, 64), seed0: int = 0, **kwargs):
+    return [make_sample(str(seed0 + i), *vessel_image(size, seed=seed0 + i, **kwargs), PP) for i in range(n)]
+
+
+def fast(**overrides) -> TrainConfig:
+    return TrainConfig(**{"patch_size": 32, "batch_size": 4, "epochs": 2, "steps_per_epoch": 3, "val_fraction": 0.0, "warmup_steps": 1, **overrides})
+
+
+def test_loss_ignores_zero_weight_pixels_and_handles_classes():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8)
+    target = (torch.rand(2, 8, 8) > 0.7).long()
+    weight = torch.ones(2, 8, 8)
+    weight[:, :4] = 0
+    flipped = target.clone()
+    flipped[:, :4] = 1 - flipped[:, :4]
+    assert torch.allclose(segmentation_loss(logits, target, weight), segmentation_loss(logits, flipped, weight))
+    multi = segmentation_loss(torch.randn(2, 3, 8, 8, requires_grad=True), torch.randint(0, 3, (2, 8, 8)), torch.ones(2, 8, 8))
+    multi.backward()
+    assert multi.item() > 0
+    perfect = segmentation_loss(torch.where(target[:, None] > 0, 20.0, -20.0), target, torch.ones(2, 8, 8))
+    assert perfect.item() < 1e-3
+
+
+def test_patches_depend_only_on_seed_epoch_and_index():
+    samples = synthetic_samples(3)
+    ds = PatchDataset(samples, fast(), length=10)
+    a = ds[4]
+    assert [t.shape for t in a] == [(1, 32, 32), (32, 32), (32, 32)]
+    assert all(torch.equal(x, y) for x, y in zip(a, ds[4]))
+    ds.epoch = 1
+    assert not torch.equal(a[0], ds[4][0])
+    assert a[1].dtype == torch.int64 and set(a[1].unique().tolist()) <= {0, 1}
+
+
+def test_foreground_balancing():
+    samples = synthetic_samples(2)
+    rich = PatchDataset(samples, fast(foreground_fraction=1.0, augment=False), length=40)
+    poor = PatchDataset(samples, fast(foreground_fraction=0.0, augment=False), length=40)
+    centre = lambda ds: np.mean([ds[i][1][16, 16].item() for i in range(40)])  # noqa: E731
+    assert centre(rich) == 1.0 and centre(rich) > centre(poor)
+
+
+def test_events_and_checkpoint(tmp_path):
+    out = tmp_path / "m.safetensors"
+    trainer = Trainer(TINY, PP, synthetic_samples(4), fast(val_fraction=0.25), out)
+    events = list(trainer.run())
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds.count("step") == 6 and kinds.count("epoch") == 2 and "checkpoint" in kinds
+    epoch = next(e for e in events if e.kind == "epoch")
+    assert set(epoch.metrics) == {"F1", "SE", "SP", "ACC", "JS", "AUC"} and epoch.loss > 0
+    steps = [e for e in events if e.kind == "step"]
+    assert [e.step for e in steps] == list(range(1, 7)) and steps[-1].fraction == 1.0 and steps[-1].eta_s is not None
+    ck = load_checkpoint(out)
+    assert ck.provenance["training_data"]["val_ids"] == ["3"] and "F1" in ck.provenance["metrics"]
+    assert resume_path(out).exists() and (tmp_path / "m.history.json").exists()
+
+
+def _weights(path):
+    return load_checkpoint(path).state_dict
+
+
+def test_resume_is_exact(tmp_path):
+    samples = synthetic_samples(3)
+    straight = tmp_path / "a.safetensors"
+    list(Trainer(TINY, PP, samples, fast(epochs=3), straight).run())
+    # cancelled mid-epoch 2, then resumed to the end: the same weights, bit for bit
+    split = tmp_path / "b.safetensors"
+    calls = []
+    list(Trainer(TINY, PP, samples, fast(epochs=3), split).run(should_stop=lambda: len(calls) > 4 or calls.append(1)))
+    state = torch.load(resume_path(split), weights_only=True)
+    assert state["state"]["step"] == 5
+    events = list(Trainer(TINY, PP, samples, fast(epochs=3), split, resume=True).run())
+    assert events[-1].kind == "done" and events[-1].step == 9
+    a = torch.load(resume_path(straight), weights_only=True)["model"]
+    b = torch.load(resume_path(split), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    samples = synthetic_samples(2)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(R2UNetError, match="nothing to resume"):
+        Trainer(TINY, PP, samples, fast(), out, resume=True)
+    list(Trainer(TINY, PP, samples, fast(), out).run())
+    with pytest.raises(R2UNetError, match="settings differ.*lr"):
+        Trainer(TINY, PP, samples, fast(lr=1e-4), out, resume=True)
+    Trainer(TINY, PP, samples, fast(epochs=5), out, resume=True)  # a longer budget is fine
+
+
+def test_cancel_keeps_a_usable_checkpoint(tmp_path):
+    out = tmp_path / "m.safetensors"
+    events = list(Trainer(TINY, PP, synthetic_samples(2), fast(), out).run(should_stop=lambda: True))
+    assert events[-1].kind == "cancelled" and "kept" in events[-1].message
+    assert load_checkpoint(out).build() is not None
+
+
+def test_early_stopping(tmp_path):
+    events = list(Trainer(TINY, PP, synthetic_samples(4), fast(epochs=6, lr=1e-12, patience=2, val_fraction=0.25), tmp_path / "m.safetensors").run())
+    assert events[-1].kind == "early_stop" and events[-1].epoch == 3
+
+
+def test_bad_training_data(tmp_path):
+    img, mask = vessel_image((40, 40), seed=0)
+    with pytest.raises(R2UNetError, match="mask shape"):
+        make_sample("a", img, mask[:30], PP)
+    with pytest.raises(R2UNetError, match="every mask is empty"):
+        Trainer(TINY, PP, [make_sample("a", img, np.zeros_like(mask), PP)], fast(), tmp_path / "m.safetensors")
+    with pytest.raises(R2UNetError, match="labels up to 2"):
+        Trainer(TINY, PP, [make_sample("a", img, mask * 2, PP)], fast(), tmp_path / "m.safetensors")
+    with pytest.raises(R2UNetError, match="input channel"):
+        Trainer(TINY.replace(in_channels=3), PP, [make_sample("a", img, mask, PP)], fast(), tmp_path / "m.safetensors")
+    with pytest.raises(R2UNetError, match=r"\.safetensors"):
+        Trainer(TINY, PP, [make_sample("a", img, mask, PP)], fast(), tmp_path / "m.pt")
+    with pytest.raises(R2UNetError, match="lr"):
+        TrainConfig(lr=-1)
+
+
+def test_tiny_images_and_nan_pixels_train(tmp_path):
+    img, mask = vessel_image((20, 24), seed=1)
+    noisy = img.astype(np.float32)
+    noisy[3:6, 3:6] = np.nan
+    sample = make_sample("t", noisy, mask, PP)
+    assert sample.weight[4, 4] == 0 and np.isfinite(sample.image).all()
+    events = list(Trainer(TINY, PP, [sample], fast(), tmp_path / "m.safetensors").run())
+    assert events[-1].kind == "done" and np.isfinite([e.loss for e in events if e.kind == "step"]).all()
+
+
+def _dice(checkpoint_path, seeds):
+    seg = Segmenter(load_checkpoint(checkpoint_path), "cpu")
+    acc = MetricAccumulator()
+    for s in seeds:
+        img, mask = vessel_image((96, 96), seed=s)
+        acc.add(seg.predict(img)[0], mask)
+    return acc.pooled()["F1"]
+
+
+@pytest.mark.slow
+def test_finetuning_a_weak_model_on_two_corrected_images_helps_and_keeps_the_base(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(arch="r2unet", widths=(8, 16, 32))
+    base_path = tmp_path / "weak.safetensors"
+    weak = Trainer(config, PP, synthetic_samples(2, seed0=100), fast(epochs=1, steps_per_epoch=4, lr=1e-3), base_path)
+    list(weak.run())
+    before_hash = file_sha256(base_path)
+    before = _dice(base_path, range(200, 204))
+    base = load_checkpoint(base_path)
+    corrected = synthetic_samples(2, size=(96, 96), seed0=300)
+    out = tmp_path / "tuned.safetensors"
+    events = list(Trainer(None, None, corrected, finetune_config(epochs=6, steps_per_epoch=10, patch_size=48, lr=2e-3, freeze="none"), out, base=base).run())
+    assert events[-1].kind == "done"
+    after = _dice(out, range(200, 204))
+    assert after > before + 0.05, (before, after)
+    assert file_sha256(base_path) == before_hash
+    tuned = load_checkpoint(out)
+    assert tuned.provenance["parent_sha256"] == before_hash and tuned.provenance["parent"] == "weak"
+    with pytest.raises(R2UNetError, match="never overwritten"):
+        Trainer(None, None, corrected, finetune_config(), base_path, base=base)
+
+
+def test_corrections_raise_the_weight_of_corrected_pixels():
+    sample = synthetic_samples(1)[0]
+    corrected = np.zeros(sample.mask.shape, bool)
+    corrected[:10] = True
+    emphasized = emphasize_corrections(sample, corrected, 5.0)
+    assert np.allclose(emphasized.weight[:10], 5 * sample.weight[:10]) and np.array_equal(emphasized.weight[10:], sample.weight[10:])
+    with pytest.raises(R2UNetError, match="correction map shape"):
+        emphasize_corrections(sample, corrected[:5], 5.0)
+
+
+def test_freezing(tmp_path):
+    base_path = tmp_path / "base.safetensors"
+    save_checkpoint(base_path, build_model(TINY), TINY, PP, ["vessel"])
+    base = load_checkpoint(base_path)
+    trainer = Trainer(None, None, synthetic_samples(2), finetune_config(freeze="encoder", epochs=1, steps_per_epoch=2, patch_size=32), tmp_path / "t.safetensors", base=base)
+    list(trainer.run())
+    tuned = load_checkpoint(tmp_path / "t.safetensors").state_dict
+    for key, value in base.state_dict.items():
+        if key.startswith("encoder."):  # weights and BN statistics untouched
+            assert torch.equal(tuned[key], value), key
+    assert any(not torch.equal(tuned[k], base.state_dict[k]) for k in tuned if k.startswith("decoder."))
