@@ -310,16 +310,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    widths=args.widths or ModelConfig().widths, t=args.t, norm=args.norm)
     except ValueError as exc:
         raise R2UNetError(str(exc)) from exc
-    samples = load_samples(args.images, args.masks, args.fov, preprocess)
+    samples = load_samples(args.images, args.masks, args.fov, preprocess, classes=args.classes)
     provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{args.arch} trained on {Path(args.images).resolve()}"}
     trainer = Trainer(model_config, preprocess, samples, _train_config(args, finetune=False), args.out,
                       class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance,
-                      device=args.device, resume=args.resume)
+                      device=args.device, resume=args.resume, overwrite=args.overwrite)
     return _drive_training(trainer)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import pair_files, read_mask
+    from .data import list_images, read_mask, sample_id
     from .registry import load_model
     from .training import Trainer, emphasize_corrections, load_samples
 
@@ -329,12 +329,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     base = load_model(args.model)
     config = _train_config(args, finetune=True)
-    samples = load_samples(args.images, args.masks, args.fov, base.preprocess)
-    if args.corrections:  # emphasise the pixels the user corrected
-        corrected = {p.id: read_mask(p.mask) for p in pair_files(args.images, args.corrections)}
-        samples = [emphasize_corrections(s, corrected[s.id], config.correction_weight) for s in samples]
+    samples = load_samples(args.images, args.masks, args.fov, base.preprocess, classes=base.config.out_channels)
+    if args.corrections:  # emphasise the pixels the user corrected; images without a map keep weight 1
+        maps = {sample_id(p): p for p in list_images(args.corrections)}
+        samples = [emphasize_corrections(s, read_mask(maps[s.id]), config.correction_weight) if s.id in maps else s for s in samples]
     provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{base.name} fine-tuned on {Path(args.images).resolve()}"}
-    trainer = Trainer(None, None, samples, config, args.out, base=base, provenance=provenance, device=args.device, resume=args.resume)
+    trainer = Trainer(None, None, samples, config, args.out, base=base, provenance=provenance, device=args.device,
+                      resume=args.resume, overwrite=args.overwrite)
     return _drive_training(trainer)
 
 
@@ -399,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    from .nets import ARCHITECTURES
+    from .architectures import ARCHITECTURES
 
     p = sub.add_parser("train", help="train a model from image/mask folders", description="Train a new model on paired images and masks. Writes OUT (the best checkpoint), OUT's .resume.pt (for --resume) and .history.json. Works under torchrun for several processes/GPUs/nodes.")
     p.add_argument("arch", choices=list(ARCHITECTURES), help="architecture")
@@ -444,7 +445,8 @@ def _add_training_options(p: argparse.ArgumentParser, epochs_default: str, lr_de
     p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu); under torchrun each process takes its own GPU")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's .resume.pt (the same settings; --epochs/--minutes may grow)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .resume.pt (the same settings; --epochs/--minutes may change)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT and its resume state (default: refuse)")
     p.add_argument("--name", default=None, help="model name stored in the checkpoint (default: OUT's stem)")
     p.add_argument("--description", default=None, help="one-line description stored in the checkpoint")
 

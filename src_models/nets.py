@@ -38,12 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHITECTURES: dict[str, str] = {
-    "unet": "U-Net (Ronneberger et al. 2015): two conv3x3-norm-ReLU per level",
-    "resunet": "ResU-Net: U-Net with residual units, y = conv1x1(x); y + f(f(y))",
-    "runet": "RU-Net: two recurrent conv layers (t steps, shared weights) per level",
-    "r2unet": "R2U-Net: recurrent residual units, y = conv1x1(x); y + R(R(y))",
-}
+from .architectures import ARCHITECTURES
+
 NORMS = ("batch", "instance", "group", "none")
 DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
 MAX_CHANNELS = 4096  # a bound that no sane model reaches and that keeps hostile configs small

@@ -91,6 +91,7 @@ class TrainConfig:
             (0 <= self.foreground_fraction <= 1, f"foreground_fraction={self.foreground_fraction} must be in [0, 1]"),
             (0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)"),
             (self.patience >= 0, f"patience={self.patience} must be >= 0"),
+            (self.seed >= 0, f"seed={self.seed} must be >= 0"),
             (self.freeze in ("none", "bn", "encoder"), f"freeze={self.freeze!r} must be none, bn or encoder"),
             (self.correction_weight >= 1, f"correction_weight={self.correction_weight} must be >= 1"),
         ]
@@ -166,18 +167,35 @@ def emphasize_corrections(sample: TrainSample, corrected: np.ndarray, correction
     return dataclasses.replace(sample, weight=weight)
 
 
-def load_samples(images: str | Path, masks: str | Path, fov: str | Path | None, preprocess: PreprocessConfig) -> list[TrainSample]:
-    """Paired files (see :func:`src_models.data.pair_files`) -> training samples."""
+def load_samples(
+    images: str | Path, masks: str | Path, fov: str | Path | None, preprocess: PreprocessConfig, classes: int = 1
+) -> list[TrainSample]:
+    """Paired files (see :func:`src_models.data.pair_files`) -> training samples.
+
+    Binary models (``classes == 1``) take 0/1 or 0/255 masks; multi-class ones integer label
+    images with values ``0 .. classes - 1``.
+    """
     from .data import binarize_mask, pair_files, read_image, read_mask
 
     samples = []
     for pair in pair_files(images, masks, fov):
-        mask = binarize_mask(read_image(pair.mask), name=f"mask {pair.mask}")
+        mask = binarize_mask(read_image(pair.mask), name=f"mask {pair.mask}") if classes == 1 else _read_labels(pair.mask, classes)
         samples.append(
             make_sample(pair.id, read_image(pair.image), mask, preprocess,
                         fov=read_mask(pair.fov) if pair.fov else None, source=str(pair.image))
         )
     return samples
+
+
+def _read_labels(path: Path, classes: int) -> np.ndarray:
+    from .data import read_image
+
+    labels = read_image(path)
+    if labels.ndim != 2 or labels.dtype.kind not in "biu":
+        raise R2UNetError(f"label image {path} must be 2D integers (shape {labels.shape}, dtype {labels.dtype})")
+    if int(labels.max()) >= classes or int(labels.min()) < 0:
+        raise R2UNetError(f"label image {path} holds labels up to {int(labels.max())}; a {classes}-class model takes 0..{classes - 1}")
+    return labels.astype(np.uint8)
 
 
 def check_samples(samples: Sequence[TrainSample], config: ModelConfig) -> None:
@@ -188,7 +206,7 @@ def check_samples(samples: Sequence[TrainSample], config: ModelConfig) -> None:
         raise R2UNetError(f"the model takes {config.in_channels} input channel(s) but the images give {sorted(channels)}; check --channels")
     top = max(int(s.mask.max()) for s in samples)
     if config.out_channels == 1 and top > 1:
-        raise R2UNetError(f"masks hold labels up to {top} but the model is binary; use a multi-class model")
+        raise R2UNetError(f"masks hold labels up to {top} but the model is binary; give 0/1 masks (or train with --classes)")
     if config.out_channels > 1 and top >= config.out_channels:
         raise R2UNetError(f"masks hold label {top} but the model has {config.out_channels} classes")
     if all(int(s.mask.max()) == 0 for s in samples):
@@ -322,10 +340,7 @@ class TrainEvent:
     eta_s: float | None = None
     path: str | None = None
     message: str = ""
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+    fraction: float = 0.0  # of the budget (steps or minutes, whichever is further along)
 
 
 # -- distributed ---------------------------------------------------------------------------------
@@ -378,6 +393,12 @@ class _State:
     bad_epochs: int = 0
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_loss_sum: float = 0.0  # the current epoch's losses so far (exact across a mid-epoch resume)
+    epoch_loss_count: int = 0
+    steps_per_epoch: int = 0
+    lr_anchor_step: int = 0  # a resume with a longer budget continues the decay from here ...
+    lr_anchor_factor: float = -1.0  # ... starting at this factor (-1: no anchor)
+    saved_by_this_run: bool = False
 
 
 def resume_path(out: Path) -> Path:
@@ -429,6 +450,7 @@ class Trainer:
         provenance: dict[str, Any] | None = None,
         device: str = "cpu",
         resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
         from .inference import select_device
 
@@ -438,6 +460,8 @@ class Trainer:
             raise R2UNetError(f"output {self.out} must end in .safetensors")
         if base is not None and base.path is not None and self.out.resolve() == base.path.resolve():
             raise R2UNetError(f"output {self.out} is the base model itself; the base model is never overwritten, choose another path")
+        if not resume and not overwrite and (self.out.exists() or resume_path(self.out).exists()):
+            raise R2UNetError(f"{self.out} (or its .resume.pt) already exists; pass --resume to continue that run or --overwrite to replace it")
         self.base = base
         self.model_config = base.config if base is not None else model_config
         self.preprocess = base.preprocess if base is not None else (preprocess or PreprocessConfig())
@@ -445,6 +469,10 @@ class Trainer:
         self.class_names = tuple(class_names or (base.class_names if base else ("foreground",) if self.model_config.out_channels == 1 else tuple(f"class{i}" for i in range(self.model_config.out_channels))))
         check_samples(samples, self.model_config)
         self.train_samples, self.val_samples = split_validation(samples, config)
+        if not self.train_samples or all(int(s.mask.max()) == 0 for s in self.train_samples):
+            raise R2UNetError("no training image with foreground is left after the validation split; hold out fewer images")
+        if self.val_samples and all(int(s.mask.max()) == 0 for s in self.val_samples):
+            raise R2UNetError("every validation mask is empty, so F1 cannot pick the best checkpoint; choose other --val-ids")
         self.provenance = dict(provenance or {})
         device_obj = select_device(device)
         self.dist = init_distributed(device_obj)
@@ -470,7 +498,8 @@ class Trainer:
         self.steps_per_epoch = config.steps_per_epoch or int(np.clip(round(pixels / (config.batch_size * config.patch_size**2)), 10, 500))
         self.total_steps = self.steps_per_epoch * config.epochs
         self.dataset = PatchDataset(self.train_samples, config, self.steps_per_epoch * config.batch_size)
-        self.state = _State()
+        self.state = _State(steps_per_epoch=self.steps_per_epoch)
+        self.resumed = resume
         if resume:
             self._load_resume()
 
@@ -505,13 +534,25 @@ class Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    def _lr_factor(self) -> float:
-        warmup = max(1, min(self.config.warmup_steps, self.total_steps // 10))
+    def _progress(self, total_steps: int | None = None, minutes: float | None | str = "config") -> float:
+        """Fraction of the budget used: steps, or wall time when a minutes budget is set."""
+        total_steps = total_steps or self.total_steps
+        minutes = self.config.minutes if minutes == "config" else minutes
+        progress = self.state.step / total_steps
+        if minutes:
+            progress = max(progress, self.state.elapsed_s / (60 * minutes))
+        return min(1.0, progress)
+
+    def _lr_factor(self, total_steps: int | None = None, minutes: float | None | str = "config") -> float:
+        """Linear warm-up, then cosine decay to 0 over the budget (from the anchor after a resume)."""
+        if self.state.lr_anchor_factor >= 0 and total_steps is None:
+            start, end = self.state.lr_anchor_step, self.total_steps
+            steps_part = (self.state.step - start) / max(1, end - start)
+            progress = max(steps_part, self._progress()) if self.config.minutes else steps_part
+            return self.state.lr_anchor_factor * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        warmup = max(1, min(self.config.warmup_steps, (total_steps or self.total_steps) // 10))
         warm = min(1.0, (self.state.step + 1) / warmup)
-        progress = self.state.step / self.total_steps
-        if self.config.minutes:
-            progress = max(progress, self.state.elapsed_s / (60 * self.config.minutes))
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return warm * 0.5 * (1 + math.cos(math.pi * self._progress(total_steps, minutes)))
 
     # -- resume ----------------------------------------------------------------------------------
     def _resume_payload(self) -> dict[str, Any]:
@@ -545,11 +586,21 @@ class Trainer:
         differs = sorted(k for k, v in self.config.to_dict().items() if saved.get(k) != v and k not in ("epochs", "minutes", "patience"))
         if differs:
             raise R2UNetError(f"cannot resume from {path}: training settings differ ({', '.join(differs)}); only --epochs/--minutes/--patience may change")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
         state = dict(payload["state"])
         state["history"] = json.loads(state["history"])
-        self.state = _State(**state)
+        known = {f.name for f in dataclasses.fields(_State)}
+        previous = _State(**{k: v for k, v in state.items() if k in known})
+        if previous.steps_per_epoch and previous.steps_per_epoch != self.steps_per_epoch:
+            raise R2UNetError(f"cannot resume from {path}: it used {previous.steps_per_epoch} steps per epoch, this data gives {self.steps_per_epoch}; use the same images")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        previous_total = saved.get("epochs", self.config.epochs) * self.steps_per_epoch
+        self.state = previous
+        self.state.saved_by_this_run = False
+        if previous_total != self.total_steps or saved.get("minutes") != self.config.minutes:
+            # a new budget: keep the current learning rate and decay from there (no warm restart)
+            self.state.lr_anchor_factor = self._lr_factor(total_steps=previous_total, minutes=saved.get("minutes"))
+            self.state.lr_anchor_step = self.state.step
         torch.set_rng_state(payload["torch_rng"])
 
     # -- validation ------------------------------------------------------------------------------
@@ -601,6 +652,7 @@ class Trainer:
         return prov
 
     def _save_best(self, metrics: dict[str, float] | None) -> None:
+        self.state.saved_by_this_run = True
         save_checkpoint(self.out, self.model, self.model_config, self.preprocess, self.class_names, self._provenance(metrics))
 
     def _write_history(self) -> None:
@@ -618,7 +670,7 @@ class Trainer:
             if self.config.minutes:
                 eta = min(eta, max(0.0, 60 * self.config.minutes - self.state.elapsed_s))
         return TrainEvent(kind, done, self.total_steps, self.state.epoch, self.config.epochs,
-                          elapsed_s=self.state.elapsed_s, eta_s=eta, **kwargs)
+                          elapsed_s=self.state.elapsed_s, eta_s=eta, fraction=self._progress(), **kwargs)
 
     def run(self, should_stop: ShouldStop | None = None) -> Iterator[TrainEvent]:
         """Train until the epoch or time budget ends, early stopping triggers or ``should_stop()``.
@@ -641,7 +693,6 @@ class Trainer:
             loader = DataLoader(self.dataset, batch_size=local_batch, sampler=sampler, shuffle=False, num_workers=0)
             skip = self.state.step - self.state.epoch * self.steps_per_epoch  # resumed mid-epoch
             self._train_mode()
-            losses = []
             for i, (x, y, w) in enumerate(loader):
                 if i < skip:
                     continue
@@ -662,20 +713,25 @@ class Trainer:
                 self.state.step += 1
                 self._run_steps += 1
                 self.state.elapsed_s = elapsed_before + time.perf_counter() - self._run_start
-                losses.append(self._global_loss_value(loss))
+                value = self._global_loss_value(loss)
+                self.state.epoch_loss_sum += value
+                self.state.epoch_loss_count += 1
                 if main:
-                    yield self._event("step", loss=losses[-1], lr=self.optimizer.param_groups[0]["lr"])
+                    yield self._event("step", loss=value, lr=self.optimizer.param_groups[0]["lr"])
+            if stop_reason == "time" and self.state.epoch_loss_count:
+                yield from self._end_epoch(main, partial=True)  # the last partial epoch counts too
             if stop_reason != "done":
                 break
             self.state.epoch += 1
-            yield from self._end_epoch(losses, main)
+            yield from self._end_epoch(main)
+            self.state.elapsed_s = elapsed_before + time.perf_counter() - self._run_start
             if self.config.patience and self.state.bad_epochs >= self.config.patience:
                 stop_reason = "early_stop"
                 break
         if main:
+            if not self.state.saved_by_this_run and not (self.resumed and self.out.exists()):
+                self._save_best(None)  # stopped before any epoch ended: keep what this run has
             self._save_resume()
-            if not self.out.exists():  # cancelled before the first epoch: keep what we have
-                self._save_best(None)
             message = {"done": "finished", "time": "time budget reached", "cancelled": "cancelled; the best checkpoint is kept",
                        "early_stop": f"stopped early: no improvement for {self.config.patience} epochs"}[stop_reason]
             yield self._event("cancelled" if stop_reason == "cancelled" else "early_stop" if stop_reason == "early_stop" else "done",
@@ -685,13 +741,16 @@ class Trainer:
 
             dist.barrier()
 
-    def _end_epoch(self, losses: list[float], main: bool) -> Iterator[TrainEvent]:
-        train_loss = float(np.mean(losses)) if losses else float("nan")
+    def _end_epoch(self, main: bool, partial: bool = False) -> Iterator[TrainEvent]:
+        count = self.state.epoch_loss_count
+        train_loss = self.state.epoch_loss_sum / count if count else float("nan")
+        self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
         metrics = self.validate() if main else None
-        score = metrics["F1"] if metrics else -train_loss
+        score = metrics["F1"] if metrics and math.isfinite(metrics["F1"]) else -train_loss
         improved = score > self.state.best_score
         if main:
-            record = {"epoch": self.state.epoch, "step": self.state.step, "train_loss": train_loss,
+            epoch = round(self.state.epoch + count / self.steps_per_epoch, 3) if partial else self.state.epoch
+            record = {"epoch": epoch, "step": self.state.step, "train_loss": train_loss,
                       "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": round(self.state.elapsed_s, 2)}
             if metrics:
                 record.update({f"val_{k}": v for k, v in metrics.items()})

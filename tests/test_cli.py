@@ -188,7 +188,7 @@ def test_train_finetune_resume_and_predict(capsys, tmp_path, train_folders):
     assert resumed_steps(out) == 4
     corrections = tmp_path / "corr"
     corrections.mkdir()
-    for seed in range(3):
+    for seed in range(2):  # the third image has no correction map: it keeps weight 1
         Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 28)).save(corrections / f"{seed}.png")
     tuned = tmp_path / "tuned.safetensors"
     code, _, err = run(capsys, "finetune", str(out), *common, "--out", str(tuned), "--epochs", "1", "--corrections", str(corrections))

@@ -114,9 +114,31 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(R2UNetError, match="nothing to resume"):
         Trainer(TINY, PP, samples, fast(), out, resume=True)
     list(Trainer(TINY, PP, samples, fast(), out).run())
+    with pytest.raises(R2UNetError, match="already exists; pass --resume"):
+        Trainer(TINY, PP, samples, fast(), out)
     with pytest.raises(R2UNetError, match="settings differ.*lr"):
         Trainer(TINY, PP, samples, fast(lr=1e-4), out, resume=True)
+    auto = tmp_path / "auto.safetensors"
+    list(Trainer(TINY, PP, samples, fast(steps_per_epoch=None, epochs=1), auto).run())
+    with pytest.raises(R2UNetError, match="steps per epoch, this data gives"):
+        Trainer(TINY, PP, synthetic_samples(3, size=(256, 256)), fast(steps_per_epoch=None, epochs=1), auto, resume=True)
     Trainer(TINY, PP, samples, fast(epochs=5), out, resume=True)  # a longer budget is fine
+    Trainer(TINY, PP, samples, fast(), out, overwrite=True)
+
+
+def test_a_longer_budget_continues_the_learning_rate_decay(tmp_path):
+    samples = synthetic_samples(2)
+    out = tmp_path / "m.safetensors"
+    first = [e.lr for e in Trainer(TINY, PP, samples, fast(epochs=2, steps_per_epoch=5), out).run() if e.kind == "step"]
+    second = [e.lr for e in Trainer(TINY, PP, samples, fast(epochs=4, steps_per_epoch=5), out, resume=True).run() if e.kind == "step"]
+    assert len(second) == 10 and second[0] <= first[-1] * 1.01
+    assert all(a >= b for a, b in zip(second, second[1:]))
+
+
+def test_minutes_budget_drives_progress_and_keeps_the_partial_epoch(tmp_path):
+    events = list(Trainer(TINY, PP, synthetic_samples(2), fast(epochs=1000, minutes=0.03, steps_per_epoch=1000), tmp_path / "m.safetensors").run())
+    assert events[-1].kind == "done" and events[-1].fraction == 1.0 and "time budget" in events[-1].message
+    assert any(e.kind == "checkpoint" for e in events)  # the partial epoch was scored and saved
 
 
 def test_cancel_keeps_a_usable_checkpoint(tmp_path):
@@ -145,6 +167,34 @@ def test_bad_training_data(tmp_path):
         Trainer(TINY, PP, [make_sample("a", img, mask, PP)], fast(), tmp_path / "m.pt")
     with pytest.raises(R2UNetError, match="lr"):
         TrainConfig(lr=-1)
+    with pytest.raises(R2UNetError, match="seed"):
+        TrainConfig(seed=-1)
+    two = [make_sample("a", img, mask, PP), make_sample("b", img, np.zeros_like(mask), PP)]
+    with pytest.raises(R2UNetError, match="no training image with foreground"):
+        Trainer(TINY, PP, two, fast(val_ids=("a",)), tmp_path / "m.safetensors")
+    with pytest.raises(R2UNetError, match="every validation mask is empty"):
+        Trainer(TINY, PP, two, fast(val_ids=("b",)), tmp_path / "m.safetensors")
+
+
+def test_multiclass_training_from_label_images(tmp_path):
+    from PIL import Image
+
+    from src_models.training import load_samples
+
+    (tmp_path / "i").mkdir()
+    (tmp_path / "l").mkdir()
+    for seed in range(2):
+        img, mask = vessel_image((48, 48), seed=seed)
+        labels = mask.copy()
+        labels[:, :24] *= 2  # two foreground classes
+        Image.fromarray(img).save(tmp_path / "i" / f"{seed}.png")
+        Image.fromarray(labels).save(tmp_path / "l" / f"{seed}.png")
+    samples = load_samples(tmp_path / "i", tmp_path / "l", None, PP, classes=3)
+    assert max(int(s.mask.max()) for s in samples) == 2
+    events = list(Trainer(TINY.replace(out_channels=3), PP, samples, fast(), tmp_path / "m.safetensors").run())
+    assert events[-1].kind == "done"
+    with pytest.raises(R2UNetError, match="labels up to 2"):
+        load_samples(tmp_path / "i", tmp_path / "l", None, PP, classes=2)
 
 
 def test_tiny_images_and_nan_pixels_train(tmp_path):
