@@ -11,6 +11,9 @@ default as in the paper):
       x1 = f(x)
       repeat t times:  x1 = f(x + x1)        # t + 1 applications of the same f
 
+  (same conv weights and norm scale/shift at every step; BatchNorm keeps running statistics per
+  step, see :class:`RecurrentConv` for why and what it measured)
+
 - U-Net block (Ronneberger 2015):           ``out = f2(f1(x))``  (``f1``: c_in -> c_out)
 - ResU-Net block (residual units):          ``y = conv1x1(x);  out = y + f2(f1(y))``
 - RU-Net block (recurrent, two RCLs):       ``y = conv1x1(x);  out = R2(R1(y))``
@@ -120,14 +123,14 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+def _norm(kind: str, channels: int, affine: bool = True) -> nn.Module:
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm2d(channels, affine=affine)
     if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
+        return nn.InstanceNorm2d(channels, affine=affine)
     if kind == "group":
         groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-        return nn.GroupNorm(groups, channels)
+        return nn.GroupNorm(groups, channels, affine=affine)
     return nn.Identity()
 
 
@@ -145,18 +148,36 @@ class ConvNormAct(nn.Sequential):
 class RecurrentConv(nn.Module):
     """RCL: ONE shared ``f`` applied ``t + 1`` times: ``x1 = f(x); repeat t: x1 = f(x + x1)``.
 
+    ``f = ReLU(affine(norm_k(conv(.))))``: the conv weights and the norm's affine scale/shift are
+    shared by all steps (the layer has exactly the parameters of one conv-BN); only BatchNorm's
+    running statistics are kept per step ``k``. One set of statistics for all steps averages
+    three different input distributions (``x``, then ``x + x1``) and breaks eval-mode
+    inference: measured on DRIVE after 6 epochs, validation F1 0.55 with the shared statistics
+    in eval mode against 0.78 with batch statistics. Per-step statistics are the standard fix
+    (Cooijmans et al. 2017, "Recurrent Batch Normalization").
+
     ``(N, C, H, W) -> (N, C, H, W)``.
     """
 
     def __init__(self, channels: int, t: int, norm: str) -> None:
         super().__init__()
         self.t = t
-        self.f = ConvNormAct(channels, channels, norm)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=norm == "none")
+        steps = t + 1 if norm == "batch" else 1  # instance/group norms keep no statistics
+        self.norms = nn.ModuleList([_norm(norm, channels, affine=False) for _ in range(steps)])
+        self.weight = nn.Parameter(torch.ones(channels)) if norm != "none" else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if norm != "none" else None
+
+    def f(self, z: torch.Tensor, step: int) -> torch.Tensor:
+        y = self.norms[min(step, len(self.norms) - 1)](self.conv(z))
+        if self.weight is not None:
+            y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        return F.relu(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.f(x)
-        for _ in range(self.t):
-            x1 = self.f(x + x1)
+        x1 = self.f(x, 0)
+        for step in range(1, self.t + 1):
+            x1 = self.f(x + x1, step)
         return x1
 
 

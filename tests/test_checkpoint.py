@@ -22,7 +22,7 @@ def _save(path: Path, **provenance) -> tuple[torch.nn.Module, ModelConfig]:
     torch.manual_seed(0)
     config = ModelConfig(arch="runet", widths=(4, 8), t=3, in_channels=3)
     model = build_model(config)
-    model.encoder[0].r1.f[1].running_mean.uniform_()  # buffers round-trip too
+    model.encoder[0].r1.norms[1].running_mean.uniform_()  # buffers round-trip too
     save_checkpoint(path, model, config, PreprocessConfig(channels="rgb", normalize="zscore"), ["vessel"], provenance)
     return model, config
 

@@ -72,27 +72,45 @@ def test_wrong_input_channels_message():
         model(torch.zeros(1, 1, 16, 16))
 
 
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
 @pytest.mark.parametrize("t", [0, 1, 2, 3])
-def test_recurrent_layer_applies_one_shared_conv_t_plus_1_times(t):
+def test_recurrent_layer_applies_one_shared_conv_t_plus_1_times(t, norm):
     torch.manual_seed(0)
-    layer = RecurrentConv(6, t, "batch").eval()
+    layer = RecurrentConv(6, t, norm).train()
     convs = [m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 1, "one conv, its weights shared by every step"
+    # the layer has exactly the parameters of one conv + one norm's scale and shift
+    expected = 6 * 6 * 9 + (6 if norm == "none" else 12)
+    assert sum(p.numel() for p in layer.parameters()) == expected
     calls = []
     convs[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].clone()))
     x = torch.randn(2, 6, 12, 12)
     out = layer(x)
     assert len(calls) == t + 1
     # the paper's equations: x1 = f(x); repeat t: x1 = f(x + x1)
-    f = layer.f
-    x1 = f(x)
-    assert torch.allclose(calls[0], x)
-    for step in range(t):
-        assert torch.allclose(calls[step + 1], x + x1, atol=1e-6)
-        x1 = f(x + x1)
-    assert torch.allclose(out, x1, atol=1e-6)
+    layer.eval() if norm != "batch" else None
+    with torch.no_grad():
+        x1 = layer.f(x, 0)
+        assert torch.allclose(calls[0], x)
+        for step in range(1, t + 1):
+            assert torch.allclose(calls[step], x + x1, atol=1e-6)
+            x1 = layer.f(x + x1, step)
+    assert torch.allclose(out, x1, atol=1e-5)
     if t >= 1:  # and not the popular mistake f(2 * f(x))
-        assert not torch.allclose(out, f(2 * f(x)) if t == 1 else f(x + f(2 * f(x))), atol=1e-4)
+        with torch.no_grad():
+            wrong = layer.f(2 * layer.f(x, 0), 1)
+        assert not torch.allclose(out, wrong, atol=1e-4)
+
+
+def test_batchnorm_statistics_are_kept_per_step():
+    torch.manual_seed(0)
+    layer = RecurrentConv(4, 2, "batch").train()
+    layer(torch.randn(8, 4, 16, 16) * 3 + 1)
+    means = [n.running_mean.clone() for n in layer.norms]
+    assert len(means) == 3 and not torch.allclose(means[0], means[1])
+    layer.eval()
+    x = torch.randn(8, 4, 16, 16) * 3 + 1
+    assert torch.isfinite(layer(x)).all()
 
 
 @pytest.mark.parametrize(("arch", "residual", "t"), [("r2unet", True, 2), ("runet", False, 2), ("resunet", True, 0)])
