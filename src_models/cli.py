@@ -76,7 +76,7 @@ def _segmenter(args: argparse.Namespace) -> Any:
     from .inference import Segmenter
     from .registry import load_model
 
-    return Segmenter(load_model(args.model), device=args.device, log=_log)
+    return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta)
 
 
 def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str) -> Any:
@@ -360,6 +360,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbours (default: 0.25)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the mask (default: 0.5)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")
     p.add_argument("--stack", action="store_true", help="treat a 3D (N, H, W) file with N <= 4 as a stack, not as channels")
 
 

@@ -12,7 +12,7 @@ This module owns turning an image of any size into class probabilities:
   2D image ``(H, W)``/``(H, W, C)``, ``predict_stack`` any leading stack/time axes slice by
   slice. Device ``auto`` is cuda > mps > cpu; CUDA runs under autocast (AMP). On out-of-memory
   the run restarts with half the batch, then half the tile (down to 128), then on the CPU, and
-  says so through ``log``.
+  says so through ``log``. ``tta=True`` averages the predictions of the 4 flipped images.
 - :func:`probabilities_to_labels`: threshold (binary) or argmax (multi-class) to a uint8 mask.
 
 The image is padded by edge replication to the network's size multiple before tiling, exactly
@@ -39,6 +39,7 @@ ShouldStop = Callable[[], bool]
 Log = Callable[[str], None]
 
 DEFAULT_OVERLAP = 0.25
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 MIN_TILE = 128
 AUTO_WHOLE_IMAGE_PIXELS = 1024 * 1024  # images up to this size run as one tile
 AUTO_TILE = 1024
@@ -219,10 +220,13 @@ class Segmenter:
     ``predict(image)`` -> probabilities ``(K, H, W)`` float32 (K = 1 for a binary model).
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None, tta: bool = False
+    ) -> None:
         self.checkpoint = checkpoint
         self.device = select_device(device)
         self.amp = amp
+        self.tta = tta  # test-time augmentation: mean over the 4 flips (4x the compute)
         self.log = log or (lambda message: None)
         self.model = checkpoint.build(self.device)
         self.in_channels = checkpoint.config.in_channels
@@ -233,8 +237,15 @@ class Segmenter:
         x = torch.from_numpy(batch).to(self.device)
         use_amp = self.amp and self.device.type == "cuda"
         dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        flips = FLIPS if self.tta else ((),)
+
+        def probabilities(flip: tuple[int, ...]) -> torch.Tensor:
+            if not flip:
+                return logits_to_probabilities(self.model(x).float())
+            return logits_to_probabilities(self.model(x.flip(flip)).float()).flip(flip)
+
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=use_amp):
-            probs = logits_to_probabilities(self.model(x).float())
+            probs = sum(probabilities(f) for f in flips) / len(flips)
         return probs.cpu().numpy()
 
     def _move_to_cpu(self) -> None:

@@ -181,3 +181,13 @@ def test_labels():
     assert probabilities_to_labels(multi).dtype == np.uint8
     with pytest.raises(R2UNetError):
         probabilities_to_labels(probs, 1.5)
+
+
+def test_tta_averages_the_four_flips(tiny_checkpoint):
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    plain, tta = Segmenter(checkpoint, "cpu"), Segmenter(checkpoint, "cpu", tta=True)
+    img, _ = vessel_image((40, 56), seed=9)
+    flips = [img, img[:, ::-1], img[::-1], img[::-1, ::-1]]
+    manual = [plain.predict(np.ascontiguousarray(f))[0] for f in flips]
+    expected = (manual[0] + manual[1][:, ::-1] + manual[2][::-1] + manual[3][::-1, ::-1]) / 4
+    assert np.allclose(tta.predict(img)[0], expected, atol=1e-5)
