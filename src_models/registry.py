@@ -3,23 +3,21 @@
 This module owns turning what a user types (``r2unet``, ``r2unet-drive``, ``~/m.safetensors``)
 into a config or a loaded checkpoint.
 
-Pretrained models are the ``.safetensors`` files in ``src_models/weights/``; their name is the
-file stem and everything else (architecture, metrics, training data, licence) is read from the
+Pretrained models are the ``.safetensors`` files in ``src_models/weights/`` (listed by
+:mod:`src_models.catalog` without torch); their name is the file stem and everything else (architecture, metrics, training data, licence) is read from the
 file's own metadata, so there is no second list to keep in sync and nothing to download.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import catalog
 from .checkpoint import LEGACY_SUFFIXES, Checkpoint, load_checkpoint
 from .errors import R2UNetError
 from .nets import ARCHITECTURES, ModelConfig
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -42,18 +40,10 @@ class PretrainedInfo:
 
 def pretrained_models(weights_dir: Path | None = None) -> dict[str, PretrainedInfo]:
     """Shipped pretrained models by name (reads only the small JSON headers)."""
-    from safetensors import safe_open
-
-    weights_dir = weights_dir or WEIGHTS_DIR
-    found: dict[str, PretrainedInfo] = {}
-    if not weights_dir.is_dir():
-        return found
-    for path in sorted(weights_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        config = ModelConfig.from_dict(json.loads(meta["config"]))
-        found[path.stem] = PretrainedInfo(path.stem, path, config, json.loads(meta.get("provenance", "{}")))
-    return found
+    return {
+        name: PretrainedInfo(name, entry["path"], ModelConfig.from_dict(entry["config"]), entry["provenance"])
+        for name, entry in catalog.pretrained_catalog(weights_dir).items()
+    }
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -8,17 +8,30 @@ import numpy as np
 import pytest
 from conftest import DRIVE, random_checkpoint
 
-from src_models import registry
+from src_models import catalog, registry
 from src_models.checkpoint import load_checkpoint
 from src_models.cli import main
 from src_models.errors import R2UNetError
 
-SHIPPED = sorted(registry.WEIGHTS_DIR.glob("*.safetensors"))
+SHIPPED = sorted(catalog.WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def test_catalog_reads_metadata_without_torch(tmp_path):
+    import subprocess
+    import sys
+
+    random_checkpoint(tmp_path / "x.safetensors")
+    probe = f"import sys; from src_models.catalog import describe; d = describe({str(tmp_path / 'x.safetensors')!r}); print(d['config']['arch'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert out == ["r2unet", "False"]
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(R2UNetError, match="header length"):
+        catalog.read_metadata(tmp_path / "bad.safetensors")
 
 
 def test_pretrained_models_come_from_the_weights_folder(tmp_path, monkeypatch, capsys):
     random_checkpoint(tmp_path / "toy-drive.safetensors")
-    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(catalog, "WEIGHTS_DIR", tmp_path)
     found = registry.pretrained_models()
     assert list(found) == ["toy-drive"] and found["toy-drive"].config.arch == "r2unet"
     assert registry.load_model("toy-drive").path == tmp_path / "toy-drive.safetensors"
