@@ -10,14 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def _curve(rng: np.random.Generator, shape: tuple[int, int], steps: int) -> np.ndarray:
-    """``(steps, 2)`` points of a smooth random walk starting inside the image."""
+def _curve(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """``(steps, 2)`` points of a smooth random walk, one pixel apart, starting inside the image."""
     h, w = shape
+    steps = int(1.5 * max(h, w))
     start = rng.uniform([0.1 * h, 0.1 * w], [0.9 * h, 0.9 * w])
-    angle = rng.uniform(0, 2 * np.pi)
-    turns = np.cumsum(rng.normal(0, 0.12, steps)) + angle
-    step = max(h, w) / steps * 1.2
-    return start + np.cumsum(np.stack([np.sin(turns), np.cos(turns)], 1) * step, axis=0)
+    turns = np.cumsum(rng.normal(0, 0.03, steps)) + rng.uniform(0, 2 * np.pi)
+    return start + np.cumsum(np.stack([np.sin(turns), np.cos(turns)], 1), axis=0)
 
 
 def vessel_image(
@@ -39,25 +38,25 @@ def vessel_image(
     mask = np.zeros(shape, dtype=bool)
     depth = np.zeros(shape, dtype=np.float32)
     for i in range(n_vessels):
-        radius = rng.uniform(0.8, 2.5) if i % 2 else rng.uniform(2.0, 4.0)
-        for y, x in _curve(rng, shape, steps=60):
-            if not (-5 <= y < h + 5 and -5 <= x < w + 5):
-                continue
+        width = rng.uniform(2.0, 4.0) if i % 2 == 0 else rng.uniform(0.8, 2.0)
+        points = _curve(rng, shape)
+        for j, (y, x) in enumerate(points):
+            radius = width * (1.0 - 0.5 * j / len(points))  # vessels taper along their course
             y0, y1 = int(max(0, y - radius - 1)), int(min(h, y + radius + 2))
             x0, x1 = int(max(0, x - radius - 1)), int(min(w, x + radius + 2))
             if y0 >= y1 or x0 >= x1:
                 continue
-            d2 = (yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2
-            inside = d2 <= radius**2
+            inside = (yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2 <= radius**2
             mask[y0:y1, x0:x1] |= inside
-            depth[y0:y1, x0:x1] = np.maximum(depth[y0:y1, x0:x1], inside * 0.35 * min(1.0, radius / 2.5) + 0.1 * inside)
-        radius *= 0.7
+            contrast = inside * (0.1 + 0.35 * min(1.0, radius / 2.5))
+            depth[y0:y1, x0:x1] = np.maximum(depth[y0:y1, x0:x1], contrast)
     r2 = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2
     background = 0.75 - 0.25 * r2 + 0.05 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
     green = np.clip(background - depth + rng.normal(0, noise, shape), 0, 1)
-    if rgb:
-        red = np.clip(0.85 * background + 0.1 - 0.3 * depth + rng.normal(0, noise, shape), 0, 1)
-        blue = np.clip(0.3 * background - 0.1 * depth + rng.normal(0, noise, shape), 0, 1)
+    if rgb:  # fundus colours: bright red, dimmer green (where vessels show best), little blue
+        red = np.clip(0.9 * background + 0.15 - 0.25 * depth + rng.normal(0, noise, shape), 0, 1)
+        blue = np.clip(0.2 * background - 0.05 * depth + rng.normal(0, noise, shape), 0, 1)
+        green = np.clip(0.6 * green, 0, 1)
         image = np.stack([red, green, blue], axis=-1)
     else:
         image = green

@@ -32,5 +32,5 @@ def test_ruff_is_clean():
     ruff = Path(sys.executable).parent / "ruff"
     if not ruff.exists():
         pytest.skip("ruff is not installed in this environment")
-    result = subprocess.run([str(ruff), "check", "src_models", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(ruff), "check", "src_models", "napari_r2unet", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,154 @@
+"""From napari layers to the engine and back: what to predict, and results as layers.
+
+This module owns the layer rules of the plugin:
+
+- :func:`plan_job` decides what part of an Image layer to predict: a 2D (gray or RGB) image
+  whole, or for stacks and time series the current 2D slice or every slice;
+- :func:`add_result_layers` adds a new Labels layer named after the image and the model, with the
+  image's scale, translate and metadata (and optionally a probability Image layer); the
+  probabilities and the model's own prediction are kept in ``layer.metadata["r2unet"]``, so the
+  threshold can be changed later without running the network again and corrections can be found;
+- :func:`fill_unlabelled` writes a result into an existing Labels layer through its undo history,
+  only where it is 0: pixels a user painted are never overwritten;
+- :func:`rethreshold` re-derives labels from the stored probabilities, keeping user edits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+META_KEY = "r2unet"
+
+
+@dataclass
+class Job:
+    """What one segmentation run predicts. ``index`` selects the slice (``()`` = everything)."""
+
+    data: Any  # (H, W), (H, W, C) for one image; (..., H, W[, C]) for all slices
+    channel_axis: int | None
+    stack: bool
+    index: tuple[int, ...]
+    spatial_shape: tuple[int, ...]  # the Labels layer's full shape (leading axes + H, W)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool) -> Job:
+    """Job for an Image layer: 2D images whole; stacks by current slice or all slices."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]  # the full-resolution level
+    rgb = bool(getattr(layer, "rgb", False))
+    spatial = tuple(data.shape[:-1]) if rgb else tuple(data.shape)
+    channel_axis = -1 if rgb else None
+    leading = len(spatial) - 2
+    if leading <= 0:
+        return Job(data, channel_axis, False, (), spatial)
+    if all_slices:
+        return Job(data, channel_axis, True, (), spatial)
+    index = tuple(int(i) for i in current_step[:leading])
+    return Job(data[index], channel_axis, False, index, spatial)
+
+
+def _spatial_kwargs(image: Any) -> dict[str, Any]:
+    return {"scale": tuple(image.scale), "translate": tuple(image.translate)}
+
+
+def label_colors() -> Any:
+    """Colours that stand out on fundus and skin photographs: class 1 cyan, then yellow, magenta."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "white", 0: "transparent", 1: "cyan", 2: "yellow", 3: "magenta", 4: "lime"})
+
+
+def result_name(image_name: str, model_name: str) -> str:
+    return f"{image_name} [{model_name}]"
+
+
+def labels_from(probs: np.ndarray, threshold: float) -> np.ndarray:
+    from src_models.inference import probabilities_to_labels
+
+    return probabilities_to_labels(probs, threshold)
+
+
+def _full_volume(job: Job, values: np.ndarray, dtype: Any) -> np.ndarray:
+    """Place a result into an array of the layer's full spatial shape (zeros elsewhere)."""
+    if values.shape == job.spatial_shape:
+        return values.astype(dtype, copy=False)
+    full = np.zeros(job.spatial_shape, dtype=dtype)
+    full[job.index] = values
+    return full
+
+
+def foreground_probability(probs: np.ndarray) -> np.ndarray:
+    """``(..., K, H, W)`` -> ``(..., H, W)``: P(vessel) for binary models, 1 - P(background) otherwise."""
+    return probs[..., 0, :, :] if probs.shape[-3] == 1 else 1.0 - probs[..., 0, :, :]
+
+
+def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, threshold: float,
+                      model_name: str, add_probability: bool) -> Any:
+    """New Labels layer (and optional probability layer) for ``probs`` ``(..., K, H, W)``."""
+    labels = labels_from(probs, threshold)
+    meta = {
+        "model": model_name,
+        "image": image.name,
+        "threshold": threshold,
+        "index": job.index,
+        "probabilities": probs.astype(np.float16),
+        "prediction": labels.copy(),
+    }
+    layer = viewer.add_labels(
+        _full_volume(job, labels, np.uint8),
+        name=result_name(image.name, model_name),
+        metadata={**dict(image.metadata), META_KEY: meta},
+        colormap=label_colors(),
+        **_spatial_kwargs(image),
+    )
+    if add_probability:
+        viewer.add_image(
+            _full_volume(job, foreground_probability(probs), np.float32),
+            name=f"{image.name} probability [{model_name}]",
+            colormap="magma", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0), visible=False,
+            **_spatial_kwargs(image),
+        )
+    viewer.layers.selection.active = layer
+    return layer
+
+
+def fill_unlabelled(target: Any, job: Job, labels: np.ndarray) -> int:
+    """Write ``labels`` into ``target`` where it is 0, through its undo history; returns the count."""
+    region = np.asarray(target.data[job.index]) if job.index else np.asarray(target.data)
+    if region.shape != labels.shape:
+        raise ValueError(f"the labels layer {target.name!r} has shape {region.shape}, the result {labels.shape}")
+    fill = (region == 0) & (labels > 0)
+    where = np.nonzero(fill)
+    if where[0].size:
+        indices = tuple(np.full(where[0].size, i) for i in job.index) + where
+        target.data_setitem(indices, labels[fill])
+    return int(where[0].size)
+
+
+def rethreshold(layer: Any, threshold: float) -> int:
+    """New labels from the stored probabilities; pixels the user changed keep their value.
+
+    Returns how many pixels changed.
+    """
+    meta = layer.metadata.get(META_KEY)
+    if not meta or "probabilities" not in meta:
+        return 0
+    new = labels_from(meta["probabilities"].astype(np.float32), threshold)
+    index = tuple(meta.get("index", ()))
+    current = np.asarray(layer.data[index]) if index else np.asarray(layer.data)
+    edited = current != meta["prediction"]
+    updated = np.where(edited, current, new).astype(current.dtype)
+    changed = int((updated != current).sum())
+    if index:
+        layer.data[index] = updated
+    else:
+        layer.data[...] = updated
+    meta["prediction"] = new
+    meta["threshold"] = threshold
+    layer.refresh()
+    return changed

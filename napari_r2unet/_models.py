@@ -1,0 +1,46 @@
+"""The model choices the widgets offer: shipped pretrained models and checkpoints the user opened.
+
+Torch-free: entries are described from the checkpoints' metadata (:mod:`src_models.catalog`).
+Each viewer's widget keeps its own list (no module-level mutable state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from src_models.catalog import describe, pretrained_catalog
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model menu: what to show and what to load (a name or a path)."""
+
+    label: str
+    spec: str
+    arch: str
+    metrics: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def tooltip(self) -> str:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics)
+        return f"{self.arch}: {scores}" if scores else self.arch
+
+
+def _choice(label: str, spec: str, entry: dict) -> ModelChoice:
+    metrics = entry["provenance"].get("metrics", {})
+    kept = tuple((k, float(metrics[k])) for k in ("F1", "AUC") if isinstance(metrics.get(k), (int, float)))
+    return ModelChoice(label, spec, str(entry["config"].get("arch", "?")), kept)
+
+
+def builtin_choices() -> list[ModelChoice]:
+    """Shipped pretrained models, R2U-Net first (the paper's model)."""
+    entries = pretrained_catalog()
+    order = sorted(entries, key=lambda n: (not n.startswith("r2unet"), n))
+    return [_choice(name, name, entries[name]) for name in order]
+
+
+def file_choice(path: str | Path) -> ModelChoice:
+    """A checkpoint file as a model choice (validated by its metadata; weights load later)."""
+    entry = describe(path)
+    return _choice(f"{Path(path).name}", str(Path(path).resolve()), entry)

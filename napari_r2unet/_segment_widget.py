@@ -1,0 +1,329 @@
+"""The Segment widget: pick an image and a model, segment in a worker thread, get editable labels.
+
+The network runs in a napari worker thread (torch is imported there, not at napari start-up);
+progress shows in the widget and in napari's activity dock; Cancel stops between tiles; the
+threshold slider re-derives the labels from the stored probabilities without running the
+network again. Errors become one-line napari notifications.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._layers import META_KEY, add_result_layers, fill_unlabelled, labels_from, plan_job, rethreshold
+from ._models import ModelChoice, builtin_choices, file_choice
+from ._worker import SegmenterCache, available_devices, segment
+
+if TYPE_CHECKING:
+    import napari
+
+LOAD_CHECKPOINT = "Load checkpoint..."
+NEW_LAYER = "new Labels layer"
+
+
+class _Bridge(QObject):
+    """Signals emitted from the worker thread, delivered on the GUI thread."""
+
+    progress = Signal(float)
+    message = Signal(str)
+
+
+def user_message(exc: BaseException) -> str:
+    """One line for a notification: our errors as they are, anything else named as a bug."""
+    from src_models.errors import R2UNetError
+
+    if isinstance(exc, R2UNetError):
+        return str(exc)
+    return f"internal error ({type(exc).__name__}: {exc}); please report it"
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: image -> model -> Labels layer (and probability map)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self._cache = SegmenterCache()
+        self._choices: list[ModelChoice] = builtin_choices()
+        self._worker: Any = None
+        self._stop = threading.Event()
+        self._bridge = _Bridge()
+        self._bridge.progress.connect(self._on_progress)
+        self._bridge.message.connect(self._notify_info)
+        self._progress_bar: Any = None
+        self._build()
+        self._refresh_layers()
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed, self.viewer.layers.events.reordered):
+            event.connect(self._refresh_layers)
+        self._detect_devices()
+
+    # -- UI ----------------------------------------------------------------------------------
+    def _build(self) -> None:
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("the Image layer to segment")
+        form.addRow("image", self.image_combo)
+        self.model_combo = QComboBox()
+        self._fill_models()
+        self.model_combo.activated.connect(self._on_model_activated)
+        form.addRow("model", self.model_combo)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu"])
+        self.device_combo.setToolTip("auto: CUDA > Apple MPS > CPU")
+        form.addRow("device", self.device_combo)
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(0, 8192)
+        self.tile_spin.setSingleStep(128)
+        self.tile_spin.setSpecialValueText("auto")
+        self.tile_spin.setToolTip("tile size in pixels; auto = whole image up to 1 megapixel, else 1024")
+        form.addRow("tile", self.tile_spin)
+        self.overlap_spin = QDoubleSpinBox()
+        self.overlap_spin.setRange(0.0, 0.9)
+        self.overlap_spin.setSingleStep(0.05)
+        self.overlap_spin.setValue(0.25)
+        form.addRow("overlap", self.overlap_spin)
+        threshold_row = QHBoxLayout()
+        self.threshold_slider = QSlider(Qt.Horizontal)
+        self.threshold_slider.setRange(1, 99)
+        self.threshold_slider.setValue(50)
+        self.threshold_label = QLabel("0.50")
+        self.threshold_slider.valueChanged.connect(self._on_threshold)
+        threshold_row.addWidget(self.threshold_slider)
+        threshold_row.addWidget(self.threshold_label)
+        form.addRow("threshold", threshold_row)
+        self.target_combo = QComboBox()
+        self.target_combo.setToolTip("write into a new layer, or fill only the unlabelled (0) pixels of an existing one")
+        form.addRow("output", self.target_combo)
+        self.all_slices = QCheckBox("all slices (stacks, time series)")
+        form.addRow("", self.all_slices)
+        self.add_probability = QCheckBox("add probability map")
+        self.add_probability.setChecked(True)
+        form.addRow("", self.add_probability)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Segment")
+        self.run_button.clicked.connect(self.start)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setTextVisible(False)
+        self.status = QLabel("Open an image, choose a model, press Segment.")
+        self.status.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    def _fill_models(self) -> None:
+        self.model_combo.clear()
+        for choice in self._choices:
+            self.model_combo.addItem(choice.label, choice.spec)
+            self.model_combo.setItemData(self.model_combo.count() - 1, choice.tooltip, Qt.ToolTipRole)
+        self.model_combo.addItem(LOAD_CHECKPOINT, None)
+
+    def add_model(self, path: str) -> ModelChoice:
+        """Offer a checkpoint file as a model (the reader and 'Load checkpoint...' use this)."""
+        choice = file_choice(path)
+        self._choices = [c for c in self._choices if c.spec != choice.spec] + [choice]
+        self._fill_models()
+        self.model_combo.setCurrentIndex(self.model_combo.findData(choice.spec))
+        return choice
+
+    def _on_model_activated(self, index: int) -> None:
+        if self.model_combo.itemData(index) is not None:
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Open a checkpoint", "", "Checkpoints (*.safetensors *.pt *.pth)")
+        if path:
+            self._guard(lambda: self.add_model(path))
+        elif self._choices:
+            self.model_combo.setCurrentIndex(0)
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        from napari.layers import Image, Labels
+
+        current = self.image_combo.currentText()
+        self.image_combo.clear()
+        self.image_combo.addItems([layer.name for layer in self.viewer.layers if isinstance(layer, Image)])
+        if current:
+            self.image_combo.setCurrentText(current)
+        target = self.target_combo.currentText()
+        self.target_combo.clear()
+        self.target_combo.addItem(NEW_LAYER)
+        self.target_combo.addItems([f"fill {layer.name}" for layer in self.viewer.layers if isinstance(layer, Labels)])
+        if target:
+            self.target_combo.setCurrentText(target)
+
+    def _detect_devices(self) -> None:
+        """Ask torch for accelerators in a worker (torch's import stays off the GUI thread)."""
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(available_devices, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(self._set_devices)
+        worker.errored.connect(lambda exc: None)  # keep auto/cpu
+        worker.start()
+
+    def _set_devices(self, devices: list[str]) -> None:
+        current = self.device_combo.currentText()
+        self.device_combo.clear()
+        self.device_combo.addItems(["auto", *devices])
+        self.device_combo.setCurrentText(current)
+
+    # -- notifications ---------------------------------------------------------------------
+    def _notify_info(self, message: str) -> None:
+        from napari.utils.notifications import show_info
+
+        self.status.setText(message)
+        show_info(message)
+
+    def _notify_error(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(message)
+        show_error(message)
+
+    def _guard(self, action: Any) -> Any:
+        try:
+            return action()
+        except Exception as exc:  # every failure is a notification, never a traceback
+            self._notify_error(user_message(exc))
+            return None
+
+    # -- run -------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def _image_layer(self) -> Any:
+        name = self.image_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise _user_error("no Image layer to segment: open an image first (File > Open, or File > Open Sample)")
+        return self.viewer.layers[name]
+
+    def start(self) -> None:
+        """Segment the chosen image in a worker thread (refused while one runs)."""
+        if self.running:
+            self._notify_info("a segmentation is already running: wait for it or press Cancel")
+            return
+        self._guard(self._start)
+
+    def _start(self) -> None:
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        image = self._image_layer()
+        spec = self.model_combo.currentData()
+        if spec is None:
+            raise _user_error("no model chosen: pick a pretrained model or load a checkpoint")
+        job = plan_job(image, tuple(self.viewer.dims.current_step), self.all_slices.isChecked())
+        job.options = {"tile": self.tile_spin.value() or None, "overlap": self.overlap_spin.value()}
+        target = self._target_layer()
+        if target is not None and tuple(target.data.shape) != job.spatial_shape:
+            raise _user_error(f"labels layer {target.name!r} has shape {tuple(target.data.shape)} but the image {job.spatial_shape}; choose a new layer")
+        self._stop.clear()
+        device = self.device_combo.currentText()
+        worker = create_worker(segment, self._cache, spec, device, job, self._bridge.progress.emit,
+                               self._stop.is_set, self._bridge.message.emit, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda result: self._on_done(image, job, target, result))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._progress_bar = progress(total=1000, desc=f"Segmenting {image.name}")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress.setValue(0)
+        self.status.setText(f"segmenting {image.name} with {self.model_combo.currentText()} ...")
+        worker.start()
+
+    def _target_layer(self) -> Any:
+        text = self.target_combo.currentText()
+        if not text or text == NEW_LAYER:
+            return None
+        return self.viewer.layers[text.removeprefix("fill ")]
+
+    def cancel(self) -> None:
+        """Ask the worker to stop; it ends between two tiles and adds nothing."""
+        if self.running:
+            self._stop.set()
+            self.status.setText("cancelling ...")
+
+    def _on_progress(self, fraction: float) -> None:
+        value = int(round(fraction * 1000))
+        self.progress.setValue(value)
+        if self._progress_bar is not None:
+            self._progress_bar.update(max(0, value - self._progress_bar.n))
+
+    def _on_done(self, image: Any, job: Any, target: Any, result: tuple[Any, str]) -> None:
+        self._guard(lambda: self._apply(image, job, target, result))
+
+    def _apply(self, image: Any, job: Any, target: Any, result: tuple[Any, str]) -> None:
+        probs, model_name = result
+        threshold = self.threshold
+        if target is None:
+            layer = add_result_layers(self.viewer, image, job, probs, threshold, model_name, self.add_probability.isChecked())
+            fraction = float((layer.metadata[META_KEY]["prediction"] > 0).mean())
+            self.status.setText(f"done: {layer.name} ({fraction:.1%} foreground). Correct it with the brush, then save or fine-tune.")
+        else:
+            filled = fill_unlabelled(target, job, labels_from(probs, threshold))
+            self.status.setText(f"done: filled {filled} unlabelled pixels of {target.name}; painted pixels kept (Ctrl+Z undoes)")
+
+    def _on_error(self, exc: BaseException) -> None:
+        from src_models.errors import CancelledError
+
+        if isinstance(exc, CancelledError):
+            self.status.setText("cancelled: nothing was added")
+        else:
+            self._notify_error(user_message(exc))
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        if self._progress_bar is not None:
+            self._progress_bar.close()
+            self._progress_bar = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    # -- threshold -------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return self.threshold_slider.value() / 100.0
+
+    def _on_threshold(self, value: int) -> None:
+        self.threshold_label.setText(f"{value / 100:.2f}")
+        layer = self.viewer.layers.selection.active
+        if layer is not None and META_KEY in getattr(layer, "metadata", {}):
+            self._guard(lambda: rethreshold(layer, self.threshold))
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        self.cancel()
+        super().closeEvent(event)
+
+
+def _user_error(message: str) -> Exception:
+    from src_models.errors import R2UNetError
+
+    return R2UNetError(message)

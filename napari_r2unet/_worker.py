@@ -1,0 +1,62 @@
+"""What runs in the worker thread: load the model (torch is imported here, never at start-up),
+predict, report progress, stop when asked.
+
+Thread use: on the CPU, torch gets all cores but one (at least one), so napari's event loop keeps
+a core and the GUI stays responsive while a model runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._layers import Job
+
+
+class SegmenterCache:
+    """Loaded models of one widget, by (model, device); loading a checkpoint once per choice."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def get(self, spec: str, device: str, log: Callable[[str], None]) -> Any:
+        key = (spec, device)
+        if key not in self._cache:
+            from src_models.inference import Segmenter
+            from src_models.registry import load_model
+
+            self._cache.clear()  # keep one model in memory
+            self._cache[key] = Segmenter(load_model(spec), device=device, log=log)
+        return self._cache[key]
+
+
+def limit_cpu_threads() -> int:
+    import torch
+
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def available_devices() -> list[str]:
+    from src_models.inference import available_devices as devices
+
+    return devices()
+
+
+def segment(cache: SegmenterCache, spec: str, device: str, job: Job,
+            progress: Callable[[float], None], should_stop: Callable[[], bool],
+            log: Callable[[str], None]) -> tuple[np.ndarray, str]:
+    """Probabilities ``(K, H, W)`` (or ``(..., K, H, W)`` for all slices) and the model's name."""
+    segmenter = cache.get(spec, device, log)
+    if segmenter.device.type == "cpu":
+        limit_cpu_threads()
+    options = dict(progress=progress, should_stop=should_stop, **job.options)
+    if job.stack:
+        probs = segmenter.predict_stack(job.data, channel_axis=job.channel_axis, **options)
+    else:
+        probs = segmenter.predict(job.data, channel_axis=job.channel_axis, **options)
+    return np.asarray(probs), segmenter.checkpoint.name

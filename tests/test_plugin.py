@@ -1,0 +1,186 @@
+"""The napari plugin: manifest, lazy torch, sample data, writer/reader and the Segment widget (under Xvfb)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = yaml.safe_load((ROOT / "napari.yaml").read_text())
+
+
+def test_manifest_is_valid_and_shipped_inside_the_package():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-r2unet")
+    assert manifest.name == "napari-r2unet" and {"Segmentation", "Annotation"} <= set(manifest.categories)
+    import napari_r2unet
+
+    inside = Path(napari_r2unet.__file__).parent / "napari.yaml"
+    assert inside.read_text() == (ROOT / "napari.yaml").read_text()
+    assert "napari/layers/segment" in MANIFEST["contributions"]["menus"]
+
+
+@pytest.mark.parametrize("command", MANIFEST["contributions"]["commands"], ids=lambda c: c["id"])
+def test_every_python_name_imports(command):
+    module, _, name = command["python_name"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_napari_start_up_does_not_import_torch():
+    probe = (
+        "import sys, napari_r2unet, napari_r2unet._segment_widget, napari_r2unet._sample_data, napari_r2unet._io, "
+        "napari_r2unet._menus; from npe2 import PluginManager; pm = PluginManager.instance(); pm.discover(); "
+        "from napari_r2unet._models import builtin_choices; builtin_choices(); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_synthetic_sample_files_match_their_generator():
+    from napari_r2unet._sample_data import make_synthetic, synthetic_vessels
+
+    image, truth = make_synthetic()
+    (img, _, kind_img), (lab, _, kind_lab) = synthetic_vessels()
+    assert kind_img == "image" and kind_lab == "labels"
+    assert np.array_equal(img, image) and np.array_equal(lab, truth)
+
+
+def test_writer_and_reader(tmp_path):
+    import tifffile
+
+    from napari_r2unet._io import get_checkpoint_reader, write_labels
+
+    labels = np.zeros((5, 6), np.int64)
+    labels[1, 2] = 3
+    assert write_labels(str(tmp_path / "l.tif"), labels, {}) == [str(tmp_path / "l.tif")]
+    assert np.array_equal(tifffile.imread(tmp_path / "l.tif"), labels)
+    ckpt = random_checkpoint(tmp_path / "m.safetensors")
+    assert callable(get_checkpoint_reader(str(ckpt)))
+    (tmp_path / "other.safetensors").write_bytes(b"\x00" * 32)
+    assert get_checkpoint_reader(str(tmp_path / "other.safetensors")) is None
+    assert get_checkpoint_reader(str(tmp_path / "l.tif")) is None
+
+
+# -- GUI --------------------------------------------------------------------------------------
+@pytest.fixture
+def widget(make_napari_viewer, tmp_path, qtbot):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("napari-r2unet", "synthetic_vessels")
+    viewer.layers["synthetic vessels"].scale = (2.0, 3.0)
+    _, w = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")
+    w.add_model(str(random_checkpoint(tmp_path / "tiny.safetensors", widths=(4, 8, 16))))
+    w.image_combo.setCurrentText("synthetic vessels")
+    return w
+
+
+def _run(widget, qtbot):
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+
+
+@pytest.mark.gui
+def test_segmenting_the_sample_gives_a_labels_layer(widget, qtbot):
+    from napari.layers import Labels
+
+    viewer = widget.viewer
+    _run(widget, qtbot)
+    layer = viewer.layers["synthetic vessels [tiny]"]
+    assert isinstance(layer, Labels)
+    assert layer.data.shape == (256, 256) and layer.data.dtype == np.uint8
+    assert tuple(layer.scale) == (2.0, 3.0)
+    assert "synthetic vessels probability [tiny]" in viewer.layers
+    assert "tiny" in widget.status.text() or "done" in widget.status.text()
+
+
+@pytest.mark.gui
+def test_cancel_stops_the_worker_and_adds_nothing(widget, qtbot, monkeypatch):
+    import napari_r2unet._worker as worker_module
+
+    started = []
+
+    def slow_segment(cache, spec, device, job, progress, should_stop, log):
+        import time
+
+        from src_models.errors import CancelledError
+
+        started.append(1)
+        for _ in range(200):  # like the tiler: checks between tiles
+            if should_stop():
+                raise CancelledError()
+            time.sleep(0.05)
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr("napari_r2unet._segment_widget.segment", slow_segment)
+    before = len(widget.viewer.layers)
+    widget.start()
+    qtbot.waitUntil(lambda: bool(started), timeout=10_000)
+    widget.start()  # a second request while one runs is refused, not queued on top
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=5_000)
+    assert len(widget.viewer.layers) == before and "cancelled" in widget.status.text()
+    assert worker_module is not None
+
+
+@pytest.mark.gui
+def test_rethreshold_without_running_the_network_again(widget, qtbot, monkeypatch):
+    _run(widget, qtbot)
+    layer = widget.viewer.layers["synthetic vessels [tiny]"]
+    widget.viewer.layers.selection.active = layer
+    calls = []
+    monkeypatch.setattr("napari_r2unet._segment_widget.segment", lambda *a, **k: calls.append(1))
+    before = layer.data.copy()
+    probs = layer.metadata["r2unet"]["probabilities"][0].astype(np.float32)
+    widget.threshold_slider.setValue(int(round(np.median(probs) * 100)))
+    assert not calls and not np.array_equal(layer.data, before)
+    assert np.array_equal(layer.data, (probs >= widget.threshold).astype(np.uint8))
+
+
+@pytest.mark.gui
+def test_painted_pixels_survive_a_second_segmentation(widget, qtbot):
+    widget.threshold_slider.setValue(1)  # a random model: keep plenty of foreground to erase and refill
+    _run(widget, qtbot)
+    layer = widget.viewer.layers["synthetic vessels [tiny]"]
+    painted = np.zeros(layer.data.shape, bool)
+    painted[10:40, 10:40] = True
+    layer.data_setitem(np.nonzero(painted), 7)  # the user's brush
+    erased = layer.data == 1
+    erased[:, :128] = False
+    layer.data_setitem(np.nonzero(erased), 0)  # ... and eraser: these may be filled again (they are 0)
+    snapshot = layer.data.copy()
+    widget._refresh_layers()
+    widget.target_combo.setCurrentText(f"fill {layer.name}")
+    _run(widget, qtbot)
+    assert "filled" in widget.status.text() and not np.array_equal(layer.data, snapshot)
+    assert (layer.data[painted] == 7).all()
+    kept = snapshot != 0
+    assert np.array_equal(layer.data[kept], snapshot[kept])
+    layer.undo()
+    assert np.array_equal(layer.data, snapshot)
+
+
+@pytest.mark.gui
+def test_errors_become_notifications_not_tracebacks(widget, qtbot, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    widget._guard(lambda: widget.add_model(str(broken)))
+    assert "cannot read checkpoint" in widget.status.text()
+    widget.image_combo.clear()
+    widget.start()
+    assert "open an image first" in widget.status.text() and not widget.running
+
+
+@pytest.mark.gui
+def test_window_screenshot_has_content(widget, qtbot):
+    _run(widget, qtbot)
+    shot = widget.viewer.screenshot(canvas_only=False, flash=False)
+    assert shot.ndim == 3 and shot.shape[0] > 200 and shot[..., :3].std() > 10
+    canvas = widget.viewer.screenshot(canvas_only=True, flash=False)
+    assert len(np.unique(canvas[..., 0])) > 20
