@@ -184,3 +184,63 @@ def test_window_screenshot_has_content(widget, qtbot):
     assert shot.ndim == 3 and shot.shape[0] > 200 and shot[..., :3].std() > 10
     canvas = widget.viewer.screenshot(canvas_only=True, flash=False)
     assert len(np.unique(canvas[..., 0])) > 20
+
+
+@pytest.mark.gui
+def test_stacks_current_slice_and_all_slices(widget, qtbot):
+    viewer = widget.viewer
+    stack = np.stack([viewer.layers["synthetic vessels"].data[..., 1][:96, :80]] * 3)
+    viewer.add_image(stack, name="stack", scale=(5.0, 1.0, 1.0))
+    widget.image_combo.setCurrentText("stack")
+    viewer.dims.set_current_step(0, 1)
+    _run(widget, qtbot)
+    layer = viewer.layers["stack [tiny]"]
+    assert layer.data.shape == (3, 96, 80) and tuple(layer.scale) == (5.0, 1.0, 1.0)
+    assert layer.data[0].max() == 0 and layer.data[2].max() == 0  # only the current slice
+    widget.all_slices.setChecked(True)
+    _run(widget, qtbot)
+    assert viewer.layers[-2].data.shape == (3, 96, 80)
+
+
+@pytest.mark.gui
+def test_dask_backed_layers(widget, qtbot):
+    da = pytest.importorskip("dask.array")
+    viewer = widget.viewer
+    image = viewer.layers["synthetic vessels"].data
+    viewer.add_image(da.from_array(image, chunks=(64, 64, 3)), name="lazy", rgb=True)
+    widget.image_combo.setCurrentText("lazy")
+    _run(widget, qtbot)
+    assert viewer.layers["lazy [tiny]"].data.shape == (256, 256)
+
+
+@pytest.mark.gui
+def test_layers_menu_and_dropped_checkpoint(make_napari_viewer, tmp_path, monkeypatch):
+    from napari_r2unet._io import get_checkpoint_reader
+    from napari_r2unet._menus import segment_selected_layer
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-r2unet", "retina")
+    segment_selected_layer(viewer)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")  # the one the menu docked
+    assert widget.image_combo.currentText() == "retina"
+    assert len([name for name in viewer.window.dock_widgets if "Segment" in name]) == 1
+    monkeypatch.setattr("napari.current_viewer", lambda: viewer)
+    ckpt = random_checkpoint(tmp_path / "dropped.safetensors")
+    assert get_checkpoint_reader(str(ckpt))(str(ckpt)) == [(None,)]
+    assert widget.model_combo.currentText() == "dropped.safetensors"
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_manifest_and_the_samples(tmp_path):
+    import zipfile
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wheel = next(tmp_path.glob("napari_r2unet-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in ("napari_r2unet/napari.yaml", "napari_r2unet/sample_data/synthetic_vessels.png", "src_models/cli.py"):
+        assert needed in names, needed
+    assert zipfile.ZipFile(wheel).read("napari_r2unet/napari.yaml").decode() == (ROOT / "napari.yaml").read_text()
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "napari-r2unet = napari_r2unet:napari.yaml" in zipfile.ZipFile(wheel).read(entry_points).decode()
