@@ -36,13 +36,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .catalog import MAX_HEADER_BYTES
 from .errors import R2UNetError
 from .nets import ModelConfig, build_model
 from .preprocessing import PreprocessConfig
 
 FORMAT = "napari-r2unet.checkpoint"
 FORMAT_VERSION = "1"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 LEGACY_SUFFIXES = (".pt", ".pth")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

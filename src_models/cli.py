@@ -303,8 +303,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     preprocess = PreprocessConfig(channels=args.channels)
-    first = pair_files(args.images)[0].image
-    image_channels = 1 if read_image(first).ndim == 2 else min(read_image(first).shape[-1], read_image(first).shape[0])
+    first = read_image(pair_files(args.images)[0].image)
+    image_channels = 1 if first.ndim == 2 else min(first.shape[-1], first.shape[0])
     try:
         model_config = ModelConfig(arch=args.arch, in_channels=preprocess.out_channels(image_channels), out_channels=args.classes,
                                    widths=args.widths or ModelConfig().widths, t=args.t, norm=args.norm)
