@@ -4,7 +4,8 @@ This module owns the file side of the engine:
 
 - :func:`read_image`: TIFF through tifffile (LZW/deflate need ``imagecodecs``, a dependency),
   PNG/JPEG/GIF/BMP through Pillow (palette images become gray); one-line errors naming the file.
-- :func:`read_mask`: a binary mask from 0/1, 0/255 (or 0/max) files; refuses other values.
+- :func:`read_mask`: a binary mask from 0/1, 0/255 (or 0/max, or near-black/near-white palette)
+  files; refuses other values.
 - :func:`write_tiff`: atomic (temp file + rename) TIFF writing.
 - :func:`pair_files`: images, masks and optional FOV masks in three folders paired by sample
   ID. Same stems pair first (``a.png`` / ``a.png``); otherwise IDs come from the stem with the
@@ -80,15 +81,20 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def binarize_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
-    """0/1, 0/255 or 0/max masks (RGB ones too, if gray) -> bool ``(H, W)``; other values are an error."""
+    """Binary masks -> bool ``(H, W)``: 0/1, 0/255, 0/max, or two gray levels whose lower one is
+    near black (palette GIFs store e.g. 3 and 253, as DRIVE's second observer does); gray RGB
+    (channels within 8 levels of each other) counts as gray. Anything else is an error."""
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[-1] in (3, 4):
-        if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 1], mask[..., 2])):
+        rgb = mask[..., :3].astype(np.int32)
+        if int((rgb.max(axis=-1) - rgb.min(axis=-1)).max()) > 8:
             raise R2UNetError(f"{name} is a colour image; a mask must be gray with values 0 and 1 (or 0 and 255)")
-        mask = mask[..., 0]
+        mask = rgb.mean(axis=-1).round().astype(np.uint8)
     if mask.ndim != 2:
         raise R2UNetError(f"{name} has shape {mask.shape}; a mask must be 2D (H, W)")
     values = np.unique(mask)
+    if values.size == 2 and 0 < values[0] <= 0.1 * values[1]:
+        return mask > values[0]
     if values.size > 2 or (values.size == 2 and values[0] != 0) or not np.all(np.isfinite(values.astype(np.float64))):
         shown = ", ".join(str(v) for v in values[:6]) + (" ..." if values.size > 6 else "")
         raise R2UNetError(f"{name} has values {shown}; a binary mask must hold only 0 and one other value (1 or 255)")

@@ -99,6 +99,21 @@ def test_binary_masks(tmp_path, values):
     assert np.array_equal(read_mask(tmp_path / "m.png"), arr > 0)
 
 
+def test_near_gray_palette_masks(tmp_path):
+    """Like DRIVE's 2nd_manual GIFs: palette colours (4, 2, 4) and (252, 254, 252)."""
+    index = np.zeros((6, 6), np.uint8)
+    index[2:4] = 1
+    img = Image.fromarray(index, mode="P")
+    img.putpalette([4, 2, 4, 252, 254, 252] + [0] * 762)
+    img.save(tmp_path / "m.gif")
+    assert np.array_equal(read_mask(tmp_path / "m.gif"), index > 0)
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[0, 0] = (255, 0, 0)
+    Image.fromarray(colour).save(tmp_path / "c.png")
+    with pytest.raises(R2UNetError, match="colour image"):
+        read_mask(tmp_path / "c.png")
+
+
 def test_non_binary_masks_are_refused(tmp_path):
     Image.fromarray(np.array([[0, 1, 2]], np.uint8)).save(tmp_path / "m.png")
     with pytest.raises(R2UNetError, match="values 0, 1, 2"):

@@ -26,3 +26,5 @@ def test_drive_files_read_as_expected():
     assert image.shape == (584, 565, 3) and image.dtype == np.uint8
     assert mask.shape == fov.shape == (584, 565) and mask.dtype == bool
     assert 0.05 < mask[fov].mean() < 0.2
+    second = read_mask(DRIVE / "test" / "2nd_manual" / f"{sample.id}_manual2.gif")  # a near-gray palette GIF
+    assert second.shape == mask.shape and 0.05 < second[fov].mean() < 0.2
