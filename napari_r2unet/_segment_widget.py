@@ -28,6 +28,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from src_models.errors import CancelledError, R2UNetError  # torch-free
+
 from ._layers import META_KEY, add_result_layers, fill_unlabelled, labels_from, plan_job, rethreshold
 from ._models import ModelChoice, builtin_choices, file_choice
 from ._worker import SegmenterCache, available_devices, segment
@@ -48,8 +50,6 @@ class _Bridge(QObject):
 
 def user_message(exc: BaseException) -> str:
     """One line for a notification: our errors as they are, anything else named as a bug."""
-    from src_models.errors import R2UNetError
-
     if isinstance(exc, R2UNetError):
         return str(exc)
     return f"internal error ({type(exc).__name__}: {exc}); please report it"
@@ -221,7 +221,7 @@ class SegmentWidget(QWidget):
     def _image_layer(self) -> Any:
         name = self.image_combo.currentText()
         if not name or name not in self.viewer.layers:
-            raise _user_error("no Image layer to segment: open an image first (File > Open, or File > Open Sample)")
+            raise R2UNetError("no Image layer to segment: open an image first (File > Open, or File > Open Sample)")
         return self.viewer.layers[name]
 
     def start(self) -> None:
@@ -238,12 +238,12 @@ class SegmentWidget(QWidget):
         image = self._image_layer()
         spec = self.model_combo.currentData()
         if spec is None:
-            raise _user_error("no model chosen: pick a pretrained model or load a checkpoint")
+            raise R2UNetError("no model chosen: pick a pretrained model or load a checkpoint")
         job = plan_job(image, tuple(self.viewer.dims.current_step), self.all_slices.isChecked())
         job.options = {"tile": self.tile_spin.value() or None, "overlap": self.overlap_spin.value()}
         target = self._target_layer()
         if target is not None and tuple(target.data.shape) != job.spatial_shape:
-            raise _user_error(f"labels layer {target.name!r} has shape {tuple(target.data.shape)} but the image {job.spatial_shape}; choose a new layer")
+            raise R2UNetError(f"labels layer {target.name!r} has shape {tuple(target.data.shape)} but the image {job.spatial_shape}; choose a new layer")
         self._stop.clear()
         device = self.device_combo.currentText()
         worker = create_worker(segment, self._cache, spec, device, job, self._bridge.progress.emit,
@@ -292,8 +292,6 @@ class SegmentWidget(QWidget):
             self.status.setText(f"done: filled {filled} unlabelled pixels of {target.name}; painted pixels kept (Ctrl+Z undoes)")
 
     def _on_error(self, exc: BaseException) -> None:
-        from src_models.errors import CancelledError
-
         if isinstance(exc, CancelledError):
             self.status.setText("cancelled: nothing was added")
         else:
@@ -321,9 +319,3 @@ class SegmentWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         self.cancel()
         super().closeEvent(event)
-
-
-def _user_error(message: str) -> Exception:
-    from src_models.errors import R2UNetError
-
-    return R2UNetError(message)
