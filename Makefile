@@ -15,7 +15,7 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 .PHONY: help venv test test-fast run lint clean system-deps
 
 help:
-	@echo "make run    open napari with the Segment widget and a sample retina (creates .venv if needed)"
+	@echo "make run    open napari with the Segment and Fine-tune widgets and a sample retina (creates .venv if needed)"
 	@echo "            make run ARGS=\"--screenshot shot.png\" segments, saves a screenshot and exits"
 	@echo "make test   run the whole test suite headless (creates .venv if needed)"
 	@echo "make lint   ruff"

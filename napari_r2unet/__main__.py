@@ -1,4 +1,4 @@
-"""``python -m napari_r2unet [IMAGE ...] [--screenshot PNG]``: napari with the Segment widget.
+"""``python -m napari_r2unet [IMAGE ...] [--screenshot PNG]``: napari with the Segment and Fine-tune widgets.
 
 Without images it opens the retina sample. With ``--screenshot`` it segments the first image
 with the default model, saves a PNG of the whole window and exits (0 on success): the headless
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             viewer.open(path)
     else:
         viewer.open_sample("napari-r2unet", "retina")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")
+    viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment", tabify=True)
     if not args.screenshot:
         napari.run()
         return 0

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 META_KEY = "r2unet"
+OUTPUT_KEY = "r2unet_output"  # marks the Image layers we add (probability, uncertainty)
 
 
 @dataclass
@@ -88,11 +89,12 @@ def foreground_probability(probs: np.ndarray) -> np.ndarray:
 
 
 def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, threshold: float,
-                      model_name: str, add_probability: bool) -> Any:
-    """New Labels layer (and optional probability layer) for ``probs`` ``(..., K, H, W)``."""
+                      model_name: str, add_probability: bool, add_uncertainty: bool = False, spec: str = "") -> Any:
+    """New Labels layer (and optional probability and uncertainty layers) for ``probs`` ``(..., K, H, W)``."""
     labels = labels_from(probs, threshold)
     meta = {
         "model": model_name,
+        "spec": spec,
         "image": image.name,
         "threshold": threshold,
         "index": job.index,
@@ -111,7 +113,16 @@ def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, thre
             _full_volume(job, foreground_probability(probs), np.float32),
             name=f"{image.name} probability [{model_name}]",
             colormap="magma", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0), visible=False,
-            **_spatial_kwargs(image),
+            metadata={OUTPUT_KEY: "probability"}, **_spatial_kwargs(image),
+        )
+    if add_uncertainty:
+        from src_models.inference import predictive_entropy
+
+        viewer.add_image(
+            _full_volume(job, predictive_entropy(probs), np.float32),
+            name=f"{image.name} uncertainty [{model_name}]",
+            colormap="inferno", blending="additive", opacity=0.7, contrast_limits=(0.0, 1.0),
+            metadata={OUTPUT_KEY: "uncertainty"}, **_spatial_kwargs(image),
         )
     viewer.layers.selection.active = layer
     return layer

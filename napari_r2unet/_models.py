@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src_models.catalog import describe, pretrained_catalog
+from src_models.versions import Version, list_versions
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,12 @@ class ModelChoice:
     spec: str
     arch: str
     metrics: tuple[tuple[str, float], ...] = ()
+    summary: str = ""
 
     @property
     def tooltip(self) -> str:
+        if self.summary:
+            return self.summary
         scores = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics)
         return f"{self.arch}: {scores}" if scores else self.arch
 
@@ -44,3 +48,21 @@ def file_choice(path: str | Path) -> ModelChoice:
     """A checkpoint file as a model choice (validated by its metadata; weights load later)."""
     entry = describe(path)
     return _choice(f"{Path(path).name}", str(Path(path).resolve()), entry)
+
+
+def version_choice(version: Version) -> ModelChoice:
+    return ModelChoice(f"{version.name} (fine-tuned)", str(version.path.resolve()), version.arch,
+                       tuple((k, version.metrics[k]) for k in ("F1",) if k in version.metrics), version.summary)
+
+
+def version_choices(folder: Path | None = None) -> list[ModelChoice]:
+    """The user's fine-tuned versions, newest first."""
+    return [version_choice(v) for v in reversed(list_versions(folder))]
+
+
+def all_choices(extra: list[ModelChoice]) -> list[ModelChoice]:
+    """Pretrained models, then the user's versions, then checkpoints opened this session."""
+    listed = builtin_choices() + version_choices()
+    specs = {c.spec for c in listed}
+    return listed + [c for c in extra if c.spec not in specs]
+

@@ -16,7 +16,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -31,13 +30,13 @@ from qtpy.QtWidgets import (
 from src_models.errors import CancelledError, R2UNetError  # torch-free
 
 from ._layers import META_KEY, add_result_layers, fill_unlabelled, labels_from, plan_job, rethreshold
-from ._models import ModelChoice, builtin_choices, file_choice
+from ._models import ModelChoice
+from ._widget_common import ModelMenu, Notifying, user_message
 from ._worker import SegmenterCache, available_devices, segment
 
 if TYPE_CHECKING:
     import napari
 
-LOAD_CHECKPOINT = "Load checkpoint..."
 NEW_LAYER = "new Labels layer"
 
 
@@ -48,21 +47,13 @@ class _Bridge(QObject):
     message = Signal(str)
 
 
-def user_message(exc: BaseException) -> str:
-    """One line for a notification: our errors as they are, anything else named as a bug."""
-    if isinstance(exc, R2UNetError):
-        return str(exc)
-    return f"internal error ({type(exc).__name__}: {exc}); please report it"
-
-
-class SegmentWidget(QWidget):
+class SegmentWidget(Notifying, QWidget):
     """Dock widget: image -> model -> Labels layer (and probability map)."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self._cache = SegmenterCache()
-        self._choices: list[ModelChoice] = builtin_choices()
         self._worker: Any = None
         self._stop = threading.Event()
         self._bridge = _Bridge()
@@ -81,9 +72,7 @@ class SegmentWidget(QWidget):
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("the Image layer to segment")
         form.addRow("image", self.image_combo)
-        self.model_combo = QComboBox()
-        self._fill_models()
-        self.model_combo.activated.connect(self._on_model_activated)
+        self.model_combo = ModelMenu(self._guard)
         form.addRow("model", self.model_combo)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu"])
@@ -117,6 +106,12 @@ class SegmentWidget(QWidget):
         self.add_probability = QCheckBox("add probability map")
         self.add_probability.setChecked(True)
         form.addRow("", self.add_probability)
+        self.add_uncertainty = QCheckBox("add uncertainty map (where to correct first)")
+        self.add_uncertainty.setToolTip("entropy of the predicted probability: bright where the model hesitates")
+        form.addRow("", self.add_uncertainty)
+        self.tta = QCheckBox("test-time augmentation (4 flips: 4x slower, steadier)")
+        self.tta.setToolTip("average the predictions of the 4 flipped images; the uncertainty map then also shows where they disagree")
+        form.addRow("", self.tta)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Segment")
@@ -139,29 +134,13 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.status)
         layout.addStretch(1)
 
-    def _fill_models(self) -> None:
-        self.model_combo.clear()
-        for choice in self._choices:
-            self.model_combo.addItem(choice.label, choice.spec)
-            self.model_combo.setItemData(self.model_combo.count() - 1, choice.tooltip, Qt.ToolTipRole)
-        self.model_combo.addItem(LOAD_CHECKPOINT, None)
+    def refresh_models(self, select: str | None = None) -> None:
+        """Re-list pretrained models, fine-tuned versions and opened files; ``select`` a spec."""
+        self.model_combo.refresh(select)
 
     def add_model(self, path: str) -> ModelChoice:
         """Offer a checkpoint file as a model (the reader and 'Load checkpoint...' use this)."""
-        choice = file_choice(path)
-        self._choices = [c for c in self._choices if c.spec != choice.spec] + [choice]
-        self._fill_models()
-        self.model_combo.setCurrentIndex(self.model_combo.findData(choice.spec))
-        return choice
-
-    def _on_model_activated(self, index: int) -> None:
-        if self.model_combo.itemData(index) is not None:
-            return
-        path, _ = QFileDialog.getOpenFileName(self, "Open a checkpoint", "", "Checkpoints (*.safetensors *.pt *.pth)")
-        if path:
-            self._guard(lambda: self.add_model(path))
-        elif self._choices:
-            self.model_combo.setCurrentIndex(0)
+        return self.model_combo.add_file(path)
 
     def _refresh_layers(self, event: Any = None) -> None:
         from napari.layers import Image, Labels
@@ -192,26 +171,6 @@ class SegmentWidget(QWidget):
         self.device_combo.clear()
         self.device_combo.addItems(["auto", *devices])
         self.device_combo.setCurrentText(current)
-
-    # -- notifications ---------------------------------------------------------------------
-    def _notify_info(self, message: str) -> None:
-        from napari.utils.notifications import show_info
-
-        self.status.setText(message)
-        show_info(message)
-
-    def _notify_error(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(message)
-        show_error(message)
-
-    def _guard(self, action: Any) -> Any:
-        try:
-            return action()
-        except Exception as exc:  # every failure is a notification, never a traceback
-            self._notify_error(user_message(exc))
-            return None
 
     # -- run -------------------------------------------------------------------------------
     @property
@@ -246,9 +205,10 @@ class SegmentWidget(QWidget):
             raise R2UNetError(f"labels layer {target.name!r} has shape {tuple(target.data.shape)} but the image {job.spatial_shape}; choose a new layer")
         self._stop.clear()
         device = self.device_combo.currentText()
+        job.options["tta"] = self.tta.isChecked()
         worker = create_worker(segment, self._cache, spec, device, job, self._bridge.progress.emit,
                                self._stop.is_set, self._bridge.message.emit, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda result: self._on_done(image, job, target, result))
+        worker.returned.connect(lambda result: self._on_done(image, job, target, spec, result))
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -277,14 +237,15 @@ class SegmentWidget(QWidget):
         if self._progress_bar is not None:
             self._progress_bar.update(max(0, value - self._progress_bar.n))
 
-    def _on_done(self, image: Any, job: Any, target: Any, result: tuple[Any, str]) -> None:
-        self._guard(lambda: self._apply(image, job, target, result))
+    def _on_done(self, image: Any, job: Any, target: Any, spec: str, result: tuple[Any, str]) -> None:
+        self._guard(lambda: self._apply(image, job, target, spec, result))
 
-    def _apply(self, image: Any, job: Any, target: Any, result: tuple[Any, str]) -> None:
+    def _apply(self, image: Any, job: Any, target: Any, spec: str, result: tuple[Any, str]) -> None:
         probs, model_name = result
         threshold = self.threshold
         if target is None:
-            layer = add_result_layers(self.viewer, image, job, probs, threshold, model_name, self.add_probability.isChecked())
+            layer = add_result_layers(self.viewer, image, job, probs, threshold, model_name, self.add_probability.isChecked(),
+                                      self.add_uncertainty.isChecked(), spec)
             fraction = float((layer.metadata[META_KEY]["prediction"] > 0).mean())
             self.status.setText(f"done: {layer.name} ({fraction:.1%} foreground). Correct it with the brush, then save or fine-tune.")
         else:

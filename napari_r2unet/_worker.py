@@ -20,16 +20,16 @@ class SegmenterCache:
     """Loaded models of one widget, by (model, device); loading a checkpoint once per choice."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], Any] = {}
+        self._cache: dict[tuple[str, str, bool], Any] = {}
 
-    def get(self, spec: str, device: str, log: Callable[[str], None]) -> Any:
-        key = (spec, device)
+    def get(self, spec: str, device: str, log: Callable[[str], None], tta: bool = False) -> Any:
+        key = (spec, device, tta)
         if key not in self._cache:
             from src_models.inference import Segmenter
             from src_models.registry import load_model
 
             self._cache.clear()  # keep one model in memory
-            self._cache[key] = Segmenter(load_model(spec), device=device, log=log)
+            self._cache[key] = Segmenter(load_model(spec), device=device, log=log, tta=tta)
         return self._cache[key]
 
 
@@ -51,10 +51,11 @@ def segment(cache: SegmenterCache, spec: str, device: str, job: Job,
             progress: Callable[[float], None], should_stop: Callable[[], bool],
             log: Callable[[str], None]) -> tuple[np.ndarray, str]:
     """Probabilities ``(K, H, W)`` (or ``(..., K, H, W)`` for all slices) and the model's name."""
-    segmenter = cache.get(spec, device, log)
+    options = dict(job.options)
+    segmenter = cache.get(spec, device, log, tta=bool(options.pop("tta", False)))
     if segmenter.device.type == "cpu":
         limit_cpu_threads()
-    options = dict(progress=progress, should_stop=should_stop, **job.options)
+    options.update(progress=progress, should_stop=should_stop)
     if job.stack:
         probs = segmenter.predict_stack(job.data, channel_axis=job.channel_axis, **options)
     else:

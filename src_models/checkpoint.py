@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 from . import __version__
 from .catalog import MAX_HEADER_BYTES
 from .errors import R2UNetError
+from .fileio import atomic_write  # noqa: F401  (re-exported: older imports use it from here)
 from .nets import ModelConfig, build_model
 from .preprocessing import PreprocessConfig
 
@@ -101,27 +101,6 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
                     key, changed = key[len(prefix) :], True
         out[key] = value
     return out
-
-
-def atomic_write(path: str | os.PathLike[str], write: Any, suffix: str = "") -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; ``path`` is never half-written."""
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise R2UNetError(f"output folder {directory} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise R2UNetError(f"cannot write {target}: {exc.strerror or exc}; check the folder's space and permissions") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(

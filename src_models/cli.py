@@ -119,8 +119,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         {"name": p.name, "arch": p.config.arch, "description": p.description, "metrics": p.metrics, "path": str(p.path)}
         for p in pretrained_models().values()
     ]
+    from .versions import list_versions, user_models_dir
+
+    versions = [
+        {"name": v.name, "id": v.id, "arch": v.arch, "parent": v.parent, "created": v.created, "metrics": v.metrics,
+         "metrics_before": v.metrics_before, "path": str(v.path)}
+        for v in list_versions()
+    ]
     if args.json:
-        print(json.dumps({"architectures": archs, "pretrained": pretrained}, indent=2))
+        print(json.dumps({"architectures": archs, "pretrained": pretrained, "versions": versions}, indent=2))
         return 0
     print("Architectures (default widths 16-256, t=2; untrained, for 'r2unet train'):")
     for a in archs:
@@ -131,6 +138,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     for p in pretrained:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items() if isinstance(v, (int, float)))
         print(f"  {p['name']:<16} {p['arch']:<8} {scores}  {p['description']}")
+    print(f"\nFine-tuned versions in {user_models_dir()} (use the name or the id as MODEL):")
+    if not versions:
+        print("  none yet (the napari Fine-tune widget writes them here; set R2UNET_MODELS_DIR to move the folder)")
+    for v in versions:
+        f1 = f"val F1 {v['metrics_before']['F1']:.4f} -> {v['metrics']['F1']:.4f}" if "F1" in v["metrics"] and "F1" in v["metrics_before"] else ""
+        print(f"  {v['name']:<28} {v['id']:<36} {v['arch']:<8} from {v['parent'] or '?'}  {v['created'][:16]}  {f1}")
     return 0
 
 
@@ -276,6 +289,9 @@ def _drive_training(trainer: Any) -> int:
                 update(event.fraction)
             elif event.kind == "start":
                 print(event.message, flush=True)
+            elif event.kind == "baseline":
+                scores = "  ".join(f"{k} {v:.4f}" for k, v in (event.metrics or {}).items() if k in ("F1", "AUC", "SE", "SP"))
+                print(f"base model on the validation images: {scores}", flush=True)
             elif event.kind == "epoch":
                 scores = "  ".join(f"{k} {v:.4f}" for k, v in (event.metrics or {}).items() if k in ("F1", "AUC", "SE", "SP"))
                 eta = f"  eta {event.eta_s / 60:.1f} min" if event.eta_s is not None else ""

@@ -363,3 +363,20 @@ def probabilities_to_labels(probs: np.ndarray, threshold: float = 0.5) -> np.nda
     if probs.shape[-3] == 1:
         return (probs[..., 0, :, :] >= threshold).astype(np.uint8)
     return np.argmax(probs, axis=-3).astype(np.uint8)
+
+
+def predictive_entropy(probs: np.ndarray) -> np.ndarray:
+    """``(..., K, H, W)`` -> ``(..., H, W)`` float32 in [0, 1]: where the model is unsure.
+
+    The entropy of the predicted class distribution divided by its maximum (log 2 for a binary
+    model, log K otherwise): 0 where the model is certain, 1 at p = 0.5. With test-time
+    augmentation the probabilities are the mean over the flips, so flips that disagree raise it
+    too (the predictive entropy of the ensemble).
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.shape[-3] == 1:
+        p = np.clip(probs[..., 0, :, :], 1e-7, 1 - 1e-7)
+        return (-(p * np.log(p) + (1 - p) * np.log1p(-p)) / np.log(2.0)).astype(np.float32)
+    p = np.clip(probs, 1e-7, 1.0)
+    return (-(p * np.log(p)).sum(axis=-3) / np.log(probs.shape[-3])).astype(np.float32)
+

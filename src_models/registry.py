@@ -54,18 +54,29 @@ def _unknown(spec: str) -> R2UNetError:
     names = sorted(pretrained_models())
     known = ", ".join(names) if names else "none shipped yet"
     return R2UNetError(
-        f"model {spec!r} is neither a pretrained model ({known}), an architecture ({', '.join(ARCHITECTURES)}) "
-        "nor an existing checkpoint file; see 'r2unet models'"
+        f"model {spec!r} is neither a pretrained model ({known}), an architecture ({', '.join(ARCHITECTURES)}), "
+        "a fine-tuned version nor an existing checkpoint file; see 'r2unet models'"
     )
 
 
+def find_version(spec: str) -> Path | None:
+    """A fine-tuned version in the user's model folder, by file stem or display name."""
+    from .versions import list_versions
+
+    matches = [v.path for v in list_versions() if spec in (v.id, v.name)]
+    return matches[-1] if matches else None  # the newest when names repeat
+
+
 def load_model(spec: str) -> Checkpoint:
-    """A pretrained model name or a checkpoint path -> validated :class:`Checkpoint`."""
+    """A pretrained name, a fine-tuned version's name or a checkpoint path -> validated :class:`Checkpoint`."""
     pretrained = pretrained_models()
     if spec in pretrained:
         return load_checkpoint(pretrained[spec].path)
     if _looks_like_path(spec):
         return load_checkpoint(Path(spec).expanduser())
+    version = find_version(spec)
+    if version is not None:
+        return load_checkpoint(version)
     if spec in ARCHITECTURES:
         trained = [n for n, info in pretrained.items() if info.config.arch == spec]
         hint = f"use {trained[0]!r}" if trained else "train one with 'r2unet train' or give a checkpoint path"

@@ -27,6 +27,7 @@ This module owns everything that changes weights:
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import Checkpoint, atomic_write, save_checkpoint
-from .errors import R2UNetError
+from .errors import CancelledError, R2UNetError
 from .inference import sliding_window_inference
 from .metrics import MetricAccumulator
 from .nets import ModelConfig, build_model, logits_to_probabilities
@@ -326,7 +327,8 @@ def segmentation_loss(
 # -- events --------------------------------------------------------------------------------------
 @dataclass
 class TrainEvent:
-    """One item of the event stream. ``kind``: start, step, epoch, checkpoint, done, cancelled, early_stop."""
+    """One item of the event stream. ``kind``: start, baseline (the base model's validation metrics,
+    fine-tuning only), step, epoch, checkpoint, done, cancelled, early_stop."""
 
     kind: str
     step: int
@@ -399,6 +401,8 @@ class _State:
     lr_anchor_step: int = 0  # a resume with a longer budget continues the decay from here ...
     lr_anchor_factor: float = -1.0  # ... starting at this factor (-1: no anchor)
     saved_by_this_run: bool = False
+    base_metrics: dict[str, float] = field(default_factory=dict)  # the base model on the validation images
+    created: str = ""  # when the run started (ISO date); a resumed run keeps it
 
 
 def resume_path(out: Path) -> Path:
@@ -422,6 +426,30 @@ def split_validation(samples: Sequence[TrainSample], config: TrainConfig) -> tup
         val = sorted(samples, key=lambda s: s.id)[len(samples) - n_val :] if n_val > 0 else []
     train = [s for s in samples if s not in val]
     return train, val
+
+
+def holdout_region(sample: TrainSample, fraction: float) -> tuple[TrainSample, TrainSample]:
+    """Validate on a strip of one image: the last ``fraction`` of its rows (or columns, if wider).
+
+    Returns ``(train, val)``: ``train`` is the whole image with loss weight 0 on the strip (it
+    never learns from it); ``val`` is the strip alone (id ``<id>:holdout``). For a single
+    corrected image this still gives an honest validation curve.
+    """
+    if not 0 < fraction < 1:
+        raise R2UNetError(f"hold-out fraction {fraction} must be between 0 and 1")
+    h, w = sample.mask.shape
+    axis = 0 if h >= w else 1
+    size = (h, w)[axis]
+    cut = size - max(16, int(round(size * fraction)))
+    if cut < 16:
+        raise R2UNetError(f"image {sample.id} ({h}x{w}) is too small to hold out a part of it for validation; choose no validation")
+    strip = (slice(None), slice(cut, None)) if axis == 1 else (slice(cut, None), slice(None))
+    weight = sample.weight.copy()
+    weight[strip] = 0
+    fov = sample.fov[strip] if sample.fov is not None else None
+    val = TrainSample(f"{sample.id}:holdout", np.ascontiguousarray(sample.image[(slice(None), *strip)]),
+                      np.ascontiguousarray(sample.mask[strip]), np.ascontiguousarray(sample.weight[strip]), fov, sample.source)
+    return dataclasses.replace(sample, weight=weight), val
 
 
 class Trainer:
@@ -500,8 +528,12 @@ class Trainer:
         self.dataset = PatchDataset(self.train_samples, config, self.steps_per_epoch * config.batch_size)
         self.state = _State(steps_per_epoch=self.steps_per_epoch)
         self.resumed = resume
+        self._should_stop: ShouldStop | None = None
+        self._validation_cancelled = False
         if resume:
             self._load_resume()
+        if not self.state.created:
+            self.state.created = _dt.datetime.now().isoformat(timespec="seconds")
 
     # -- setup helpers ------------------------------------------------------------------------
     @property
@@ -615,12 +647,26 @@ class Trainer:
             return logits_to_probabilities(self.model(torch.from_numpy(batch).to(self.device)).float()).cpu().numpy()
 
         for s in self.val_samples:
-            probs = sliding_window_inference(s.image, self.config.val_tile, 1, predictor, 0.25, size_multiple=self.model_config.size_multiple)
+            probs = sliding_window_inference(s.image, self.config.val_tile, 1, predictor, 0.25,
+                                             size_multiple=self.model_config.size_multiple, should_stop=self._should_stop)
             fg = probs[0] if probs.shape[0] == 1 else 1 - probs[0]  # multi-class: any foreground
             target = s.mask > 0
             valid = s.weight > 0 if s.fov is None else s.fov & (s.weight > 0)
             acc.add(fg, target, valid)
         return acc.pooled()
+
+    def _validate_unless_cancelled(self) -> dict[str, float] | None:
+        """Validation that a cancel request interrupts (the run then ends as cancelled)."""
+        try:
+            return self.validate()
+        except CancelledError:
+            self._validation_cancelled = True
+            return None
+
+    def budget(self) -> str:
+        """The budget in words, for the provenance and the GUI."""
+        text = f"{self.config.epochs} epochs x {self.steps_per_epoch} steps of {self.config.batch_size} x {self.config.patch_size}px"
+        return text + (f", at most {self.config.minutes:g} min" if self.config.minutes else "")
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _provenance(self, metrics: dict[str, float] | None) -> dict[str, Any]:
@@ -636,6 +682,8 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
             "train_config": self.config.to_dict(),
             "wall_time_s": round(self.state.elapsed_s, 1),
+            "created": self.state.created,
+            "budget": self.budget(),
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {self.device}, {self.dist.world_size} process(es)",
             "command": " ".join(sys.argv),
             "package_version": __version__,
@@ -648,6 +696,8 @@ class Trainer:
             prov["parent"] = self.base.name
             if self.base.provenance.get("metrics"):
                 prov["parent_metrics"] = self.base.provenance["metrics"]
+        if self.state.base_metrics:
+            prov["metrics_before"] = {k: round(v, 5) for k, v in self.state.base_metrics.items()}
         prov.update(self.provenance)
         return prov
 
@@ -681,13 +731,19 @@ class Trainer:
         from torch.utils.data.distributed import DistributedSampler
 
         main = self.dist.is_main
+        self._should_stop = should_stop if main else None
         self._run_start, self._run_steps = time.perf_counter(), 0
         elapsed_before = self.state.elapsed_s
         if main:
             yield self._event("start", message=f"{len(self.train_samples)} training / {len(self.val_samples)} validation images, {self.steps_per_epoch} steps per epoch on {self.device}")
+            if self.base is not None and self.val_samples and not self.state.base_metrics and self.state.step == 0:
+                metrics = self._validate_unless_cancelled()
+                if metrics:
+                    self.state.base_metrics = metrics
+                    yield self._event("baseline", metrics=metrics, message="the base model on the validation images")
+        stop_reason = "cancelled" if _any_rank(self._validation_cancelled, self.dist) else "done"
         local_batch = self.config.batch_size // self.dist.world_size
-        stop_reason = "done"
-        while self.state.epoch < self.config.epochs:
+        while self.state.epoch < self.config.epochs and stop_reason == "done":
             self.dataset.epoch = self.state.epoch
             sampler = DistributedSampler(self.dataset, self.dist.world_size, self.dist.rank, shuffle=False) if self.dist.enabled else None
             loader = DataLoader(self.dataset, batch_size=local_batch, sampler=sampler, shuffle=False, num_workers=0)
@@ -725,6 +781,9 @@ class Trainer:
             self.state.epoch += 1
             yield from self._end_epoch(main)
             self.state.elapsed_s = elapsed_before + time.perf_counter() - self._run_start
+            if _any_rank(self._validation_cancelled, self.dist):
+                stop_reason = "cancelled"
+                break
             if self.config.patience and self.state.bad_epochs >= self.config.patience:
                 stop_reason = "early_stop"
                 break
@@ -745,7 +804,7 @@ class Trainer:
         count = self.state.epoch_loss_count
         train_loss = self.state.epoch_loss_sum / count if count else float("nan")
         self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
-        metrics = self.validate() if main else None
+        metrics = self._validate_unless_cancelled() if main else None
         score = metrics["F1"] if metrics and math.isfinite(metrics["F1"]) else -train_loss
         improved = score > self.state.best_score
         if main:

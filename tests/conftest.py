@@ -24,6 +24,14 @@ def random_checkpoint(path: Path, seed: int = 0, **config_kwargs) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def user_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fine-tuned versions go to a temporary folder, never to the real per-user one."""
+    folder = tmp_path / "user-models"
+    monkeypatch.setenv("R2UNET_MODELS_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
     return random_checkpoint(tmp_path / "tiny.safetensors")

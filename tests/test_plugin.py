@@ -36,8 +36,8 @@ def test_every_python_name_imports(command):
 
 def test_napari_start_up_does_not_import_torch():
     probe = (
-        "import sys, napari_r2unet, napari_r2unet._segment_widget, napari_r2unet._sample_data, napari_r2unet._io, "
-        "napari_r2unet._menus; from npe2 import PluginManager; pm = PluginManager.instance(); pm.discover(); "
+        "import sys, napari_r2unet, napari_r2unet._segment_widget, napari_r2unet._finetune_widget, napari_r2unet._sample_data, "
+        "napari_r2unet._io, napari_r2unet._menus; from npe2 import PluginManager; pm = PluginManager.instance(); pm.discover(); "
         "from napari_r2unet._models import builtin_choices; builtin_choices(); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

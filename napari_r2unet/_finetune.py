@@ -1,0 +1,241 @@
+"""Human-in-the-loop fine-tuning, without Qt: pairs from layers, corrections, the worker function.
+
+- :func:`candidate_pairs` finds (image, labels) pairs in a viewer: a Labels layer made by the
+  Segment widget knows its image (``metadata["r2unet"]["image"]``); any other Labels layer pairs
+  with the first Image layer of the same shape.
+- :func:`corrections` compares a Labels layer with the prediction the model made for it
+  (kept in its metadata) and counts the pixels the user added, erased or relabelled.
+- :func:`finetune` runs in the worker thread: it loads the base model (read-only), builds the
+  training samples (corrected pixels weighted up), runs the engine's :class:`Trainer` into a new
+  version file and forwards its events.
+- :func:`doubtful_regions` ranks windows of an image by the model's uncertainty, so the user can
+  correct the most doubtful places first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from src_models.errors import R2UNetError
+
+from ._layers import META_KEY, OUTPUT_KEY, plan_job
+
+
+@dataclass
+class PairChoice:
+    """A Labels layer and the Image layer it annotates."""
+
+    labels: str
+    image: str
+    corrected: int | None  # pixels changed since the model's prediction; None = no prediction known
+
+    @property
+    def label(self) -> str:
+        if self.corrected is None:
+            return f"{self.labels}  <-  {self.image}  (hand-drawn)"
+        return f"{self.labels}  <-  {self.image}  ({self.corrected:,} px corrected)"
+
+
+@dataclass
+class Correction:
+    added: int
+    erased: int
+    relabelled: int
+    changed: np.ndarray  # bool map of the pixels the user changed
+
+    @property
+    def total(self) -> int:
+        return self.added + self.erased + self.relabelled
+
+
+def _labels_slice(layer: Any, current_step: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The 2D labels a pair trains on: the slice the model predicted, else the current one."""
+    data = layer.data
+    meta = layer.metadata.get(META_KEY) or {}
+    leading = data.ndim - 2
+    if leading <= 0:
+        return np.asarray(data), ()
+    index = tuple(meta.get("index") or ()) or tuple(int(i) for i in current_step[:leading])
+    return np.asarray(data[index]), index
+
+
+def corrections(layer: Any, current_step: tuple[int, ...] = ()) -> Correction | None:
+    """What the user changed in a Labels layer the Segment widget made (None for other layers)."""
+    meta = layer.metadata.get(META_KEY) or {}
+    prediction = meta.get("prediction")
+    if prediction is None:
+        return None
+    labels, _ = _labels_slice(layer, current_step)
+    prediction = np.asarray(prediction)
+    if prediction.ndim > 2:  # a whole stack was predicted: compare the slice we train on
+        prediction = prediction[tuple(int(i) for i in current_step[: prediction.ndim - 2])]
+    if prediction.shape != labels.shape:
+        return None
+    changed = labels != prediction
+    added = int((changed & (prediction == 0)).sum())
+    erased = int((changed & (labels == 0)).sum())
+    return Correction(added, erased, int(changed.sum()) - added - erased, changed)
+
+
+def _spatial_shape(layer: Any) -> tuple[int, ...]:
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return tuple(data.shape[:-1]) if getattr(layer, "rgb", False) else tuple(data.shape)
+
+
+def is_output_layer(layer: Any) -> bool:
+    return bool(getattr(layer, "metadata", {}).get(OUTPUT_KEY))
+
+
+def candidate_pairs(viewer: Any) -> list[PairChoice]:
+    """Every Labels layer that has an image to train with."""
+    from napari.layers import Image, Labels
+
+    images = [layer for layer in viewer.layers if isinstance(layer, Image) and not is_output_layer(layer)]
+    step = tuple(viewer.dims.current_step)
+    pairs = []
+    for layer in viewer.layers:
+        if not isinstance(layer, Labels):
+            continue
+        meta = layer.metadata.get(META_KEY) or {}
+        named = meta.get("image")
+        image = next((im for im in images if im.name == named), None)
+        if image is None or _spatial_shape(image) != tuple(layer.data.shape):
+            image = next((im for im in images if _spatial_shape(im) == tuple(layer.data.shape)), None)
+        if image is None:
+            continue
+        fix = corrections(layer, step)
+        pairs.append(PairChoice(layer.name, image.name, None if fix is None else fix.total))
+    return pairs
+
+
+@dataclass
+class PairData:
+    """What the worker needs of one pair, copied on the GUI thread (layers may change meanwhile)."""
+
+    id: str
+    image: Any
+    channel_axis: int | None
+    mask: np.ndarray
+    changed: np.ndarray | None
+
+
+def pair_data(viewer: Any, pair: PairChoice) -> PairData:
+    """Copy one pair's 2D image and labels out of the layers."""
+    if pair.labels not in viewer.layers or pair.image not in viewer.layers:
+        raise R2UNetError(f"layer {pair.labels!r} or {pair.image!r} was removed; refresh the list of pairs")
+    labels_layer, image_layer = viewer.layers[pair.labels], viewer.layers[pair.image]
+    step = tuple(viewer.dims.current_step)
+    labels, index = _labels_slice(labels_layer, step)
+    job = plan_job(image_layer, index or step, all_slices=False)
+    image = np.array(job.data)  # a copy: the user may edit or close layers while training runs
+    fix = corrections(labels_layer, step)
+    if labels.dtype.kind not in "biu":
+        raise R2UNetError(f"labels layer {pair.labels!r} has dtype {labels.dtype}; labels must be integers")
+    return PairData(pair.labels, image, job.channel_axis, np.array(labels), None if fix is None else fix.changed.copy())
+
+
+@dataclass
+class FinetuneRequest:
+    """Everything one fine-tuning run needs, decided on the GUI thread."""
+
+    base: str  # a pretrained name or a checkpoint path
+    pairs: list[PairData]
+    out: Path
+    name: str
+    epochs: int = 10
+    minutes: float | None = 5.0
+    validation: str = "none"  # none | holdout | pair:<id>
+    holdout_fraction: float = 0.2
+    device: str = "auto"
+    settings: dict[str, Any] = field(default_factory=dict)  # lr, patch_size, batch_size, steps_per_epoch, correction_weight, freeze
+
+
+def _masks_for(base: Any, pair: PairData) -> np.ndarray:
+    classes = base.config.out_channels
+    labels = pair.mask
+    if int(labels.min()) < 0:
+        raise R2UNetError(f"labels layer {pair.id!r} holds negative labels; erase them first")
+    if classes == 1:
+        return (labels > 0).astype(np.uint8)
+    if int(labels.max()) >= classes:
+        raise R2UNetError(f"labels layer {pair.id!r} holds label {int(labels.max())} but the model has {classes} classes (0..{classes - 1})")
+    return labels.astype(np.uint8)
+
+
+def build_trainer(request: FinetuneRequest) -> Any:
+    """The engine's Trainer for a request (the base model is loaded read-only)."""
+    from src_models.registry import load_model
+    from src_models.training import Trainer, emphasize_corrections, finetune_config, holdout_region, make_sample
+
+    base = load_model(request.base)
+    settings = dict(request.settings)
+    val_ids: tuple[str, ...] = ()
+    if request.validation.startswith("pair:"):
+        val_ids = (request.validation.removeprefix("pair:"),)
+    config = finetune_config(epochs=request.epochs, minutes=request.minutes, val_ids=val_ids, **settings)
+    samples, holdout_ids = [], []
+    for pair in request.pairs:
+        sample = make_sample(pair.id, pair.image, _masks_for(base, pair), base.preprocess, channel_axis=pair.channel_axis,
+                             source=f"napari layer {pair.id}")
+        if pair.changed is not None and pair.changed.any() and pair.id not in val_ids:
+            sample = emphasize_corrections(sample, pair.changed, config.correction_weight)
+        if request.validation == "holdout":
+            train, val = holdout_region(sample, request.holdout_fraction)
+            samples += [train, val]
+            holdout_ids.append(val.id)
+        else:
+            samples.append(sample)
+    if holdout_ids:
+        config = dataclasses.replace(config, val_ids=tuple(holdout_ids))
+    if request.validation.startswith("pair:") and len(samples) < 2:
+        raise R2UNetError("holding out a pair needs at least two pairs; choose 'hold out a part of each image' or none")
+    changed = sum(int(p.changed.sum()) for p in request.pairs if p.changed is not None)
+    provenance = {
+        "name": request.name,
+        "description": f"{base.name} fine-tuned in napari on {len(request.pairs)} corrected image(s) ({changed:,} corrected pixels)",
+        "corrected_pixels": changed,
+    }
+    return Trainer(None, None, samples, config, request.out, base=base, provenance=provenance, device=request.device)
+
+
+def finetune(request: FinetuneRequest, emit: Callable[[Any], None], should_stop: Callable[[], bool],
+             finished: threading.Event | None = None) -> str:
+    """The worker: train, forward each event to ``emit``; returns the new version's path.
+
+    A run cancelled before its first training step leaves no version (it would equal the base)
+    and returns "".
+    """
+    from src_models.training import history_path, resume_path
+
+    from ._worker import limit_cpu_threads
+
+    try:
+        limit_cpu_threads()
+        trainer = build_trainer(request)
+        for event in trainer.run(should_stop=should_stop):
+            emit(event)
+        if trainer.state.step == 0:
+            for path in (request.out, resume_path(request.out), history_path(request.out)):
+                path.unlink(missing_ok=True)
+            return ""
+        return str(request.out)
+    finally:
+        if finished is not None:
+            finished.set()
+
+
+def doubtful_regions(uncertainty: np.ndarray, window: int = 64, count: int = 20) -> list[tuple[int, int, float]]:
+    """Centres ``(y, x, mean uncertainty)`` of the ``count`` most uncertain ``window``-sized cells."""
+    h, w = uncertainty.shape
+    window = max(8, min(window, h, w))
+    ny, nx = max(1, h // window), max(1, w // window)
+    cells = uncertainty[: ny * window, : nx * window].reshape(ny, window, nx, window).mean(axis=(1, 3))
+    order = np.argsort(cells, axis=None)[::-1][:count]
+    return [(int(i // nx) * window + window // 2, int(i % nx) * window + window // 2, float(cells.flat[i])) for i in order]

@@ -1,0 +1,182 @@
+"""Fine-tuned model versions: a per-user folder of checkpoints, each one a new file.
+
+This module owns where fine-tuned models live and how they are listed, named, exported and
+told apart. It is torch-free (checkpoint headers only), so the napari widgets can list versions
+at start-up.
+
+- The folder is ``$R2UNET_MODELS_DIR`` if set, else the platform's per-user data folder
+  (``$XDG_DATA_HOME`` or ``~/.local/share`` on Linux, ``~/Library/Application Support`` on macOS,
+  ``%LOCALAPPDATA%`` on Windows) + ``napari-r2unet/models``.
+- Every fine-tuning run writes a NEW file (:func:`new_version_path`), never an existing one; the
+  base model is only read. What a version is (parent and its SHA-256, date, training data,
+  budget, metrics before and after) lives in the checkpoint's own provenance, so a copied file
+  keeps its history. The only thing stored beside it is the display name a user gives it
+  (``names.json``), so renaming never rewrites weights.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .catalog import describe
+from .errors import R2UNetError
+from .fileio import atomic_copy, atomic_write
+
+MODELS_ENV = "R2UNET_MODELS_DIR"
+NAMES_FILE = "names.json"
+
+
+def user_models_dir() -> Path:
+    """The per-user folder of fine-tuned versions (not created here)."""
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "napari-r2unet" / "models"
+
+
+def ensure_models_dir(folder: Path | None = None) -> Path:
+    folder = folder or user_models_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise R2UNetError(f"cannot create the model folder {folder}: {exc.strerror or exc}; set {MODELS_ENV} to a writable folder") from exc
+    return folder
+
+
+@dataclass(frozen=True)
+class Version:
+    """One fine-tuned model, described from its checkpoint header (and its display name)."""
+
+    path: Path
+    name: str
+    arch: str
+    parent: str = ""
+    parent_sha256: str = ""
+    created: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.path.stem
+
+    @property
+    def summary(self) -> str:
+        """One line for a tooltip: parent, date, data, budget, metrics before -> after."""
+        parts = [f"{self.arch} fine-tuned from {self.parent or '?'}"]
+        if self.created:
+            parts.append(self.created.replace("T", " ")[:16])
+        data = self.provenance.get("training_data", {})
+        if data.get("train_ids"):
+            parts.append(f"on {', '.join(data['train_ids'])}")
+        budget = self.provenance.get("budget")
+        if budget:
+            parts.append(str(budget))
+        f1, before = self.metrics.get("F1"), self.metrics_before.get("F1")
+        if isinstance(f1, (int, float)):
+            parts.append(f"val F1 {before:.3f} -> {f1:.3f}" if isinstance(before, (int, float)) else f"val F1 {f1:.3f}")
+        return "; ".join(parts)
+
+
+def _names(folder: Path) -> dict[str, str]:
+    try:
+        names = json.loads((folder / NAMES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
+
+
+def list_versions(folder: Path | None = None) -> list[Version]:
+    """Versions in ``folder``, oldest first. Unreadable files are skipped, never fatal."""
+    folder = folder or user_models_dir()
+    if not folder.is_dir():
+        return []
+    names = _names(folder)
+    versions = []
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name.startswith("."):
+            continue  # a temporary file of a write in progress
+        try:
+            entry = describe(path)
+        except R2UNetError:
+            continue
+        prov = entry["provenance"]
+        versions.append(Version(
+            path=path,
+            name=names.get(path.stem) or str(prov.get("name") or path.stem),
+            arch=str(entry["config"].get("arch", "?")),
+            parent=str(prov.get("parent", "")),
+            parent_sha256=str(prov.get("parent_sha256", "")),
+            created=str(prov.get("created", "")),
+            metrics=_numbers(prov.get("metrics")),
+            metrics_before=_numbers(prov.get("metrics_before")),
+            provenance=prov,
+        ))
+    return sorted(versions, key=lambda v: (v.created, v.id))
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if isinstance(v, (int, float))}
+
+
+def slug(text: str) -> str:
+    """A safe file-name stem from any model name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "model"
+
+
+def new_version_path(base_name: str, folder: Path | None = None, now: _dt.datetime | None = None) -> Path:
+    """A path that does not exist yet: ``<base>-ft-<date>-<time>[-n].safetensors``."""
+    folder = ensure_models_dir(folder)
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    stem = f"{slug(base_name.split('-ft-')[0])}-ft-{stamp}"
+    path, n = folder / f"{stem}.safetensors", 1
+    while path.exists() or path.with_name(f"{path.stem}.resume.pt").exists():
+        n += 1
+        path = folder / f"{stem}-{n}.safetensors"
+    return path
+
+
+def rename_version(path: str | os.PathLike[str], name: str) -> None:
+    """Give the version at ``path`` a display name (stored beside it; the weights are untouched)."""
+    path = Path(path)
+    name = " ".join(name.split())
+    if not name:
+        raise R2UNetError("a version name cannot be empty")
+    if not path.is_file():
+        raise R2UNetError(f"version {path} does not exist any more")
+    names = _names(path.parent)
+    names[path.stem] = name
+    text = json.dumps(names, indent=1, sort_keys=True)
+    atomic_write(path.parent / NAMES_FILE, lambda tmp: Path(tmp).write_text(text), suffix=".json")
+
+
+def export_version(path: str | os.PathLike[str], destination: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Copy a version's checkpoint to ``destination`` (a file or a folder); returns the new path."""
+    source, destination = Path(path), Path(destination).expanduser()
+    if destination.is_dir():
+        destination = destination / source.name
+    if destination.suffix != ".safetensors":
+        destination = destination.with_name(destination.name + ".safetensors")
+    if destination.resolve() == source.resolve():
+        raise R2UNetError(f"{destination} is the version itself; export to another place")
+    if destination.exists() and not overwrite:
+        raise R2UNetError(f"{destination} already exists; choose another name")
+    if not source.is_file():
+        raise R2UNetError(f"version {source} does not exist any more")
+    atomic_copy(source, destination)
+    return destination

@@ -1,0 +1,288 @@
+"""Human-in-the-loop fine-tuning: versions, corrections, hold-out validation, uncertainty, and the
+Fine-tune widget end to end inside napari (segment -> correct -> fine-tune -> re-segment)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+
+import numpy as np
+import pytest
+from conftest import random_checkpoint
+
+from src_models.checkpoint import file_sha256, load_checkpoint
+from src_models.errors import R2UNetError
+from src_models.inference import Segmenter, predictive_entropy
+from src_models.metrics import MetricAccumulator
+from src_models.preprocessing import PreprocessConfig
+from src_models.synthetic import vessel_image
+from src_models.training import Trainer, finetune_config, holdout_region, make_sample
+from src_models.versions import export_version, list_versions, new_version_path, rename_version
+from src_models.versions import user_models_dir as models_dir
+
+OTHER_IMAGE = vessel_image((256, 256), n_vessels=10, seed=11, rgb=True)  # "a second synthetic image"
+
+
+def dice_on_other_image(path) -> float:
+    image, truth = OTHER_IMAGE
+    probs = Segmenter(load_checkpoint(path), device="cpu").predict(image)[0]
+    acc = MetricAccumulator()
+    acc.add(probs, truth > 0, None)
+    return acc.pooled()["F1"]
+
+
+# -- engine and versions (no GUI) ---------------------------------------------------------------
+def test_versions_are_new_files_renamed_and_exported_without_touching_weights(tmp_path, user_models_dir):
+    assert models_dir() == user_models_dir  # R2UNET_MODELS_DIR (set by conftest) wins
+    now = dt.datetime(2026, 11, 25, 10, 0, 0)
+    first = new_version_path("r2unet-drive", now=now)
+    random_checkpoint(first)
+    second = new_version_path("r2unet-drive-ft-20261125-100000", now=now)  # a version of a version: same stem rule
+    assert second != first and second.name == "r2unet-drive-ft-20261125-100000-2.safetensors"
+    sha = file_sha256(first)
+    rename_version(first, "  after  Monday's corrections ")
+    assert file_sha256(first) == sha
+    (user_models_dir / "broken.safetensors").write_bytes(b"junk")  # never fatal to the listing
+    versions = list_versions()
+    assert [v.name for v in versions] == ["after Monday's corrections"]
+    exported = export_version(first, tmp_path)
+    assert exported == tmp_path / first.name and file_sha256(exported) == sha
+    with pytest.raises(R2UNetError, match="already exists"):
+        export_version(first, exported)
+    with pytest.raises(R2UNetError, match="the version itself"):
+        export_version(first, first, overwrite=True)
+    with pytest.raises(R2UNetError, match="cannot be empty"):
+        rename_version(first, "   ")
+
+
+def test_holdout_region_never_trains_on_the_validation_strip():
+    image, truth = vessel_image((80, 64), seed=3)
+    sample = make_sample("a", image, truth, PreprocessConfig())
+    train, val = holdout_region(sample, 0.25)
+    assert val.id == "a:holdout" and val.mask.shape == (20, 64) and val.image.shape[1:] == (20, 64)
+    assert (train.weight[60:] == 0).all() and (train.weight[:60] > 0).all()
+    assert np.array_equal(val.mask, truth[60:])
+    with pytest.raises(R2UNetError, match="too small"):
+        holdout_region(make_sample("s", image[:20, :20], truth[:20, :20], PreprocessConfig()), 0.5)
+
+
+def test_predictive_entropy_is_zero_when_sure_and_one_at_half():
+    probs = np.array([0.0, 1.0, 0.5, 0.9], np.float32).reshape(1, 1, 4)
+    h = predictive_entropy(probs)[0]
+    assert h[0] < 1e-5 and h[1] < 1e-5 and abs(h[2] - 1) < 1e-5 and 0.4 < h[3] < 0.5
+    three = np.full((3, 2, 2), 1 / 3, np.float32)
+    assert np.allclose(predictive_entropy(three), 1.0, atol=1e-5)
+
+
+def test_doubtful_regions_rank_the_most_uncertain_window_first():
+    from napari_r2unet._finetune import doubtful_regions
+
+    u = np.zeros((128, 192), np.float32)
+    u[64:128, 128:192] = 0.9
+    u[0:64, 0:64] = 0.3
+    regions = doubtful_regions(u, window=64)
+    assert regions[0][:2] == (96, 160) and regions[1][:2] == (32, 32) and len(regions) == 6
+
+
+def test_finetuning_reports_the_base_models_score_and_keeps_it_in_the_version(trained_checkpoint, tmp_path):
+    image, truth = vessel_image((128, 128), n_vessels=8, seed=5, rgb=True)
+    base = load_checkpoint(trained_checkpoint)
+    train, val = holdout_region(make_sample("a", image, truth, base.preprocess, channel_axis=-1), 0.25)
+    config = finetune_config(epochs=2, steps_per_epoch=5, patch_size=48, val_ids=(val.id,))
+    trainer = Trainer(None, None, [train, val], config, tmp_path / "v.safetensors", base=base)
+    events = list(trainer.run())
+    kinds = [e.kind for e in events]
+    assert kinds.index("baseline") == 1 and kinds[-1] == "done"
+    baseline = next(e for e in events if e.kind == "baseline").metrics
+    prov = load_checkpoint(tmp_path / "v.safetensors").provenance
+    assert prov["metrics_before"]["F1"] == pytest.approx(baseline["F1"], abs=1e-4)
+    assert prov["parent_sha256"] == base.sha256 and prov["created"] and "2 epochs x 5 steps" in prov["budget"]
+
+
+def test_cancel_during_validation_ends_the_run_as_cancelled(trained_checkpoint, tmp_path):
+    image, truth = vessel_image((128, 128), seed=5)
+    base = load_checkpoint(trained_checkpoint)
+    train, val = holdout_region(make_sample("a", image, truth, base.preprocess), 0.25)
+    config = finetune_config(epochs=50, steps_per_epoch=3, patch_size=32, val_ids=(val.id,), val_tile=32)
+    trainer = Trainer(None, None, [train, val], config, tmp_path / "v.safetensors", base=base)
+    calls = {"n": 0}
+
+    def stop_in_second_validation() -> bool:  # polled per step and per validation tile
+        calls["n"] += 1
+        return trainer.state.epoch >= 1 and calls["n"] > 12
+
+    events = list(trainer.run(should_stop=stop_in_second_validation))
+    assert events[-1].kind == "cancelled" and trainer.state.epoch < 50
+    assert load_checkpoint(tmp_path / "v.safetensors").config == base.config
+
+
+# -- the widget, end to end -------------------------------------------------------------------
+@pytest.fixture
+def viewer_and_widgets(make_napari_viewer, trained_checkpoint, qtbot):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("napari-r2unet", "synthetic_vessels")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")
+    _, fine = viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
+    seg.add_model(str(trained_checkpoint))  # a deliberately weak model (60 steps on 64x64 patches)
+    seg.image_combo.setCurrentText("synthetic vessels")
+    seg.start()
+    qtbot.waitUntil(lambda: not seg.running, timeout=60_000)
+    fine.add_model(str(trained_checkpoint))
+    fine.epochs_spin.setValue(3)
+    fine.steps_spin.setValue(15)
+    fine.patch_spin.setValue(64)
+    fine.minutes_spin.setValue(0)
+    return viewer, seg, fine
+
+
+def _correct_with_truth(viewer):
+    layer = viewer.layers["synthetic vessels [trained]"]
+    truth = viewer.layers["synthetic vessels truth"].data
+    changed = np.nonzero(layer.data != truth)
+    layer.data_setitem(changed, truth[changed])  # the clinician's brush and eraser
+    return layer, int(changed[0].size)
+
+
+@pytest.mark.gui
+def test_correct_finetune_and_resegment_end_to_end(viewer_and_widgets, trained_checkpoint, qtbot, user_models_dir):
+    viewer, seg, fine = viewer_and_widgets
+    base_sha = file_sha256(trained_checkpoint)
+    layer, changed = _correct_with_truth(viewer)
+    assert changed > 500
+    assert fine.select_corrected() == 1  # the hand-drawn 'truth' layer has no prediction: not ticked
+    assert f"{changed:,} px corrected" in fine.pair_list.item(0).text() or any(
+        f"{changed:,} px corrected" in fine.pair_list.item(i).text() for i in range(fine.pair_list.count()))
+    assert f"{changed:,} corrected pixels" in fine.summary.text()
+    fine.validation_combo.setCurrentIndex(fine.validation_combo.findData("holdout"))
+    events = []
+    fine._bridge.event.connect(events.append)
+    fine.start()
+    fine.start()  # a second run cannot start on top of the first
+    assert "already going" in fine.status.text()
+    qtbot.waitUntil(lambda: not fine.running, timeout=180_000)
+
+    kinds = [e.kind for e in events]
+    assert "baseline" in kinds and kinds.count("epoch") == 3 and kinds[-1] == "done"
+    assert fine.plot.dice and len(fine.plot.loss) == 45 and fine.plot.base_dice is not None
+    versions = list_versions()
+    assert len(versions) == 1 and versions[0].path.parent == user_models_dir
+    version = versions[0]
+    assert version.parent_sha256 == load_checkpoint(trained_checkpoint).sha256
+    assert "F1" in version.metrics and "F1" in version.metrics_before
+    assert file_sha256(trained_checkpoint) == base_sha  # the base model is only read
+    before, after = dice_on_other_image(trained_checkpoint), dice_on_other_image(version.path)
+    assert after > before + 0.05, (before, after)
+    assert "new version" in fine.status.text()
+
+    # the version shows up in the Segment widget's model list (and in the base-model list)
+    assert seg.model_combo.findData(str(version.path.resolve())) >= 0
+    assert fine.base_combo.findData(str(version.path.resolve())) >= 0
+    fine.rename(str(version.path), "vessels v2")
+    assert seg.model_combo.findText("vessels v2 (fine-tuned)") >= 0
+
+    # re-segment the other open images: new layers, the edited layer untouched
+    edited = layer.data.copy()
+    viewer.add_image(OTHER_IMAGE[0], name="other", rgb=True)
+    assert [t.name for t in fine.resegment_targets()] == ["other"]  # training and output images skipped
+    fine.resegment()
+    qtbot.waitUntil(lambda: not fine.running, timeout=60_000)
+    assert "other [vessels v2]" in viewer.layers and "other uncertainty [vessels v2]" in viewer.layers
+    assert np.array_equal(layer.data, edited)
+    new = viewer.layers["other [vessels v2]"].data
+    truth = OTHER_IMAGE[1] > 0
+    assert 2 * (new.astype(bool) & truth).sum() / (new.astype(bool).sum() + truth.sum()) > before
+
+    # where to correct next: the view moves to the most uncertain window
+    viewer.layers.selection.active = viewer.layers["other [vessels v2]"]
+    first = fine.next_doubtful_region()
+    second = fine.next_doubtful_region()
+    assert first != second and "uncertainty" in fine.status.text()
+
+
+@pytest.mark.gui
+def test_cancel_keeps_a_usable_best_checkpoint(viewer_and_widgets, qtbot):
+    viewer, seg, fine = viewer_and_widgets
+    _correct_with_truth(viewer)
+    fine.select_corrected()
+    fine.validation_combo.setCurrentIndex(fine.validation_combo.findData("none"))
+    fine.epochs_spin.setValue(1000)
+    checkpoints = []
+    fine._bridge.event.connect(lambda e: checkpoints.append(e) if e.kind == "checkpoint" else None)
+    fine.start()
+    qtbot.waitUntil(lambda: len(checkpoints) >= 1, timeout=120_000)
+    asked = time.perf_counter()
+    fine.cancel()
+    qtbot.waitUntil(lambda: not fine.running, timeout=30_000)
+    assert time.perf_counter() - asked < 15  # one step, not the remaining 999 epochs
+    (version,) = list_versions()
+    assert "cancelled" in fine.status.text()
+    probs = Segmenter(load_checkpoint(version.path), device="cpu").predict(OTHER_IMAGE[0])
+    assert np.isfinite(probs).all()
+    assert json.loads((version.path.with_name(version.path.stem + ".history.json")).read_text())
+
+
+@pytest.mark.gui
+def test_closing_the_viewer_during_training_ends_the_worker(viewer_and_widgets, qtbot):
+    viewer, seg, fine = viewer_and_widgets
+    _correct_with_truth(viewer)
+    fine.select_corrected()
+    fine.epochs_spin.setValue(1000)
+    steps = []
+    fine._bridge.event.connect(lambda e: steps.append(e) if e.kind == "step" else None)
+    fine.start()
+    qtbot.waitUntil(lambda: len(steps) >= 2, timeout=120_000)
+    finished = fine._finished
+    viewer.close()
+    assert finished.wait(30), "the training thread did not end after the viewer closed"
+    (version,) = list_versions()
+    assert load_checkpoint(version.path).config.arch == "r2unet"
+
+
+@pytest.mark.gui
+def test_bad_requests_are_notifications(viewer_and_widgets, tmp_path):
+    viewer, seg, fine = viewer_and_widgets
+    for i in range(fine.pair_list.count()):
+        fine.pair_list.item(i).setCheckState(0)
+    fine.start()
+    assert "no training pair ticked" in fine.status.text() and not fine.running
+    fine._guard(lambda: fine.add_model(str(tmp_path / "missing.safetensors")))
+    assert "cannot read checkpoint" in fine.status.text()
+    fine._guard(fine.next_doubtful_region)
+    assert fine.status.text()
+    viewer.layers.selection.active = viewer.layers["synthetic vessels"]
+    fine._guard(fine.next_doubtful_region)
+    assert "select a Labels layer made by the Segment widget" in fine.status.text()
+
+
+def test_versions_are_listed_and_loaded_by_name_on_the_command_line(capsys):
+    from src_models.cli import main
+    from src_models.registry import load_model
+
+    path = random_checkpoint(new_version_path("r2unet-drive"))
+    rename_version(path, "clinic A")
+    assert load_model("clinic A").path == path and load_model(path.stem).path == path
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "Fine-tuned versions" in out and "clinic A" in out and path.stem in out
+    assert main(["models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["versions"][0]["name"] == "clinic A"
+    with pytest.raises(R2UNetError, match="fine-tuned version"):
+        load_model("clinic B")
+
+
+@pytest.mark.gui
+def test_brush_strokes_update_the_count_and_an_early_cancel_writes_no_version(viewer_and_widgets, qtbot):
+    viewer, seg, fine = viewer_and_widgets
+    layer = viewer.layers["synthetic vessels [trained]"]
+    fine.refresh_pairs()
+    row = next(i for i in range(fine.pair_list.count()) if fine.pair_list.item(i).data(0x0100).labels == layer.name)
+    assert "(0 px corrected)" in fine.pair_list.item(row).text()
+    layer.brush_size = 5
+    layer.paint((128, 128), 1 if layer.data[128, 128] == 0 else 0)  # one brush dab, as with the mouse
+    qtbot.waitUntil(lambda: "(0 px corrected)" not in fine.pair_list.item(row).text(), timeout=5_000)
+    fine.select_corrected()
+    fine.start()
+    fine.cancel()  # before the first step: the run would equal the base model
+    qtbot.waitUntil(lambda: not fine.running, timeout=60_000)
+    assert list_versions() == [] and "no version was written" in fine.status.text()
