@@ -55,33 +55,55 @@ class Correction:
         return self.added + self.erased + self.relabelled
 
 
-def _labels_slice(layer: Any, current_step: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The 2D labels a pair trains on: the slice the model predicted, else the current one."""
-    data = layer.data
-    meta = layer.metadata.get(META_KEY) or {}
-    leading = data.ndim - 2
+def layer_step(layer: Any, current_step: tuple[int, ...]) -> tuple[int, ...]:
+    """The viewer's current position in ``layer``'s own leading axes (napari aligns layers to the last axes)."""
+    leading = layer.data.ndim - 2
     if leading <= 0:
-        return np.asarray(data), ()
-    index = tuple(meta.get("index") or ()) or tuple(int(i) for i in current_step[:leading])
-    return np.asarray(data[index]), index
+        return ()
+    step = tuple(int(i) for i in current_step)[-layer.data.ndim:][:leading]
+    step = (0,) * (leading - len(step)) + step
+    return tuple(min(max(0, i), n - 1) for i, n in zip(step, layer.data.shape[:leading]))
 
 
 def corrections(layer: Any, current_step: tuple[int, ...] = ()) -> Correction | None:
-    """What the user changed in a Labels layer the Segment widget made (None for other layers)."""
+    """What the user changed in a Labels layer the Segment widget made (None for other layers).
+
+    Compares the layer with the model's prediction over everything that was predicted: the one
+    slice of a single-slice run (``changed`` is then 2D) or the whole stack (``changed`` has
+    the layer's shape).
+    """
     meta = layer.metadata.get(META_KEY) or {}
     prediction = meta.get("prediction")
     if prediction is None:
         return None
-    labels, _ = _labels_slice(layer, current_step)
     prediction = np.asarray(prediction)
-    if prediction.ndim > 2:  # a whole stack was predicted: compare the slice we train on
-        prediction = prediction[tuple(int(i) for i in current_step[: prediction.ndim - 2])]
+    index = tuple(meta.get("index") or ())
+    labels = np.asarray(layer.data[index]) if index else np.asarray(layer.data)
     if prediction.shape != labels.shape:
         return None
     changed = labels != prediction
     added = int((changed & (prediction == 0)).sum())
     erased = int((changed & (labels == 0)).sum())
     return Correction(added, erased, int(changed.sum()) - added - erased, changed)
+
+
+def training_slices(layer: Any, current_step: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The 2D slices of a Labels layer to learn from.
+
+    2D layers: the layer. A slice the model predicted: that slice. A predicted stack: every slice
+    the user corrected. A hand-drawn stack: every slice with labels. Otherwise the current slice.
+    """
+    data = layer.data
+    leading = data.ndim - 2
+    if leading <= 0:
+        return [()]
+    meta = layer.metadata.get(META_KEY) or {}
+    if meta.get("index"):
+        return [tuple(int(i) for i in meta["index"])]
+    fix = corrections(layer, current_step)
+    marked = fix.changed if fix is not None else np.asarray(data) != 0
+    chosen = [tuple(int(i) for i in idx) for idx in np.ndindex(*data.shape[:leading]) if marked[idx].any()]
+    return chosen or [layer_step(layer, current_step)]
 
 
 def _spatial_shape(layer: Any) -> tuple[int, ...]:
@@ -93,23 +115,34 @@ def is_output_layer(layer: Any) -> bool:
     return bool(getattr(layer, "metadata", {}).get(OUTPUT_KEY))
 
 
-def candidate_pairs(viewer: Any) -> list[PairChoice]:
-    """Every Labels layer that has an image to train with."""
-    from napari.layers import Image, Labels
+def matching_images(viewer: Any, labels: Any) -> list[Any]:
+    """Image layers (not our outputs) with the spatial shape of a Labels layer."""
+    from napari.layers import Image
 
-    images = [layer for layer in viewer.layers if isinstance(layer, Image) and not is_output_layer(layer)]
+    return [layer for layer in viewer.layers
+            if isinstance(layer, Image) and not is_output_layer(layer) and _spatial_shape(layer) == tuple(labels.data.shape)]
+
+
+def candidate_pairs(viewer: Any, chosen_images: dict[str, str] | None = None) -> list[PairChoice]:
+    """Every Labels layer that has an image to train with.
+
+    The image is the one the user chose for it (``chosen_images``), else the one the Segment
+    widget predicted it from, else the first Image layer of the same shape.
+    """
+    from napari.layers import Labels
+
+    chosen_images = chosen_images or {}
     step = tuple(viewer.dims.current_step)
     pairs = []
     for layer in viewer.layers:
         if not isinstance(layer, Labels):
             continue
-        meta = layer.metadata.get(META_KEY) or {}
-        named = meta.get("image")
-        image = next((im for im in images if im.name == named), None)
-        if image is None or _spatial_shape(image) != tuple(layer.data.shape):
-            image = next((im for im in images if _spatial_shape(im) == tuple(layer.data.shape)), None)
-        if image is None:
+        images = matching_images(viewer, layer)
+        if not images:
             continue
+        meta = layer.metadata.get(META_KEY) or {}
+        by_name = {im.name: im for im in images}
+        image = by_name.get(chosen_images.get(layer.name, "")) or by_name.get(str(meta.get("image", ""))) or images[0]
         fix = corrections(layer, step)
         pairs.append(PairChoice(layer.name, image.name, None if fix is None else fix.total))
     return pairs
@@ -126,19 +159,29 @@ class PairData:
     changed: np.ndarray | None
 
 
-def pair_data(viewer: Any, pair: PairChoice) -> PairData:
-    """Copy one pair's 2D image and labels out of the layers."""
+def pair_data(viewer: Any, pair: PairChoice) -> list[PairData]:
+    """Copy a pair's 2D training slices (image and labels) out of the layers."""
     if pair.labels not in viewer.layers or pair.image not in viewer.layers:
         raise R2UNetError(f"layer {pair.labels!r} or {pair.image!r} was removed; refresh the list of pairs")
     labels_layer, image_layer = viewer.layers[pair.labels], viewer.layers[pair.image]
+    if labels_layer.data.dtype.kind not in "biu":
+        raise R2UNetError(f"labels layer {pair.labels!r} has dtype {labels_layer.data.dtype}; labels must be integers")
     step = tuple(viewer.dims.current_step)
-    labels, index = _labels_slice(labels_layer, step)
-    job = plan_job(image_layer, index or step, all_slices=False)
-    image = np.array(job.data)  # a copy: the user may edit or close layers while training runs
     fix = corrections(labels_layer, step)
-    if labels.dtype.kind not in "biu":
-        raise R2UNetError(f"labels layer {pair.labels!r} has dtype {labels.dtype}; labels must be integers")
-    return PairData(pair.labels, image, job.channel_axis, np.array(labels), None if fix is None else fix.changed.copy())
+    out = []
+    for index in training_slices(labels_layer, step):
+        job = plan_job(image_layer, index, all_slices=False)
+        changed = None
+        if fix is not None:
+            changed = fix.changed if fix.changed.ndim == 2 else fix.changed[index]
+        out.append(PairData(
+            pair.labels if not index else f"{pair.labels}[{','.join(map(str, index))}]",
+            np.array(job.data),  # copies: the user may edit or close layers while training runs
+            job.channel_axis,
+            np.array(labels_layer.data[index]) if index else np.array(labels_layer.data),
+            None if changed is None else np.array(changed),
+        ))
+    return out
 
 
 @dataclass
@@ -175,11 +218,9 @@ def build_trainer(request: FinetuneRequest) -> Any:
     from src_models.training import Trainer, emphasize_corrections, finetune_config, holdout_region, make_sample
 
     base = load_model(request.base)
-    settings = dict(request.settings)
-    val_ids: tuple[str, ...] = ()
-    if request.validation.startswith("pair:"):
-        val_ids = (request.validation.removeprefix("pair:"),)
-    config = finetune_config(epochs=request.epochs, minutes=request.minutes, val_ids=val_ids, **settings)
+    held = request.validation.removeprefix("pair:") if request.validation.startswith("pair:") else None
+    val_ids = tuple(p.id for p in request.pairs if held is not None and (p.id == held or p.id.startswith(held + "[")))
+    config = finetune_config(epochs=request.epochs, minutes=request.minutes, **request.settings)
     samples, holdout_ids = [], []
     for pair in request.pairs:
         sample = make_sample(pair.id, pair.image, _masks_for(base, pair), base.preprocess, channel_axis=pair.channel_axis,
@@ -192,10 +233,10 @@ def build_trainer(request: FinetuneRequest) -> Any:
             holdout_ids.append(val.id)
         else:
             samples.append(sample)
-    if holdout_ids:
-        config = dataclasses.replace(config, val_ids=tuple(holdout_ids))
-    if request.validation.startswith("pair:") and len(samples) < 2:
-        raise R2UNetError("holding out a pair needs at least two pairs; choose 'hold out a part of each image' or none")
+    if held is not None and (not val_ids or len(val_ids) == len(samples)):
+        raise R2UNetError("holding out a pair needs at least two pairs; choose 'hold out 20% of each image' or none")
+    if holdout_ids or val_ids:
+        config = dataclasses.replace(config, val_ids=tuple(holdout_ids) or val_ids)
     changed = sum(int(p.changed.sum()) for p in request.pairs if p.changed is not None)
     provenance = {
         "name": request.name,

@@ -19,6 +19,7 @@ from typing import Any
 
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
+    QApplication,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -37,8 +38,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from src_models.errors import R2UNetError  # torch-free
-from src_models.versions import export_version, list_versions, new_version_path, rename_version
+from src_models.errors import CancelledError, R2UNetError  # torch-free
+from src_models.versions import export_destination, export_version, list_versions, new_version_path, rename_version
 
 from ._finetune import (
     FinetuneRequest,
@@ -48,6 +49,7 @@ from ._finetune import (
     doubtful_regions,
     finetune,
     is_output_layer,
+    matching_images,
     pair_data,
 )
 from ._layers import META_KEY, add_result_layers, plan_job
@@ -92,6 +94,8 @@ class FinetuneWidget(Notifying, QWidget):
         self._doubtful_layer: str | None = None
         self._started = 0.0
         self._watching_window = False
+        self._resegmenting: tuple[str, str] = ("", "")
+        self._image_for: dict[str, str] = {}  # labels layer -> the image the user paired it with
         self._refresh_timer = QTimer(self)  # brush strokes update the corrected-pixel counts, at most ~3 times a second
         self._refresh_timer.setSingleShot(True)
         self._refresh_timer.setInterval(300)
@@ -112,7 +116,14 @@ class FinetuneWidget(Notifying, QWidget):
         self.pair_list.setToolTip("tick the corrected Labels layers to learn from")
         self.pair_list.setMaximumHeight(110)
         self.pair_list.itemChanged.connect(self._update_summary)
+        self.pair_list.currentRowChanged.connect(self._show_pair_images)
         pairs_layout.addWidget(self.pair_list)
+        image_row = QFormLayout()
+        self.pair_image_combo = QComboBox()
+        self.pair_image_combo.setToolTip("the image the selected labels annotate (when several images have its shape)")
+        self.pair_image_combo.activated.connect(self._choose_pair_image)
+        image_row.addRow("its image", self.pair_image_combo)
+        pairs_layout.addLayout(image_row)
         row = QHBoxLayout()
         self.all_corrected_button = QPushButton("All layers with corrections")
         self.all_corrected_button.clicked.connect(self.select_corrected)
@@ -278,7 +289,8 @@ class FinetuneWidget(Notifying, QWidget):
             self.export(path, target)
 
     def export(self, path: str, target: str) -> Path:
-        written = export_version(path, target, overwrite=Path(target).exists())  # the dialog already asked
+        # the save dialog already asked about replacing the file it names; any other file is refused
+        written = export_version(path, target, overwrite=export_destination(path, target) == Path(target).expanduser())
         self.status.setText(f"exported to {written}")
         return written
 
@@ -295,6 +307,9 @@ class FinetuneWidget(Notifying, QWidget):
         self._refresh_timer.start()
 
     def refresh_pairs(self, event: Any = None) -> None:
+        self._guard(self._refresh_pairs)
+
+    def _refresh_pairs(self) -> None:
         from napari.layers import Labels
 
         for layer in self.viewer.layers:
@@ -302,17 +317,42 @@ class FinetuneWidget(Notifying, QWidget):
                 layer.events.paint.connect(self._schedule_refresh)  # once: napari ignores repeated connections
         checked = {self.pair_list.item(i).data(Qt.UserRole).labels for i in range(self.pair_list.count())
                    if self.pair_list.item(i).checkState() == Qt.Checked}
+        current = self.pair_list.currentItem().data(Qt.UserRole).labels if self.pair_list.currentItem() else None
         self.pair_list.blockSignals(True)
         self.pair_list.clear()
-        for pair in candidate_pairs(self.viewer):
+        for pair in candidate_pairs(self.viewer, self._image_for):
             item = QListWidgetItem(pair.label)
             item.setData(Qt.UserRole, pair)
             item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
             item.setCheckState(Qt.Checked if pair.labels in checked else Qt.Unchecked)
             self.pair_list.addItem(item)
+            if pair.labels == current:
+                self.pair_list.setCurrentItem(item)
         self.pair_list.blockSignals(False)
+        self._show_pair_images()
         self._update_validation_choices()
         self._update_summary()
+
+    def _show_pair_images(self, row: int = -1) -> None:
+        item = self.pair_list.currentItem()
+        self.pair_image_combo.clear()
+        if item is None or item.data(Qt.UserRole).labels not in self.viewer.layers:
+            self.pair_image_combo.setEnabled(False)
+            return
+        pair = item.data(Qt.UserRole)
+        self.pair_image_combo.addItems([im.name for im in matching_images(self.viewer, self.viewer.layers[pair.labels])])
+        self.pair_image_combo.setCurrentText(pair.image)
+        self.pair_image_combo.setEnabled(self.pair_image_combo.count() > 1)
+
+    def _choose_pair_image(self, index: int) -> None:
+        item = self.pair_list.currentItem()
+        if item is not None:
+            self.choose_image(item.data(Qt.UserRole).labels, self.pair_image_combo.itemText(index))
+
+    def choose_image(self, labels: str, image: str) -> None:
+        """Pair the Labels layer ``labels`` with the Image layer ``image`` (same shape)."""
+        self._image_for[labels] = image
+        self.refresh_pairs()
 
     def select_corrected(self) -> int:
         """Tick every pair whose labels differ from the model's prediction; returns how many."""
@@ -368,7 +408,7 @@ class FinetuneWidget(Notifying, QWidget):
         base = self.base_combo.currentData()
         if not base:
             raise R2UNetError("no base model chosen: pick a pretrained model, a version or a checkpoint file")
-        data = [pair_data(self.viewer, p) for p in pairs]
+        data = [piece for p in pairs for piece in pair_data(self.viewer, p)]
         base_label = self.base_combo.currentText().removesuffix(" (fine-tuned)")
         out = new_version_path(Path(base).stem if base.endswith(".safetensors") else base)
         settings = dict(lr=self.lr_spin.value(), patch_size=self.patch_spin.value(), batch_size=self.batch_spin.value(),
@@ -407,7 +447,10 @@ class FinetuneWidget(Notifying, QWidget):
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
-        self.resegment_button.setEnabled(not running and self.version_combo.count() > 0)
+        has_versions = self.version_combo.count() > 0
+        for widget in (self.resegment_button, self.rename_button, self.export_button):
+            widget.setEnabled(not running and has_versions)
+        self.version_combo.setEnabled(not running)
         if not running:
             self.progress.setValue(0)
 
@@ -462,23 +505,41 @@ class FinetuneWidget(Notifying, QWidget):
         self._notify_info(f"{ended} ({seconds:.0f} s): new version '{version.name}'{scores}. Re-segment the other images with it.")
 
     def _on_error(self, exc: BaseException) -> None:
-        self._notify_error(user_message(exc))
+        if isinstance(exc, CancelledError):
+            self.status.setText("cancelled: nothing was added")
+        else:
+            self._notify_error(user_message(exc))
 
     def _on_finished(self) -> None:
         self._worker = None
         self._set_running(False)
 
     # -- closing the viewer ------------------------------------------------------------------
+    def _main_window(self) -> Any:
+        # napari's main window even when this dock floats (then self.window() is the dock itself)
+        return getattr(self.viewer.window, "_qt_window", None) or self.window()
+
     def _watch_window(self) -> None:
-        window = self.window()
-        if window is not self and not self._watching_window:
+        if self._watching_window:
+            return
+        window = self._main_window()
+        if window is not None and window is not self:
             window.installEventFilter(self)  # no Python reference kept: the viewer must be free to go
             self._watching_window = True
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._stop.set)
 
     def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt API)
         if event.type() == QEvent.Close and self.running:
-            self.shutdown()
+            # napari may still ask "close?": act once the close went through, not before
+            QTimer.singleShot(0, self._after_window_close)
         return False
+
+    def _after_window_close(self) -> None:
+        window = self._main_window()
+        if self.running and (window is None or not window.isVisible()):
+            self.shutdown()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop a running worker and wait for it (its best checkpoint and resume state are written)."""
@@ -507,7 +568,7 @@ class FinetuneWidget(Notifying, QWidget):
     def _resegment(self) -> None:
         from napari.qt.threading import create_worker
 
-        spec = self._chosen_version()
+        spec, version_name = self._chosen_version(), self.version_combo.currentText()
         targets = self.resegment_targets()
         if not targets:
             raise R2UNetError("no other image is open: open the images to segment (training images are skipped)")
@@ -515,30 +576,41 @@ class FinetuneWidget(Notifying, QWidget):
         jobs = [(layer, plan_job(layer, step, all_slices=False)) for layer in targets]
         self._stop.clear()
 
-        def run_all() -> list[tuple[Any, Any, Any, str]]:
-            results = []
-            for i, (layer, job) in enumerate(jobs):
-                def progress(fraction: float, i: int = i) -> None:
-                    self._bridge.progress.emit((i + fraction) / len(jobs))
+        bridge, cache, stop, finished = self._bridge, self._cache, self._stop, self._finished
+        finished.clear()
 
-                probs, name = segment(self._cache, spec, "auto", job, progress, self._stop.is_set, self._bridge.message.emit)
-                results.append((layer, job, probs, name))
-            return results
+        def run_all() -> list[tuple[Any, Any, Any, str]]:
+            try:
+                results = []
+                for i, (layer, job) in enumerate(jobs):
+                    def progress(fraction: float, i: int = i) -> None:
+                        bridge.progress.emit((i + fraction) / len(jobs))
+
+                    probs, name = segment(cache, spec, "auto", job, progress, stop.is_set, bridge.message.emit)
+                    results.append((layer, job, probs, name))
+                return results
+            finally:
+                finished.set()  # in the worker thread: shutdown() may be waiting on the GUI thread
 
         worker = create_worker(run_all, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda results: self._guard(lambda: self._add_resegmented(results, spec)))
+        self._resegmenting = (spec, version_name)
+        worker.returned.connect(self._on_resegmented)  # bound methods: nothing is called once the widget is gone
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self._worker = worker
+        self._watch_window()
         self._set_running(True)
-        self.status.setText(f"re-segmenting {len(jobs)} image(s) with {self.version_combo.currentText()} ...")
+        self.status.setText(f"re-segmenting {len(jobs)} image(s) with {version_name} ...")
         worker.start()
+
+    def _on_resegmented(self, results: list[tuple[Any, Any, Any, str]]) -> None:
+        spec, name = self._resegmenting
+        self._guard(lambda: self._add_resegmented(results, spec, name))
 
     def _on_segment_progress(self, fraction: float) -> None:
         self.progress.setValue(int(fraction * 1000))
 
-    def _add_resegmented(self, results: list[tuple[Any, Any, Any, str]], spec: str) -> None:
-        name = self.version_combo.currentText()
+    def _add_resegmented(self, results: list[tuple[Any, Any, Any, str]], spec: str, name: str) -> None:
         for layer, job, probs, _ in results:
             if layer.name in self.viewer.layers:
                 add_result_layers(self.viewer, layer, job, probs, 0.5, name, add_probability=False, add_uncertainty=True, spec=spec)

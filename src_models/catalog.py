@@ -48,6 +48,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         provenance = json.loads(meta.get("provenance", "{}"))
     except ValueError as exc:
         raise R2UNetError(f"checkpoint {path} has invalid metadata ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(provenance, dict):
+        raise R2UNetError(f"checkpoint {path} has invalid metadata (config and provenance must be JSON objects)")
     path = Path(path)
     return {"name": str(provenance.get("name") or path.stem), "path": path, "config": config, "provenance": provenance}
 

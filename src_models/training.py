@@ -353,6 +353,15 @@ class Distributed:
     local_rank: int = 0
 
     @property
+    def device(self) -> torch.device:
+        """Where collective tensors live: NCCL only reduces CUDA tensors, Gloo CPU ones."""
+        import torch.distributed as dist
+
+        if self.enabled and dist.get_backend() == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    @property
     def enabled(self) -> bool:
         return self.world_size > 1
 
@@ -379,7 +388,7 @@ def _any_rank(flag: bool, dist_info: Distributed) -> bool:
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=dist_info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -806,7 +815,8 @@ class Trainer:
         self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
         metrics = self._validate_unless_cancelled() if main else None
         score = metrics["F1"] if metrics and math.isfinite(metrics["F1"]) else -train_loss
-        improved = score > self.state.best_score
+        interrupted = _any_rank(self._validation_cancelled, self.dist)  # not judged: neither best nor a bad epoch
+        improved = score > self.state.best_score and not interrupted
         if main:
             epoch = round(self.state.epoch + count / self.steps_per_epoch, 3) if partial else self.state.epoch
             record = {"epoch": epoch, "step": self.state.step, "train_loss": train_loss,
@@ -819,12 +829,12 @@ class Trainer:
             self.state.best_metrics = metrics or {}
             if main:
                 self._save_best(metrics)
-        else:
+        elif not interrupted:
             self.state.bad_epochs += 1
         if self.dist.enabled:  # every rank agrees on the early-stopping counter
             import torch.distributed as dist
 
-            t = torch.tensor([self.state.bad_epochs], dtype=torch.int64)
+            t = torch.tensor([self.state.bad_epochs], dtype=torch.int64, device=self.dist.device)
             dist.broadcast(t, 0)
             self.state.bad_epochs = int(t.item())
         if main:

@@ -113,6 +113,8 @@ def list_versions(folder: Path | None = None) -> list[Version]:
             entry = describe(path)
         except R2UNetError:
             continue
+        if "arch" not in entry["config"]:
+            continue  # a safetensors file of another tool
         prov = entry["provenance"]
         versions.append(Version(
             path=path,
@@ -165,13 +167,19 @@ def rename_version(path: str | os.PathLike[str], name: str) -> None:
     atomic_write(path.parent / NAMES_FILE, lambda tmp: Path(tmp).write_text(text), suffix=".json")
 
 
-def export_version(path: str | os.PathLike[str], destination: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Copy a version's checkpoint to ``destination`` (a file or a folder); returns the new path."""
-    source, destination = Path(path), Path(destination).expanduser()
+def export_destination(path: str | os.PathLike[str], destination: str | os.PathLike[str]) -> Path:
+    """The file an export to ``destination`` (a file or a folder) writes."""
+    destination = Path(destination).expanduser()
     if destination.is_dir():
-        destination = destination / source.name
+        destination = destination / Path(path).name
     if destination.suffix != ".safetensors":
         destination = destination.with_name(destination.name + ".safetensors")
+    return destination
+
+
+def export_version(path: str | os.PathLike[str], destination: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Copy a version's checkpoint to ``destination`` (a file or a folder); returns the new path."""
+    source, destination = Path(path), export_destination(path, destination)
     if destination.resolve() == source.resolve():
         raise R2UNetError(f"{destination} is the version itself; export to another place")
     if destination.exists() and not overwrite:

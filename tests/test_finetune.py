@@ -44,12 +44,17 @@ def test_versions_are_new_files_renamed_and_exported_without_touching_weights(tm
     rename_version(first, "  after  Monday's corrections ")
     assert file_sha256(first) == sha
     (user_models_dir / "broken.safetensors").write_bytes(b"junk")  # never fatal to the listing
+    header = b'{"__metadata__": {"config": "{}", "provenance": "[1, 2]"}}'
+    (user_models_dir / "other-tool.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     versions = list_versions()
     assert [v.name for v in versions] == ["after Monday's corrections"]
     exported = export_version(first, tmp_path)
     assert exported == tmp_path / first.name and file_sha256(exported) == sha
     with pytest.raises(R2UNetError, match="already exists"):
         export_version(first, exported)
+    (tmp_path / "x.safetensors").write_bytes(b"someone else's file")
+    with pytest.raises(R2UNetError, match="already exists"):  # 'x' names x.safetensors: never replaced silently
+        export_version(first, tmp_path / "x")
     with pytest.raises(R2UNetError, match="the version itself"):
         export_version(first, first, overwrite=True)
     with pytest.raises(R2UNetError, match="cannot be empty"):
@@ -108,13 +113,17 @@ def test_cancel_during_validation_ends_the_run_as_cancelled(trained_checkpoint, 
     trainer = Trainer(None, None, [train, val], config, tmp_path / "v.safetensors", base=base)
     calls = {"n": 0}
 
-    def stop_in_second_validation() -> bool:  # polled per step and per validation tile
-        calls["n"] += 1
-        return trainer.state.epoch >= 1 and calls["n"] > 12
+    def stop_in_second_validation() -> bool:  # polled before each step and per validation tile
+        if trainer.state.history:  # the first epoch is judged; now 3 step checks, then the tiles
+            calls["n"] += 1
+        return calls["n"] > 4
 
     events = list(trainer.run(should_stop=stop_in_second_validation))
     assert events[-1].kind == "cancelled" and trainer.state.epoch < 50
-    assert load_checkpoint(tmp_path / "v.safetensors").config == base.config
+    last_epoch = max(i for i, e in enumerate(events) if e.kind == "epoch")
+    assert events[last_epoch].metrics is None  # its validation was interrupted ...
+    assert not any(e.kind == "step" for e in events[last_epoch:])  # ... and no training step came after it
+    assert trainer.state.bad_epochs == 0 and trainer.state.best_epoch == 1  # an interrupted epoch is not judged
 
 
 # -- the widget, end to end -------------------------------------------------------------------
@@ -248,8 +257,6 @@ def test_bad_requests_are_notifications(viewer_and_widgets, tmp_path):
     assert "no training pair ticked" in fine.status.text() and not fine.running
     fine._guard(lambda: fine.add_model(str(tmp_path / "missing.safetensors")))
     assert "cannot read checkpoint" in fine.status.text()
-    fine._guard(fine.next_doubtful_region)
-    assert fine.status.text()
     viewer.layers.selection.active = viewer.layers["synthetic vessels"]
     fine._guard(fine.next_doubtful_region)
     assert "select a Labels layer made by the Segment widget" in fine.status.text()
@@ -286,3 +293,36 @@ def test_brush_strokes_update_the_count_and_an_early_cancel_writes_no_version(vi
     fine.cancel()  # before the first step: the run would equal the base model
     qtbot.waitUntil(lambda: not fine.running, timeout=60_000)
     assert list_versions() == [] and "no version was written" in fine.status.text()
+
+
+def test_stacks_train_on_every_corrected_slice_and_pairs_can_be_chosen():
+    from napari.components import ViewerModel
+
+    from napari_r2unet._finetune import candidate_pairs, layer_step, pair_data, training_slices
+
+    viewer = ViewerModel()
+    stack = np.random.default_rng(0).random((3, 32, 40)).astype(np.float32)
+    viewer.add_image(stack, name="img")
+    viewer.add_image(stack[::-1].copy(), name="img2")
+    prediction = (stack > 0.5).astype(np.uint8)
+    labels = viewer.add_labels(prediction.copy(), name="lab", metadata={"r2unet": {"prediction": prediction, "index": (), "image": "img"}})
+    labels.data[0, :4, :4] = 1 - prediction[0, :4, :4]  # the user corrects slices 0 and 2
+    labels.data[2, 10, 10] = 1 - prediction[2, 10, 10]
+    assert training_slices(labels, (1, 0, 0)) == [(0,), (2,)]
+    (pair,) = [p for p in candidate_pairs(viewer) if p.labels == "lab"]
+    assert pair.image == "img" and pair.corrected == 17
+    pieces = pair_data(viewer, pair)
+    assert [p.id for p in pieces] == ["lab[0]", "lab[2]"]
+    assert np.array_equal(pieces[1].image, stack[2]) and pieces[1].changed.sum() == 1
+    (chosen,) = [p for p in candidate_pairs(viewer, {"lab": "img2"}) if p.labels == "lab"]
+    assert chosen.image == "img2" and np.array_equal(pair_data(viewer, chosen)[0].image, stack[::-1][0])
+
+    hand = viewer.add_labels(np.zeros((3, 32, 40), np.int64), name="hand")
+    hand.data[1, 5, 5] = 2
+    assert training_slices(hand, (0, 0, 0)) == [(1,)]
+    one = viewer.add_labels(prediction.copy(), name="one", metadata={"r2unet": {"prediction": prediction[2], "index": (2,)}})
+    assert training_slices(one, (0, 0, 0)) == [(2,)]
+    viewer.add_image(np.zeros((2, 3, 32, 40), np.float32), name="4d")  # the viewer now has 4 axes
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(1, 2)
+    assert layer_step(hand, tuple(viewer.dims.current_step)) == (2,)
