@@ -53,6 +53,14 @@ def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool) -> Job
     return Job(data[index], channel_axis, False, index, spatial)
 
 
+def result_bytes(job: Job, classes: int, add_probability: bool, add_uncertainty: bool) -> int:
+    """Memory a result will take: the worker's float32 probabilities, their float16 copy and the
+    labels in the layer metadata, the Labels layer, and the optional probability/uncertainty layers."""
+    predicted = int(np.prod(job.spatial_shape)) if job.stack else int(np.prod(job.spatial_shape[-2:]))
+    full = int(np.prod(job.spatial_shape))
+    return predicted * (6 * classes + 1) + full * (1 + 4 * add_probability + 4 * add_uncertainty)
+
+
 def _spatial_kwargs(image: Any) -> dict[str, Any]:
     return {"scale": tuple(image.scale), "translate": tuple(image.translate)}
 

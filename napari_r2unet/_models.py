@@ -66,3 +66,12 @@ def all_choices(extra: list[ModelChoice]) -> list[ModelChoice]:
     specs = {c.spec for c in listed}
     return listed + [c for c in extra if c.spec not in specs]
 
+
+def model_classes(spec: str) -> int:
+    """Output channels of a model from its header (1 if it cannot be read now; loading will say why)."""
+    try:
+        entry = pretrained_catalog().get(spec) or describe(spec)
+        return max(1, int(entry["config"].get("out_channels", 1)))
+    except Exception:  # a missing or broken file is reported when the worker loads it
+        return 1
+

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
+    QApplication,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -28,9 +29,10 @@ from qtpy.QtWidgets import (
 )
 
 from src_models.errors import CancelledError, R2UNetError  # torch-free
+from src_models.resources import require_memory
 
-from ._layers import META_KEY, add_result_layers, fill_unlabelled, labels_from, plan_job, rethreshold
-from ._models import ModelChoice
+from ._layers import META_KEY, add_result_layers, fill_unlabelled, labels_from, plan_job, result_bytes, rethreshold
+from ._models import ModelChoice, model_classes
 from ._widget_common import ModelMenu, Notifying, user_message
 from ._worker import SegmenterCache, available_devices, segment
 
@@ -65,6 +67,10 @@ class SegmentWidget(Notifying, QWidget):
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed, self.viewer.layers.events.reordered):
             event.connect(self._refresh_layers)
         self._detect_devices()
+        self.destroyed.connect(self._stop.set)  # a closed viewer stops a running segmentation
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._stop.set)
 
     # -- UI ----------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -200,6 +206,9 @@ class SegmentWidget(Notifying, QWidget):
             raise R2UNetError("no model chosen: pick a pretrained model or load a checkpoint")
         job = plan_job(image, tuple(self.viewer.dims.current_step), self.all_slices.isChecked())
         job.options = {"tile": self.tile_spin.value() or None, "overlap": self.overlap_spin.value()}
+        require_memory(result_bytes(job, model_classes(spec), self.add_probability.isChecked(), self.add_uncertainty.isChecked()),
+                       f"the result for {image.name} {job.spatial_shape}",
+                       "segment the current slice only, untick the probability/uncertainty maps, or crop the image")
         target = self._target_layer()
         if target is not None and tuple(target.data.shape) != job.spatial_shape:
             raise R2UNetError(f"labels layer {target.name!r} has shape {tuple(target.data.shape)} but the image {job.spatial_shape}; choose a new layer")

@@ -241,6 +241,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         per_image.append({"id": sample.id, "image": str(sample.image), "metrics": metrics})
         if not args.json:
             print(f"{sample.id:<12} " + "  ".join(f"{k} {_fmt(metrics[k])}" for k in METRIC_NAMES), flush=True)
+            inside = mask[fov > 0] if fov is not None else mask
+            if inside.size and (inside.min() == inside.max()):
+                kind = "foreground" if inside.min() > 0 else "background"
+                _log(f"note: the mask of {sample.id} is all {kind}, so some of its metrics are undefined (nan); the pooled ones still count its pixels")
     result = pooled.pooled()
     if args.json:
         print(json.dumps({"model": args.model, "threshold": args.threshold, "fov": args.fov is not None,

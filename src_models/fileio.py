@@ -16,7 +16,17 @@ from typing import Any
 from .errors import R2UNetError
 
 
-def _fsync(path: str) -> None:
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: changing the umask while other threads create files is a race
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file (or, on POSIX, a folder's entries) to disk; a no-op where that is not possible."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -35,15 +45,17 @@ def atomic_write(path: str | os.PathLike[str], write: Any, suffix: str = "") -> 
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise R2UNetError(f"output folder {directory} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=directory)
+    except OSError as exc:
+        raise R2UNetError(f"cannot write in {directory}: {exc.strerror or exc}; check the folder's space and permissions") from exc
     os.close(fd)
     try:
         write(tmp)
         _fsync(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, target)
+        _fsync(directory)  # makes the rename itself durable
     except OSError as exc:
         raise R2UNetError(f"cannot write {target}: {exc.strerror or exc}; check the folder's space and permissions") from exc
     finally:

@@ -33,6 +33,7 @@ from .checkpoint import Checkpoint
 from .errors import CancelledError, R2UNetError
 from .nets import logits_to_probabilities
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
+from .resources import require_memory
 
 Progress = Callable[[float], None]
 ShouldStop = Callable[[], bool]
@@ -289,10 +290,15 @@ class Segmenter:
                 f"the model takes {self.in_channels} channel(s) but this {chw.shape[0]}-channel image gives {channels} "
                 f"with channels={config.channels!r}; use a model trained for this kind of image"
             )
-        stats = measure_stats(chw, config)
-        tile = tile or self.auto_tile(*chw.shape[1:])
-        if tile < 16:
+        if tile is not None and tile < 16:
             raise R2UNetError(f"tile={tile} is too small; use 128 or more (or leave it to auto)")
+        tile = tile or self.auto_tile(*chw.shape[1:])
+        if out is None:  # the result (K float32 maps) plus one band of tiles in flight
+            k, (h, w) = self.checkpoint.config.out_channels, chw.shape[1:]
+            need = 4 * k * h * w + 4 * (chw.shape[0] + k + 2) * min(tile, h) * w
+            require_memory(need, f"segmenting a {h} x {w} image",
+                           "close other programs, crop or downsample the image, or run it on a machine with more memory")
+        stats = measure_stats(chw, config)
         while True:
             try:
                 return sliding_window_inference(

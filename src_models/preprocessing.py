@@ -131,6 +131,11 @@ def check_image(chw: Any) -> None:
 
 def select_channels(chw: np.ndarray, mode: str) -> np.ndarray:
     """``(C, H, W)`` any dtype -> ``(C', H, W)`` float32 per ``mode`` (see module docstring)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes inf: measure_stats says so
+        return _select_channels(chw, mode)
+
+
+def _select_channels(chw: np.ndarray, mode: str) -> np.ndarray:
     c = chw.shape[0]
     x = np.asarray(chw)
     if mode == "all":
@@ -163,6 +168,10 @@ def measure_stats(chw: Any, config: PreprocessConfig) -> np.ndarray:
     for i, channel in enumerate(sample):
         values = channel[np.isfinite(channel)]
         if values.size == 0:
+            raw = np.asarray(_subsample(chw), dtype=np.float64) if raw_dtype.kind == "f" and raw_dtype.itemsize > 4 else None
+            if raw is not None and np.isfinite(raw).any():
+                top = float(np.abs(raw[np.isfinite(raw)]).max())
+                raise R2UNetError(f"pixel values up to {top:.3g} do not fit in float32 (max 3.4e38); rescale the image (e.g. divide by its maximum)")
             raise R2UNetError("the image has no finite pixel values (all NaN or Inf); check the input data")
         if config.normalize == "range":
             top = float(np.iinfo(raw_dtype).max) if raw_dtype.kind in "iu" else 1.0

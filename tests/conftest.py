@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from src_models.checkpoint import save_checkpoint
 from src_models.nets import ModelConfig, build_model
@@ -57,3 +58,15 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("trained") / "trained.safetensors"
     save_checkpoint(path, model, config, pp, ["vessel"], {"note": "test fixture"})
     return path
+
+
+@pytest.fixture
+def train_folders(tmp_path) -> tuple[Path, Path]:
+    images, masks = tmp_path / "train_img", tmp_path / "train_gt"
+    images.mkdir()
+    masks.mkdir()
+    for seed in range(3):
+        img, m = vessel_image((64, 64), seed=seed, rgb=True)
+        Image.fromarray(img).save(images / f"{seed}.png")
+        Image.fromarray(m * 255).save(masks / f"{seed}.png")
+    return images, masks

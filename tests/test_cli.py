@@ -164,18 +164,6 @@ def test_console_script_runs_without_importing_torch_for_help(tmp_path):
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip() == "False"
 
 
-@pytest.fixture
-def train_folders(tmp_path) -> tuple[Path, Path]:
-    images, masks = tmp_path / "train_img", tmp_path / "train_gt"
-    images.mkdir()
-    masks.mkdir()
-    for seed in range(3):
-        img, m = vessel_image((64, 64), seed=seed, rgb=True)
-        Image.fromarray(img).save(images / f"{seed}.png")
-        Image.fromarray(m * 255).save(masks / f"{seed}.png")
-    return images, masks
-
-
 def test_train_finetune_resume_and_predict(capsys, tmp_path, train_folders):
     images, masks = train_folders
     out = tmp_path / "m.safetensors"
