@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,7 +77,7 @@ def _segmenter(args: argparse.Namespace) -> Any:
     from .inference import Segmenter
     from .registry import load_model
 
-    return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta)
+    return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend)
 
 
 def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str) -> Any:
@@ -359,6 +360,49 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return _drive_training(trainer)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .export import export_onnx, export_torchscript
+    from .registry import load_model
+
+    checkpoint = load_model(args.model)
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise R2UNetError(f"{out} already exists; pass --overwrite to replace it")
+    if checkpoint.path is not None and out.resolve() == checkpoint.path.resolve():
+        raise R2UNetError(f"{out} is the model itself; choose another output file")
+    if not out.parent.is_dir():
+        raise R2UNetError(f"output folder {out.parent} does not exist; create it first")
+    m = checkpoint.config.size_multiple
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, checkpoint.config.in_channels, 3 * m, 5 * m)).astype(np.float32))
+    with torch.inference_mode():
+        reference = checkpoint.build("cpu")(x).numpy()
+    tmp = out.with_name(f".{out.name}.check")
+    try:
+        if args.format == "onnx":
+            import onnxruntime as ort
+
+            export_onnx(checkpoint, tmp)
+            got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+        else:
+            export_torchscript(checkpoint, tmp)
+            with torch.inference_mode():
+                got = torch.jit.load(str(tmp))(x).numpy()
+        difference = float(np.abs(got - reference).max())
+        if not difference < 1e-3:
+            raise R2UNetError(f"the exported model differs from PyTorch by {difference:.2g}; not written")
+        os.replace(tmp, out)
+    except ImportError as exc:
+        raise R2UNetError(f"ONNX export needs onnxruntime to check the result ({exc}); pip install onnxruntime onnx") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"{out}: {args.format}, input (N, {checkpoint.config.in_channels}, H, W) float32 with H, W multiples of {m}; "
+          f"max |logit difference| vs PyTorch {difference:.2g}")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -381,6 +425,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the mask (default: 0.5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="auto: onnxruntime on the CPU when installed (about 2x faster, same results), else PyTorch")
     p.add_argument("--stack", action="store_true", help="treat a 3D (N, H, W) file with N <= 4 as a stack, not as channels")
 
 
@@ -442,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", default=None, choices=["none", "bn", "encoder"], help="what to keep fixed (default: bn, the BatchNorm statistics)")
     _add_training_options(p, epochs_default="10", lr_default="3e-4")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="write a model as ONNX or TorchScript", description="Export a model's network (logits; input (N, C, H, W) float32 with H and W multiples of the model's size multiple, 16 by default) for use without this package. The export is checked against PyTorch before it is kept.")
+    p.add_argument("model", metavar="MODEL", help="pretrained name, fine-tuned version or checkpoint path")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -23,6 +23,7 @@ differs from it only by the tiles' interior borders, which the Gaussian weights 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,8 @@ Log = Callable[[str], None]
 DEFAULT_OVERLAP = 0.25
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 MIN_TILE = 128
+BACKENDS = ("auto", "torch", "onnxruntime")
+BACKEND_ENV = "R2UNET_BACKEND"  # overrides the backend argument (auto | torch | onnxruntime)
 AUTO_WHOLE_IMAGE_PIXELS = 1024 * 1024  # images up to this size run as one tile
 AUTO_TILE = 1024
 
@@ -222,7 +225,8 @@ class Segmenter:
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None, tta: bool = False
+        self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None, tta: bool = False,
+        backend: str = "auto",
     ) -> None:
         self.checkpoint = checkpoint
         self.device = select_device(device)
@@ -230,11 +234,34 @@ class Segmenter:
         self.tta = tta  # test-time augmentation: mean over the 4 flips (4x the compute)
         self.log = log or (lambda message: None)
         self.model = checkpoint.build(self.device)
+        self.onnx: Any = None
+        self.backend = self._choose_backend(os.environ.get(BACKEND_ENV) or backend)
         self.in_channels = checkpoint.config.in_channels
         self.size_multiple = checkpoint.config.size_multiple
 
+    def _choose_backend(self, backend: str) -> str:
+        """torch, or onnxruntime on the CPU (about 2x faster, same results to ~1e-6); auto = the fastest that works."""
+        if backend not in BACKENDS:
+            raise R2UNetError(f"backend {backend!r} must be one of {', '.join(BACKENDS)}")
+        if backend == "torch" or (backend == "auto" and self.device.type != "cpu"):
+            return "torch"
+        if self.device.type != "cpu":
+            raise R2UNetError("the onnxruntime backend runs on the CPU only; use --device cpu or --backend torch")
+        from .export import OnnxPredictor
+
+        try:
+            self.onnx = OnnxPredictor(self.checkpoint)
+        except (ImportError, R2UNetError) as exc:
+            if backend == "onnxruntime":
+                raise R2UNetError(f"the onnxruntime backend is not available ({exc}); install onnxruntime or use --backend torch") from exc
+            self.log(f"onnxruntime not used ({exc}); running PyTorch")
+            return "torch"
+        return "onnxruntime"
+
     # -- the network on one batch -------------------------------------------------------
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        if self.onnx is not None and self.device.type == "cpu":
+            return self._predict_batch_onnx(batch)
         x = torch.from_numpy(batch).to(self.device)
         use_amp = self.amp and self.device.type == "cuda"
         dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -248,6 +275,17 @@ class Segmenter:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=use_amp):
             probs = sum(probabilities(f) for f in flips) / len(flips)
         return probs.cpu().numpy()
+
+    def _predict_batch_onnx(self, batch: np.ndarray) -> np.ndarray:
+        flips = FLIPS if self.tta else ((),)
+        total = None
+        for flip in flips:  # torch's flip dims (2, 3) are numpy's axes
+            x = np.flip(batch, axis=flip) if flip else batch
+            logits = self.onnx(x)
+            probs = logits_to_probabilities(torch.from_numpy(np.flip(logits, axis=flip).copy() if flip else logits)).numpy()
+            total = probs if total is None else total + probs
+        assert total is not None
+        return total / len(flips)
 
     def _move_to_cpu(self) -> None:
         self.device = torch.device("cpu")

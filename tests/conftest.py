@@ -33,6 +33,16 @@ def user_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Exported ONNX graphs are cached for the session in a temporary folder, not in ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    os.environ["R2UNET_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
     return random_checkpoint(tmp_path / "tiny.safetensors")

@@ -17,7 +17,7 @@ from PIL import Image
 from src_models.cli import main
 from src_models.synthetic import vessel_image
 
-SUBCOMMANDS = ["models", "info", "predict", "evaluate"]
+SUBCOMMANDS = ["models", "info", "predict", "evaluate", "train", "finetune", "export"]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -191,3 +191,57 @@ def test_tta_averages_the_four_flips(tiny_checkpoint):
     manual = [plain.predict(np.ascontiguousarray(f))[0] for f in flips]
     expected = (manual[0] + manual[1][:, ::-1] + manual[2][::-1] + manual[3][::-1, ::-1]) / 4
     assert np.allclose(tta.predict(img)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_onnxruntime_backend_matches_pytorch(trained_checkpoint, tta):
+    pytest.importorskip("onnxruntime")
+    checkpoint = load_checkpoint(trained_checkpoint)
+    image = vessel_image((150, 133), seed=5, rgb=True)[0]
+    fast = Segmenter(checkpoint, "cpu", tta=tta, backend="onnxruntime")
+    plain = Segmenter(checkpoint, "cpu", tta=tta, backend="torch")
+    assert fast.backend == "onnxruntime" and plain.backend == "torch"
+    assert np.abs(fast.predict(image, tile=64) - plain.predict(image, tile=64)).max() < 1e-3
+    assert Segmenter(checkpoint, "cpu").backend == "onnxruntime"  # auto picks it on the CPU
+
+
+def test_backend_falls_back_to_pytorch_and_says_why(tiny_checkpoint, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    messages = []
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", log=messages.append)
+    assert seg.backend == "torch" and "onnxruntime not used" in messages[0]
+    with pytest.raises(R2UNetError, match="install onnxruntime or use --backend torch"):
+        Segmenter(load_checkpoint(tiny_checkpoint), "cpu", backend="onnxruntime")
+    with pytest.raises(R2UNetError, match="must be one of"):
+        Segmenter(load_checkpoint(tiny_checkpoint), "cpu", backend="tensorrt")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_is_checked_against_pytorch(tmp_path, trained_checkpoint, capsys, fmt):
+    from src_models.cli import main
+
+    out = tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'pt'}"
+    assert main(["export", str(trained_checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    assert "max |logit difference| vs PyTorch" in capsys.readouterr().out
+    x = np.random.default_rng(1).normal(size=(1, 1, 48, 80)).astype(np.float32)
+    with torch.inference_mode():
+        reference = load_checkpoint(trained_checkpoint).build("cpu")(torch.from_numpy(x)).numpy()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    else:
+        got = torch.jit.load(str(out))(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(got - reference).max() < 1e-4
+    assert main(["export", str(trained_checkpoint), "--format", fmt, "--out", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
