@@ -12,12 +12,13 @@ TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help venv test test-fast run lint clean system-deps
+.PHONY: help venv test test-fast run lint clean system-deps bench
 
 help:
 	@echo "make run    open napari with the Segment and Fine-tune widgets and a sample retina (creates .venv if needed)"
 	@echo "            make run ARGS=\"--screenshot shot.png\" segments, saves a screenshot and exits"
 	@echo "make test   run the whole test suite headless (creates .venv if needed)"
+	@echo "make bench  CPU performance ratios (roofline, eager PyTorch, 8192^2, training, GUI) -> docs/BENCHMARKS.md"
 	@echo "make lint   ruff"
 
 $(BIN)/python:
@@ -51,6 +52,10 @@ test: $(STAMP) system-deps
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# About 10 minutes on 2 cores; uses xvfb-run for the GUI part when it is installed.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src_models napari_r2unet tests benchmarks

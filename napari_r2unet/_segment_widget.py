@@ -91,9 +91,11 @@ class SegmentWidget(Notifying, QWidget):
         self.tile_spin.setToolTip("tile size in pixels; auto = whole image up to 1 megapixel, else 1024")
         form.addRow("tile", self.tile_spin)
         self.overlap_spin = QDoubleSpinBox()
-        self.overlap_spin.setRange(0.0, 0.9)
+        self.overlap_spin.setRange(-0.05, 0.9)  # the minimum stands for "auto"
         self.overlap_spin.setSingleStep(0.05)
-        self.overlap_spin.setValue(0.25)
+        self.overlap_spin.setSpecialValueText("auto")
+        self.overlap_spin.setValue(-0.05)
+        self.overlap_spin.setToolTip("fraction of a tile shared with its neighbours; auto = 128 pixels (0.125 of a 1024 tile)")
         form.addRow("overlap", self.overlap_spin)
         threshold_row = QHBoxLayout()
         self.threshold_slider = QSlider(Qt.Horizontal)
@@ -205,7 +207,8 @@ class SegmentWidget(Notifying, QWidget):
         if spec is None:
             raise R2UNetError("no model chosen: pick a pretrained model or load a checkpoint")
         job = plan_job(image, tuple(self.viewer.dims.current_step), self.all_slices.isChecked())
-        job.options = {"tile": self.tile_spin.value() or None, "overlap": self.overlap_spin.value()}
+        overlap = self.overlap_spin.value()
+        job.options = {"tile": self.tile_spin.value() or None, "overlap": None if overlap < 0 else overlap}
         require_memory(result_bytes(job, model_classes(spec), self.add_probability.isChecked(), self.add_uncertainty.isChecked()),
                        f"the result for {image.name} {job.spatial_shape}",
                        "segment the current slice only, untick the probability/uncertainty maps, or crop the image")

@@ -192,11 +192,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .data import read_image, write_tiff
-    from .inference import probabilities_to_labels
-
     segmenter = _segmenter(args)
     files = _expand_inputs(args.inputs)
     out_dir = Path(args.out).expanduser()
@@ -205,19 +200,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise R2UNetError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
-    binary = segmenter.checkpoint.config.out_channels == 1
     for i, (path, (mask_path, prob_path)) in enumerate(zip(files, outputs), 1):
-        image = read_image(path)
-        probs = _predict_array(segmenter, image, args, f"[{i}/{len(files)}] {path.name}")
-        labels = probabilities_to_labels(probs, args.threshold)
-        if binary:
-            labels *= 255
-        write_tiff(mask_path, labels)
-        if prob_path is not None:
-            write_tiff(prob_path, np.squeeze(probs, axis=-3) if binary else probs)
-        fraction = float((labels > 0).mean())
+        fraction = predict_file(segmenter, path, mask_path, prob_path, args, f"[{i}/{len(files)}] {path.name}")
         print(f"{path} -> {mask_path}  ({fraction:.1%} foreground)")
     return 0
+
+
+def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | None, args: argparse.Namespace,
+                 description: str = "") -> float:
+    """One file through the whole pipeline (read, preprocess, tile, infer, blend, threshold, write);
+    returns the foreground fraction. ``make bench`` times exactly this."""
+    import numpy as np
+
+    from .data import read_image, write_tiff
+    from .inference import probabilities_to_labels
+
+    image = read_image(path)
+    probs = _predict_array(segmenter, image, args, description or path.name)
+    labels = probabilities_to_labels(probs, args.threshold)
+    binary = segmenter.checkpoint.config.out_channels == 1
+    if binary:
+        labels *= 255
+    write_tiff(mask_path, labels)
+    if prob_path is not None:
+        write_tiff(prob_path, np.squeeze(probs, axis=-3) if binary else probs)
+    return float((labels > 0).mean())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -421,7 +428,7 @@ def _widths(text: str) -> tuple[int, ...]:
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu (default: auto)")
     p.add_argument("--tile", type=_positive_int, default=None, help="tile size in pixels (default: whole image up to 1 MP, else 1024)")
-    p.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbours (default: 0.25)")
+    p.add_argument("--overlap", type=float, default=None, help="fraction of a tile shared with its neighbours (default: 128 pixels, 0.125 of a 1024 tile)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the mask (default: 0.5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")

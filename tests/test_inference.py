@@ -56,13 +56,15 @@ def test_single_tile_equals_the_network_on_the_whole_image(trained_checkpoint):
     assert np.abs(seg.predict(img) - reference).max() < 1e-5
 
 
-def test_tiled_matches_whole_image_at_the_default_overlap(trained_checkpoint):
+@pytest.mark.parametrize("tile", [512, 1024])
+def test_tiled_matches_whole_image_at_the_default_overlap(trained_checkpoint, tile):
     seg = Segmenter(load_checkpoint(trained_checkpoint), "cpu")
     img, _ = vessel_image((1100, 1050), seed=7, n_vessels=30, rgb=True)
     whole = seg.predict(img, tile=2048)
-    tiled = seg.predict(img, tile=512, overlap=DEFAULT_OVERLAP, batch_size=3)
+    tiled = seg.predict(img, tile=tile, batch_size=3)  # default overlap: 128 pixels
     assert tiled.shape == whole.shape == (1, 1100, 1050)
     assert np.abs(tiled - whole).max() < 1e-3
+    assert np.abs(seg.predict(img, tile=512, overlap=DEFAULT_OVERLAP) - whole).max() < 1e-3
 
 
 def test_progress_and_cancel(tiny_checkpoint):

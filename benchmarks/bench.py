@@ -1,0 +1,258 @@
+"""`make bench`: CPU performance of R2U-Net as ratios measured in ONE run, written to docs/BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/bench.py            # the full suite (about 10 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench.py --smoke    # tiny sizes, prints only (CI runs this)
+
+(a) our end-to-end prediction of a DRIVE-sized image (read, preprocess, tile, infer, blend,
+    threshold, write: the CLI's own `predict_file`, model already loaded) / the roofline time
+    (model FLOPs / the sgemm FLOP/s measured now); a cold `r2unet predict` is printed too;
+(b) a plain eager-PyTorch forward of the same network (fp32, as public implementations run it) /
+    our end-to-end time: how much faster we are;
+(c) per-pixel time of `r2unet predict` on an 8192 x 8192 RGB image / that of (a), and its peak RSS;
+(d) training throughput (pixels/s) and achieved FLOP/s (3x the forward FLOPs) / the sgemm FLOP/s;
+(e) napari event-loop lateness p95 while the Segment widget runs (benchmarks/gui_latency.py under
+    xvfb-run; skipped without it).
+
+Absolute times on shared machines are noisy; each ratio's two sides are measured minutes apart
+in the same process, with the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DRIVE = ROOT.parent / "shared" / "datasets" / "DRIVE"
+TARGETS = {"a": 1.3, "b": 1.5, "c": 1.15, "c_rss_gb": 2.0, "d": 0.5, "e_ms": 100.0}
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def sgemm_flops(threads: int, n: int = 2048) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):  # wake the thread pool and the caches
+        torch.mm(a, b)
+    return 2 * n**3 / best_of(lambda: torch.mm(a, b), 8)
+
+
+def machine(threads: int) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as handle:
+        cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = "not installed"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads; {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort}")
+
+
+def drive_sized_image(work: Path) -> Path:
+    from PIL import Image
+
+    from src_models.synthetic import vessel_image
+
+    candidates = sorted((DRIVE / "test" / "images").glob("01_*")) if DRIVE.is_dir() else []
+    if candidates:
+        return candidates[0]
+    path = work / "fundus-sized.png"
+    Image.fromarray(vessel_image((584, 565), n_vessels=14, seed=0, rgb=True)[0]).save(path)
+    return path
+
+
+def forward_flops(config, height: int, width: int) -> float:
+    from src_models.nets import flops_per_megapixel
+
+    m = config.size_multiple
+    padded = (-(-height // m) * m) * (-(-width // m) * m)
+    return flops_per_megapixel(config) * padded / 1e6
+
+
+def child_rss_predict(model: str, image: Path, out: Path, threads: int) -> tuple[float, float]:
+    """Wall time and peak RSS (GB) of `r2unet predict` in a child process."""
+    code = (
+        f"import resource, sys, time, torch; torch.set_num_threads({threads}); from src_models.cli import main; t = time.perf_counter(); "
+        f"rc = main(['predict', {model!r}, {str(image)!r}, '--out', {str(out)!r}]); "
+        "print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, rc)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT")), None)
+    if line is None:
+        raise RuntimeError(result.stderr[-2000:])
+    _, seconds, rss, rc = line.split()
+    assert rc == "0", result.stderr[-2000:]
+    return float(seconds), float(rss)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, no docs written (for CI)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--large", type=int, default=8192, help="side of the large image for (c)")
+    parser.add_argument("--no-gui", action="store_true", help="skip (e)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.large, args.no_gui = 1024, True
+
+    import torch
+
+    from src_models.cli import main as cli
+    from src_models.data import read_image
+    from src_models.registry import load_model
+
+    threads = args.threads
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="r2unet-bench-"))
+    rows: list[tuple[str, str, str, str]] = []
+    gemm_n = 1024 if args.smoke else 2048
+    peaks = [sgemm_flops(threads, gemm_n)]
+    print(f"sgemm: {peaks[0] / 1e9:.1f} GFLOP/s on {threads} threads")
+
+    model = "r2unet-drive"
+    checkpoint = load_model(model)
+    image_path = drive_sized_image(work)
+    h, w = read_image(image_path).shape[:2]
+    flops = forward_flops(checkpoint.config, h, w)
+    out = work / "out"
+    start = time.perf_counter()
+    cli(["predict", model, str(image_path), "--out", str(out)])  # also warms the caches (ONNX export)
+    cold = time.perf_counter() - start
+    from src_models.cli import build_parser, predict_file
+    from src_models.inference import Segmenter
+
+    options = build_parser().parse_args(["predict", model, str(image_path), "--out", str(out)])
+    segmenter = Segmenter(checkpoint, device="cpu")
+    ours = best_of(lambda: predict_file(segmenter, image_path, out / "mask.tif", None, options), 2 if args.smoke else 3)
+    peaks.append(sgemm_flops(threads, gemm_n))  # right next to (a): the two sides of its ratio
+    print(f"(a) predict {h}x{w}: {ours:.3f} s for {flops / 1e9:.1f} GFLOP (backend {segmenter.backend}); cold 'r2unet predict' "
+          f"(process start excluded, model loading included): {cold:.3f} s")
+
+    from src_models.preprocessing import preprocess
+
+    net = checkpoint.build("cpu")
+    x = torch.from_numpy(preprocess(read_image(image_path), checkpoint.preprocess))[None]
+    with torch.inference_mode():
+        net(x)
+        eager = best_of(lambda: net(x), 2 if args.smoke else 3)
+    ratio_b = eager / ours
+    print(f"(b) eager PyTorch forward: {eager:.3f} s: ours is {ratio_b:.2f}x faster")
+
+    big = work / "large.tif"
+    import tifffile
+
+    from src_models.synthetic import vessel_image
+
+    tile = vessel_image((1024, 1024), n_vessels=20, seed=1, rgb=True)[0]
+    reps = -(-args.large // 1024)
+    tifffile.imwrite(big, np.tile(tile, (reps, reps, 1))[: args.large, : args.large])
+    del tile
+    seconds, rss = child_rss_predict(model, big, work / "out_large", threads)
+    per_px_large, per_px_small = seconds / args.large**2, ours / (h * w)
+    ratio_c = per_px_large / per_px_small
+    print(f"(c) predict {args.large}^2: {seconds:.1f} s, {per_px_large * 1e9:.1f} ns/px vs {per_px_small * 1e9:.1f} ns/px: {ratio_c:.2f}x; peak RSS {rss:.2f} GB")
+
+    from src_models.training import TrainConfig, Trainer, make_sample
+
+    train_image, train_mask = vessel_image((256, 256), n_vessels=10, seed=2, rgb=True)
+    samples = [make_sample(f"s{i}", train_image, train_mask, checkpoint.preprocess, channel_axis=-1) for i in range(2)]
+    steps = 4 if args.smoke else 24
+    config = TrainConfig(batch_size=8, patch_size=96, epochs=1, steps_per_epoch=steps, val_fraction=0.0, warmup_steps=1)
+    trainer = Trainer(None, None, samples, config, work / "train.safetensors", base=checkpoint)
+    stamps = [time.perf_counter()] + [time.perf_counter() for event in trainer.run() if event.kind == "step"]
+    step_s = float(np.median(np.diff(stamps[2:])))  # the first steps warm up
+    pixels = config.batch_size * config.patch_size**2 / step_s
+    achieved = 3 * forward_flops(checkpoint.config, config.patch_size, config.patch_size) * config.batch_size / step_s
+    peaks.append(sgemm_flops(threads, gemm_n))
+    peak = max(peaks)  # the hardware limit: the best sgemm seen in this run
+    roofline = flops / peak
+    ratio_a, ratio_d = ours / roofline, achieved / peak
+    print(f"(a) {ours:.3f} s / roofline {roofline:.3f} s = {ratio_a:.2f}x the roofline (sgemm best {peak / 1e9:.1f} GFLOP/s)")
+    print(f"(d) training: {step_s:.3f} s/step, {pixels / 1e3:.0f} kpx/s, {achieved / 1e9:.1f} GFLOP/s = {ratio_d:.0%} of sgemm")
+    rows += [
+        ("(a) end-to-end predict / roofline", f"{ratio_a:.2f}x", f"<= {TARGETS['a']}x",
+         f"{ours:.3f} s vs {roofline:.3f} s ({flops / 1e9:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s); backend {segmenter.backend}"),
+        ("(a') the same, cold (loading the model too)", f"{cold / roofline:.2f}x", "-", f"{cold:.3f} s"),
+        ("(b) eager PyTorch forward / ours", f"{ratio_b:.2f}x", f">= {TARGETS['b']}x", f"{eager:.3f} s vs {ours:.3f} s"),
+        (f"(c) per-pixel time at {args.large}^2 / (a)", f"{ratio_c:.2f}x", f"<= {TARGETS['c']}x", f"{seconds:.1f} s for {args.large**2 / 1e6:.0f} MP"),
+        (f"(c) peak RSS at {args.large}^2", f"{rss:.2f} GB", f"< {TARGETS['c_rss_gb']} GB", "child process, ru_maxrss"),
+        ("(d) training FLOP/s / sgemm", f"{ratio_d:.0%}", f">= {TARGETS['d']:.0%}", f"{pixels / 1e3:.0f} kpx/s, {step_s:.3f} s per step of 8 x 96^2"),
+    ]
+
+    if not args.no_gui and shutil.which("xvfb-run"):
+        result = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1400x900x24", sys.executable, str(ROOT / "benchmarks" / "gui_latency.py"),
+                                 "--model", model], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        match = re.search(r"inference: .*p95 ([0-9.]+) ms, max ([0-9.]+) ms", result.stdout)
+        if match:
+            p95 = float(match.group(1))
+            print(f"(e) GUI lateness during inference: p95 {p95:.1f} ms, max {match.group(2)} ms")
+            rows.append(("(e) napari event-loop lateness p95", f"{p95:.1f} ms", f"< {TARGETS['e_ms']:.0f} ms", f"max {match.group(2)} ms; 1411^2 retina"))
+        else:
+            print("(e) failed:", result.stdout[-500:], result.stderr[-1500:])
+    else:
+        print("(e) skipped (no xvfb-run or --no-gui)")
+
+    shutil.rmtree(work, ignore_errors=True)
+    if args.smoke:
+        return 0
+    lines = [
+        "# Benchmarks", "",
+        f"Made by `make bench` (`.venv/bin/python benchmarks/bench.py`) on {time.strftime('%Y-%m-%d')}.", "",
+        f"Machine: {machine(threads)}.", "",
+        f"Model: `{model}` (R2U-Net, widths 16-256, t = 2); image for (a)/(b): `{image_path.name}`, {h} x {w}.",
+        "Every ratio's two sides were measured in this same run. FLOPs are counted by torch's",
+        "FlopCounterMode on the padded image (592 x 576 for DRIVE; our decoder upsamples with 2x2",
+        "transposed convolutions, so R2U-Net counts fewer FLOPs than copies that add a 3x3 conv there).",
+        "The machine is shared: sgemm speed moved during the run, so each ratio is only as steady as that.",
+        f"sgemm (2048^3, float32) measured 3 times in the run: {', '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s; the roofline uses the best.", "",
+        "| measure | result | target | detail |", "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "",
+        "How we get there, and why each dependency:", "",
+        "- **onnxruntime** (CPU backend, automatic, falls back to PyTorch): its fused conv kernels run",
+        "  the same float32 network about twice as fast as eager PyTorch; probabilities agree to ~1e-6",
+        "  (tests check < 1e-3). The graph is exported once per model and cached.",
+        "  `onnx` is needed by `torch.onnx.export` to write that graph. Sessions run with the memory",
+        "  pattern off and an arena that grows only as needed: a 1024^2 tile peaks at 0.9 GB instead of",
+        "  1.3 GB, at the same speed.",
+        "- Tiles: images up to 1 MP run whole (no overlap work); larger ones stream 1024-pixel tiles",
+        "  band by band, so memory stays bounded. Tiles overlap by 128 pixels (the 64-pixel blend",
+        "  margin that keeps tiled results within 1e-3 of the whole image), not 25 %: the network then",
+        "  computes 1.3x the image's pixels instead of 1.8x, and 8192^2 costs about what (a) costs per pixel.",
+        "- Threads: the CLI uses every core; the napari widget leaves one core to the GUI (e).",
+        "- Training uses PyTorch (autograd); its FLOP/s ratio is measured, not tuned by a second",
+        "  dependency.",
+        "",
+    ]
+    (ROOT / "docs" / "BENCHMARKS.md").write_text("\n".join(lines))
+    print("wrote docs/BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
