@@ -52,6 +52,8 @@ def segment(cache: SegmenterCache, spec: str, device: str, job: Job,
             log: Callable[[str], None]) -> tuple[np.ndarray, str]:
     """Probabilities ``(K, H, W)`` (or ``(..., K, H, W)`` for all slices) and the model's name."""
     options = dict(job.options)
+    if device in ("auto", "cpu"):
+        limit_cpu_threads()  # before the model loads: onnxruntime sizes its thread pool from it
     segmenter = cache.get(spec, device, log, tta=bool(options.pop("tta", False)))
     if segmenter.device.type == "cpu":
         limit_cpu_threads()

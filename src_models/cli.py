@@ -386,7 +386,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, checkpoint.config.in_channels, 3 * m, 5 * m)).astype(np.float32))
     with torch.inference_mode():
         reference = checkpoint.build("cpu")(x).numpy()
-    tmp = out.with_name(f".{out.name}.check")
+    import tempfile
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".check", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
         if args.format == "onnx":
             import onnxruntime as ort
@@ -403,6 +407,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
     except ImportError as exc:
         raise R2UNetError(f"ONNX export needs onnxruntime to check the result ({exc}); pip install onnxruntime onnx") from exc
+    except (R2UNetError, OSError):
+        raise
+    except Exception as exc:  # onnxruntime / TorchScript errors are not ours: say which step failed
+        raise R2UNetError(f"the exported {args.format} model could not be checked: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     print(f"{out}: {args.format}, input (N, {checkpoint.config.in_channels}, H, W) float32 with H, W multiples of {m}; "

@@ -15,7 +15,9 @@ or a model cannot be exported, inference falls back to PyTorch and says so once.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -98,7 +100,11 @@ class OnnxPredictor:
 
         self.checkpoint = checkpoint
         folder = cache_dir() / "onnx"
-        self.path = folder / f"{checkpoint.sha256[:32]}-opset{OPSET}.onnx"
+        # the graph depends on the weights, our network code and the exporter: all three name the file
+        from . import __version__
+
+        stamp = re.sub(r"[^A-Za-z0-9.]+", "_", f"{__version__}-torch{torch.__version__}")
+        self.path = folder / f"{checkpoint.sha256[:32]}-{stamp}-opset{OPSET}.onnx"
         if not self.path.is_file():
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +128,8 @@ class OnnxPredictor:
             try:
                 self._session = ort.InferenceSession(str(self.path), options, providers=providers)
             except Exception as exc:  # a corrupt cache file: rebuild it once
-                self.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
                 export_onnx(self.checkpoint, self.path)
                 try:
                     self._session = ort.InferenceSession(str(self.path), options, providers=providers)

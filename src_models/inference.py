@@ -49,6 +49,7 @@ def auto_overlap(tile: int) -> float:
     return min(0.5, AUTO_OVERLAP_PIXELS / max(1, tile))
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 MIN_TILE = 128
+ACTIVATION_BYTES_PER_PIXEL = 900  # R2U-Net 16-256 measured with onnxruntime: 0.9 GB for a 1024^2 tile
 BACKENDS = ("auto", "torch", "onnxruntime")
 BACKEND_ENV = "R2UNET_BACKEND"  # overrides the backend argument (auto | torch | onnxruntime)
 AUTO_WHOLE_IMAGE_PIXELS = 1024 * 1024  # images up to this size run as one tile
@@ -259,7 +260,9 @@ class Segmenter:
 
         try:
             self.onnx = OnnxPredictor(self.checkpoint)
-        except (ImportError, R2UNetError) as exc:
+            self.onnx.session()  # build it now: a failure here still falls back to PyTorch
+        except Exception as exc:
+            self.onnx = None
             if backend == "onnxruntime":
                 raise R2UNetError(f"the onnxruntime backend is not available ({exc}); install onnxruntime or use --backend torch") from exc
             self.log(f"onnxruntime not used ({exc}); running PyTorch")
@@ -289,7 +292,12 @@ class Segmenter:
         total = None
         for flip in flips:  # torch's flip dims (2, 3) are numpy's axes
             x = np.flip(batch, axis=flip) if flip else batch
-            logits = self.onnx(x)
+            try:
+                logits = self.onnx(x)
+            except Exception as exc:  # onnxruntime's errors are not RuntimeErrors: name memory failures as such
+                if "alloc" in str(exc).lower():
+                    raise MemoryError(str(exc)) from exc
+                raise
             probs = logits_to_probabilities(torch.from_numpy(np.flip(logits, axis=flip).copy() if flip else logits)).numpy()
             total = probs if total is None else total + probs
         assert total is not None
@@ -339,14 +347,17 @@ class Segmenter:
         if tile is not None and tile < 16:
             raise R2UNetError(f"tile={tile} is too small; use 128 or more (or leave it to auto)")
         tile = tile or self.auto_tile(*chw.shape[1:])
-        overlap = auto_overlap(tile) if overlap is None else overlap
-        if out is None:  # the result (K float32 maps) plus one band of tiles in flight
-            k, (h, w) = self.checkpoint.config.out_channels, chw.shape[1:]
-            need = 4 * k * h * w + 4 * (chw.shape[0] + k + 2) * min(tile, h) * w
-            require_memory(need, f"segmenting a {h} x {w} image",
+        requested_overlap = overlap  # None: 128 pixels of whatever tile the loop below ends up using
+        k, (h, w) = self.checkpoint.config.out_channels, chw.shape[1:]
+        # one band of tiles in flight, the network's activations (~900 bytes per tile pixel), and the result
+        need = 4 * (chw.shape[0] + k + 2) * min(tile, h) * w + ACTIVATION_BYTES_PER_PIXEL * min(tile, h) * min(tile, w) * batch_size
+        if out is None:
+            need += 4 * k * h * w
+        require_memory(need, f"segmenting a {h} x {w} image",
                            "close other programs, crop or downsample the image, or run it on a machine with more memory")
         stats = measure_stats(chw, config)
         while True:
+            overlap = auto_overlap(tile) if requested_overlap is None else requested_overlap
             try:
                 return sliding_window_inference(
                     chw, tile, batch_size, self._predict_batch, overlap,
@@ -391,6 +402,10 @@ class Segmenter:
         if channel_axis not in (None, -1, array.ndim - 1):
             raise R2UNetError("for stacks the channel axis must be the last one (napari's RGB layout) or None")
         leading = tuple(array.shape[: array.ndim - spatial])
+        h, w = array.shape[-spatial:][:2]
+        require_memory(4 * self.checkpoint.config.out_channels * int(np.prod(leading or (1,))) * h * w,
+                       f"segmenting a stack of {int(np.prod(leading or (1,)))} slices of {h} x {w}",
+                       "segment fewer slices at a time, or run it on a machine with more memory")
         slices = list(np.ndindex(*leading)) or [()]
         result: np.ndarray | None = None
         for i, index in enumerate(slices):

@@ -247,3 +247,34 @@ def test_export_is_checked_against_pytorch(tmp_path, trained_checkpoint, capsys,
     assert main(["export", str(trained_checkpoint), "--format", fmt, "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+
+
+def test_onnxruntime_out_of_memory_retries_with_smaller_tiles(trained_checkpoint, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from src_models.export import OnnxPredictor
+
+    real_call, calls = OnnxPredictor.__call__, []
+
+    def allocation_fails_once(self, batch):
+        calls.append(batch.shape)
+        if len(calls) == 1:
+            raise Exception("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
+        return real_call(self, batch)
+
+    monkeypatch.setattr(OnnxPredictor, "__call__", allocation_fails_once)
+    messages = []
+    seg = Segmenter(load_checkpoint(trained_checkpoint), "cpu", log=messages.append, backend="onnxruntime")
+    probs = seg.predict(vessel_image((300, 280), seed=1)[0], tile=256)
+    assert probs.shape == (1, 300, 280) and np.isfinite(probs).all()
+    assert any("retrying with 128-pixel tiles" in m for m in messages) and calls[1][-1] == 128
+
+
+def test_a_corrupt_onnx_cache_file_is_rebuilt(trained_checkpoint):
+    pytest.importorskip("onnxruntime")
+    checkpoint = load_checkpoint(trained_checkpoint)
+    first = Segmenter(checkpoint, "cpu", backend="onnxruntime")
+    first.onnx.path.write_bytes(b"not a model")
+    again = Segmenter(checkpoint, "cpu", backend="onnxruntime")
+    image = vessel_image((64, 64), seed=2)[0]
+    assert again.backend == "onnxruntime"
+    assert np.abs(again.predict(image) - Segmenter(checkpoint, "cpu", backend="torch").predict(image)).max() < 1e-3
