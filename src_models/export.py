@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,22 +27,14 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import R2UNetError
-from .fileio import atomic_write
+from .fileio import atomic_write, user_folder
 
 CACHE_ENV = "R2UNET_CACHE_DIR"
 OPSET = 17
 
 
 def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "napari-r2unet"
+    return user_folder("cache", CACHE_ENV)
 
 
 def _example(checkpoint: Checkpoint) -> torch.Tensor:

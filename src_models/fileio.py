@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import R2UNetError
+
+
+def user_folder(kind: str, override_env: str) -> Path:
+    """``$override_env`` if set, else this platform's per-user ``data`` or ``cache`` folder + napari-r2unet."""
+    if os.environ.get(override_env):
+        return Path(os.environ[override_env]).expanduser()
+    home = Path.home()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = home / "Library" / ("Caches" if kind == "cache" else "Application Support")
+    else:
+        xdg, default = ("XDG_CACHE_HOME", home / ".cache") if kind == "cache" else ("XDG_DATA_HOME", home / ".local" / "share")
+        base = Path(os.environ.get(xdg) or default)
+    return base / "napari-r2unet"
 
 
 def _read_umask() -> int:

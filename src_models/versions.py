@@ -20,14 +20,13 @@ import datetime as _dt
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .catalog import describe
 from .errors import R2UNetError
-from .fileio import atomic_copy, atomic_write
+from .fileio import atomic_copy, atomic_write, user_folder
 
 MODELS_ENV = "R2UNET_MODELS_DIR"
 NAMES_FILE = "names.json"
@@ -35,15 +34,8 @@ NAMES_FILE = "names.json"
 
 def user_models_dir() -> Path:
     """The per-user folder of fine-tuned versions (not created here)."""
-    if os.environ.get(MODELS_ENV):
-        return Path(os.environ[MODELS_ENV]).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "napari-r2unet" / "models"
+    folder = user_folder("data", MODELS_ENV)
+    return folder if os.environ.get(MODELS_ENV) else folder / "models"
 
 
 def ensure_models_dir(folder: Path | None = None) -> Path:
