@@ -420,10 +420,7 @@ class FinetuneWidget(Notifying, QWidget):
 
     def start(self) -> None:
         """Fine-tune in a worker thread (refused while a run or a re-segmentation is going)."""
-        if self.running:
-            self._notify_info("a fine-tuning run is already going: wait for it or press Cancel")
-            return
-        self._guard(self._start)
+        self._unless_busy("a fine-tuning run is already going: wait for it or press Cancel", self._start)
 
     def _start(self) -> None:
         from napari.qt.threading import create_worker
@@ -560,10 +557,7 @@ class FinetuneWidget(Notifying, QWidget):
                 if isinstance(layer, Image) and not is_output_layer(layer) and layer.name not in training]
 
     def resegment(self) -> None:
-        if self.running:
-            self._notify_info("wait for the running job to end (or press Cancel)")
-            return
-        self._guard(self._resegment)
+        self._unless_busy("wait for the running job to end (or press Cancel)", self._resegment)
 
     def _resegment(self) -> None:
         from napari.qt.threading import create_worker

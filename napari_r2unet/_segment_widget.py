@@ -193,10 +193,7 @@ class SegmentWidget(Notifying, QWidget):
 
     def start(self) -> None:
         """Segment the chosen image in a worker thread (refused while one runs)."""
-        if self.running:
-            self._notify_info("a segmentation is already running: wait for it or press Cancel")
-            return
-        self._guard(self._start)
+        self._unless_busy("a segmentation is already running: wait for it or press Cancel", self._start)
 
     def _start(self) -> None:
         from napari.qt.threading import create_worker

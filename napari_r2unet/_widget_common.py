@@ -46,6 +46,13 @@ class Notifying:
         self.status.setText(message)
         show_error(message)
 
+    def _unless_busy(self, busy: str, action: Callable[[], Any]) -> Any:
+        """Run ``action`` guarded, or refuse with ``busy`` while this widget's worker runs (never queue on top)."""
+        if getattr(self, "running", False):
+            self._notify_info(busy)
+            return None
+        return self._guard(action)
+
     def _guard(self, action: Callable[[], Any]) -> Any:
         try:
             return action()
