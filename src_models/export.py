@@ -83,6 +83,18 @@ def onnxruntime_available() -> bool:
     return True
 
 
+def _network_code_digest() -> str:
+    """8 hex digits of nets.py: an edited network (even at the same version) gets a fresh graph."""
+    import hashlib
+
+    from . import nets
+
+    try:
+        return hashlib.sha256(Path(nets.__file__).read_bytes()).hexdigest()[:8]
+    except OSError:  # e.g. a zipped install: the version alone names the code
+        return "code"
+
+
 class OnnxPredictor:
     """Logits of a checkpoint's network computed by onnxruntime on the CPU."""
 
@@ -94,7 +106,7 @@ class OnnxPredictor:
         # the graph depends on the weights, our network code and the exporter: all three name the file
         from . import __version__
 
-        stamp = re.sub(r"[^A-Za-z0-9.]+", "_", f"{__version__}-torch{torch.__version__}")
+        stamp = re.sub(r"[^A-Za-z0-9.]+", "_", f"{__version__}-{_network_code_digest()}-torch{torch.__version__}")
         self.path = folder / f"{checkpoint.sha256[:32]}-{stamp}-opset{OPSET}.onnx"
         if not self.path.is_file():
             try:

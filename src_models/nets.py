@@ -145,6 +145,19 @@ class ConvNormAct(nn.Sequential):
         )
 
 
+def _batch_norm(norm: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * weight + bias`` for an ``affine=False`` BatchNorm2d, in one call (nn.BatchNorm2d's own logic)."""
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    use_batch_stats = norm.training or norm.running_mean is None
+    track = not norm.training or norm.track_running_stats
+    return F.batch_norm(x, norm.running_mean if track else None, norm.running_var if track else None, weight, bias,
+                        use_batch_stats, momentum, norm.eps)
+
+
 class RecurrentConv(nn.Module):
     """RCL: ONE shared ``f`` applied ``t + 1`` times: ``x1 = f(x); repeat t: x1 = f(x + x1)``.
 
@@ -169,7 +182,13 @@ class RecurrentConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels)) if norm != "none" else None
 
     def f(self, z: torch.Tensor, step: int) -> torch.Tensor:
-        y = self.norms[min(step, len(self.norms) - 1)](self.conv(z))
+        norm = self.norms[min(step, len(self.norms) - 1)]
+        if type(norm) is nn.BatchNorm2d and self.weight is not None:
+            # the step's statistics and the shared affine in ONE batch_norm kernel: the same maths
+            # as norm(c) * weight + bias, without two extra passes over the tensor (and their backward)
+            y = _batch_norm(norm, self.conv(z), self.weight, self.bias)
+            return F.relu(y, inplace=True)
+        y = norm(self.conv(z))
         if self.weight is not None:
             y = y * self.weight[:, None, None] + self.bias[:, None, None]
         return F.relu(y)

@@ -522,7 +522,10 @@ class Trainer:
         self.model = build_model(self.model_config)
         if base is not None:
             self.model.load_state_dict(base.state_dict)
-        self.model.to(self.device)
+        # channels_last: oneDNN (CPU) and cuDNN run convolutions and their backward faster in NHWC;
+        # measured on 2 CPU cores, a training step of R2U-Net is about 10 % faster (benchmarks/bench.py (d))
+        self.memory_format = torch.channels_last if self.device.type in ("cpu", "cuda") else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.memory_format)
         if self.dist.enabled and self.device.type == "cuda" and self.model_config.norm == "batch":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self._apply_freeze()
@@ -768,7 +771,7 @@ class Trainer:
                     break
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.config.lr * self._lr_factor()
-                x, y, w = x.to(self.device), y.to(self.device), w.to(self.device)
+                x, y, w = x.to(self.device, memory_format=self.memory_format), y.to(self.device), w.to(self.device)
                 loss = segmentation_loss(self.net(x), y, w, *self._loss_reduction)
                 if not torch.isfinite(loss):
                     raise R2UNetError(f"the training loss became {loss.item()} at step {self.state.step}; lower the learning rate (--lr)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -111,6 +113,33 @@ def test_batchnorm_statistics_are_kept_per_step():
     layer.eval()
     x = torch.randn(8, 4, 16, 16) * 3 + 1
     assert torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fused_batchnorm_step_equals_norm_then_shared_affine(mode):
+    """f's single batch_norm call == the step's BatchNorm2d (affine=False), then weight/bias, then ReLU;
+    outputs, gradients and running statistics (momentum, batch counter) all match."""
+    torch.manual_seed(0)
+    layer = RecurrentConv(5, 2, "batch")
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-0.5, 0.5)
+        for norm in layer.norms:
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+    reference = [copy.deepcopy(norm) for norm in layer.norms]
+    weight, bias = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    getattr(layer, mode)(), [getattr(norm, mode)() for norm in reference]
+    z = torch.randn(4, 5, 9, 9) * 2 + 0.5
+    for step in range(3):
+        out = layer.f(z, step)
+        conv = layer.conv(z).detach()
+        expected = torch.relu(reference[step](conv) * weight[:, None, None] + bias[:, None, None])
+        assert torch.allclose(out, expected, atol=1e-5)
+        out.pow(2).sum().backward(), expected.pow(2).sum().backward()
+        assert torch.allclose(layer.weight.grad, weight.grad, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(layer.bias.grad, bias.grad, rtol=1e-4, atol=1e-4)
+        layer.weight.grad = layer.bias.grad = weight.grad = bias.grad = None
+        for a, b in zip(layer.norms[step].buffers(), reference[step].buffers()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
 @pytest.mark.parametrize(("arch", "residual", "t"), [("r2unet", True, 2), ("runet", False, 2), ("resunet", True, 0)])
