@@ -80,7 +80,7 @@ def _segmenter(args: argparse.Namespace) -> Any:
     return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend)
 
 
-def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str) -> Any:
+def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str, out: Any = None) -> Any:
     """Probabilities ``(K, H, W)`` for a 2D image, ``(..., K, H, W)`` for a stack.
 
     Layouts: ``(H, W)``; ``(H, W, C)`` and planar ``(C, H, W)`` with C <= 4 are one colour image
@@ -91,9 +91,11 @@ def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, descrip
     options = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=update)
     try:
         if image.ndim == 2:
-            return segmenter.predict(image, channel_axis=None, **options)
+            return segmenter.predict(image, channel_axis=None, out=out, **options)
         if image.ndim == 3 and not args.stack and image.shape[-1] <= 4:
-            return segmenter.predict(image, channel_axis=-1, **options)
+            return segmenter.predict(image, channel_axis=-1, out=out, **options)
+        if out is not None:
+            raise R2UNetError("internal: a label sink is for 2D images only")
         if image.ndim == 3 and not args.stack and image.shape[0] <= 4:
             return segmenter.predict(image, channel_axis=0, **options)
         if image.ndim == 3 and not args.stack and image.shape[-1] < min(image.shape[:2]) and image.shape[-1] < 16:
@@ -213,12 +215,16 @@ def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | 
     import numpy as np
 
     from .data import read_image, write_tiff
-    from .inference import probabilities_to_labels
+    from .inference import LabelSink, probabilities_to_labels
 
     image = read_image(path)
-    probs = _predict_array(segmenter, image, args, description or path.name)
-    labels = probabilities_to_labels(probs, args.threshold)
     binary = segmenter.checkpoint.config.out_channels == 1
+    sink = None
+    if prob_path is None and (image.ndim == 2 or (image.ndim == 3 and not args.stack and image.shape[-1] <= 4)):
+        # a 2D image whose probabilities are not kept: threshold band by band, never hold them all
+        sink = LabelSink(segmenter.checkpoint.config.out_channels, *image.shape[:2], threshold=args.threshold)
+    probs = _predict_array(segmenter, image, args, description or path.name, out=sink)
+    labels = sink.labels if sink is not None else probabilities_to_labels(probs, args.threshold)
     if binary:
         labels *= 255
     write_tiff(mask_path, labels)
@@ -435,8 +441,8 @@ def _widths(text: str) -> tuple[int, ...]:
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu (default: auto)")
-    p.add_argument("--tile", type=_positive_int, default=None, help="tile size in pixels (default: whole image up to 1 MP, else 1024)")
-    p.add_argument("--overlap", type=float, default=None, help="fraction of a tile shared with its neighbours (default: 128 pixels, 0.125 of a 1024 tile)")
+    p.add_argument("--tile", type=_positive_int, default=None, help="largest tile side in pixels; tiles are evened out (default: whole image up to 1536^2 pixels, else 1280)")
+    p.add_argument("--overlap", type=float, default=None, help="fraction of a tile shared with its neighbours (default: 192 pixels, 0.15 of a 1280 tile)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the mask (default: 0.5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")

@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 from src_models.checkpoint import load_checkpoint
 from src_models.errors import CancelledError, R2UNetError
 from src_models.inference import (
+    AUTO_OVERLAP_PIXELS,
     DEFAULT_OVERLAP,
+    LabelSink,
     Segmenter,
+    balanced_tile,
     probabilities_to_labels,
     select_device,
     sliding_window_inference,
@@ -61,10 +64,63 @@ def test_tiled_matches_whole_image_at_the_default_overlap(trained_checkpoint, ti
     seg = Segmenter(load_checkpoint(trained_checkpoint), "cpu")
     img, _ = vessel_image((1100, 1050), seed=7, n_vessels=30, rgb=True)
     whole = seg.predict(img, tile=2048)
-    tiled = seg.predict(img, tile=tile, batch_size=3)  # default overlap: 128 pixels
+    tiled = seg.predict(img, tile=tile, batch_size=3)  # default overlap: 192 pixels
     assert tiled.shape == whole.shape == (1, 1100, 1050)
     assert np.abs(tiled - whole).max() < 1e-3
     assert np.abs(seg.predict(img, tile=512, overlap=DEFAULT_OVERLAP) - whole).max() < 1e-3
+
+
+@given(size=st.integers(1, 400), max_tile=st.integers(2, 60), overlap=st.integers(0, 30), multiple=st.sampled_from([1, 2, 16]))
+@settings(max_examples=300, deadline=None)
+def test_balanced_tiles_cover_with_the_overlap_and_never_waste_more_than_fixed_ones(size, max_tile, overlap, multiple):
+    size, max_tile = size * multiple, max_tile * multiple
+    overlap = min(overlap * multiple // 2, max_tile - multiple)
+    tile = balanced_tile(size, max_tile, overlap, multiple)
+    assert tile % multiple == 0 and multiple <= tile <= min(size, max_tile)
+    starts = tile_starts(size, tile, overlap / tile, multiple)
+    assert starts[0] == 0 and starts[-1] + tile == size
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])), "every overlap at least what was asked"
+    fixed = min(max_tile, size)
+    assert len(starts) * tile <= len(tile_starts(size, fixed, overlap / fixed, multiple)) * fixed
+
+
+def test_balanced_tile_examples():
+    assert balanced_tile(1424, 1024, 192, 16) == 816  # two tiles (1632 pixels computed) instead of two of 1024
+    assert balanced_tile(8192, 1280, 192, 16) == 1200  # 8 tiles per axis, none sticking out
+    assert balanced_tile(1000, 1024, 192, 16) == 1000  # fits: one tile
+
+
+@pytest.mark.parametrize("tile", [None, 96])
+def test_label_sink_gives_the_thresholded_probabilities_without_keeping_them(trained_checkpoint, tile):
+    seg = Segmenter(load_checkpoint(trained_checkpoint), "cpu")
+    img, _ = vessel_image((300, 280), seed=3)
+    probs = seg.predict(img, tile=tile)
+    for threshold in (0.3, 0.5):
+        sink = LabelSink(1, 300, 280, threshold=threshold)
+        assert seg.predict(img, tile=tile, out=sink) is sink
+        np.testing.assert_array_equal(sink.labels, probabilities_to_labels(probs, threshold))
+    with pytest.raises(R2UNetError, match="threshold"):
+        LabelSink(1, 3, 3, threshold=2.0)
+
+
+def test_default_overlap_keeps_the_shipped_model_seamless_on_a_real_retina():
+    """The default overlap, checked where it matters: the shipped R2U-Net on skimage's retina
+    (reflect-padded to 1856^2), in two 1024-pixel tiles per axis, against the whole image."""
+    data = pytest.importorskip("skimage.data")
+    try:
+        retina = data.retina()
+    except Exception as exc:  # an install without the bundled images
+        pytest.skip(f"skimage's retina image is not available: {exc}")
+    from src_models.registry import load_model
+
+    image = np.pad(retina, ((300, 300), (300, 300), (0, 0)), mode="reflect")[:1856, :1856]
+    seg = Segmenter(load_model("r2unet-drive"), "cpu")
+    whole = seg.predict(image, channel_axis=-1, tile=1856)
+    tiled = seg.predict(image, channel_axis=-1, tile=1024)  # default overlap
+    assert AUTO_OVERLAP_PIXELS == 192 and np.abs(tiled - whole).max() < 1e-3
+    np.testing.assert_array_equal(tiled >= 0.5, whole >= 0.5)
+    # and what a 128-pixel overlap would lose here (why the default is not smaller)
+    assert np.abs(seg.predict(image, channel_axis=-1, tile=1024, overlap=128 / 1024) - whole).max() > 2e-3
 
 
 def test_progress_and_cancel(tiny_checkpoint):
@@ -266,7 +322,7 @@ def test_onnxruntime_out_of_memory_retries_with_smaller_tiles(trained_checkpoint
     seg = Segmenter(load_checkpoint(trained_checkpoint), "cpu", log=messages.append, backend="onnxruntime")
     probs = seg.predict(vessel_image((300, 280), seed=1)[0], tile=256)
     assert probs.shape == (1, 300, 280) and np.isfinite(probs).all()
-    assert any("retrying with 128-pixel tiles" in m for m in messages) and calls[1][-1] == 128
+    assert any("retrying with 128-pixel tiles" in m for m in messages) and calls[1][-1] <= 128  # at most 128, evened out
 
 
 def test_a_corrupt_onnx_cache_file_is_rebuilt(trained_checkpoint):
