@@ -1,7 +1,8 @@
 """The Segment widget: pick an image and a model, segment in a worker thread, get editable labels.
 
 The network runs in a napari worker thread (torch is imported there, not at napari start-up);
-progress shows in the widget and in napari's activity dock; Cancel stops between tiles; the
+progress shows in the widget and in napari's activity dock (a busy bar while the first or only
+tile runs); Cancel stops within a fraction of a second, even inside a tile; the
 threshold slider re-derives the labels from the stored probabilities without running the
 network again. Errors become one-line napari notifications.
 """
@@ -224,7 +225,7 @@ class SegmentWidget(Notifying, QWidget):
         self._progress_bar = progress(total=1000, desc=f"Segmenting {image.name}")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.progress.setValue(0)
+        self.progress.setRange(0, 0)  # busy until the first tile is done: an image that runs whole has one
         self.status.setText(f"segmenting {image.name} with {self.model_combo.currentText()} ...")
         worker.start()
 
@@ -235,13 +236,14 @@ class SegmentWidget(Notifying, QWidget):
         return self.viewer.layers[text.removeprefix("fill ")]
 
     def cancel(self) -> None:
-        """Ask the worker to stop; it ends between two tiles and adds nothing."""
+        """Ask the worker to stop; it ends within a fraction of a second (inside a tile) and adds nothing."""
         if self.running:
             self._stop.set()
             self.status.setText("cancelling ...")
 
     def _on_progress(self, fraction: float) -> None:
         value = int(round(fraction * 1000))
+        self.progress.setRange(0, 1000)
         self.progress.setValue(value)
         if self._progress_bar is not None:
             self._progress_bar.update(max(0, value - self._progress_bar.n))
@@ -269,6 +271,7 @@ class SegmentWidget(Notifying, QWidget):
 
     def _on_finished(self) -> None:
         self._worker = None
+        self.progress.setRange(0, 1000)
         if self._progress_bar is not None:
             self._progress_bar.close()
             self._progress_bar = None

@@ -34,7 +34,7 @@ from .checkpoint import Checkpoint
 from .errors import CancelledError, R2UNetError
 from .nets import logits_to_probabilities
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
-from .resources import require_memory
+from .resources import available_memory, require_memory
 
 Progress = Callable[[float], None]
 ShouldStop = Callable[[], bool]
@@ -270,6 +270,7 @@ class Segmenter:
         self.log = log or (lambda message: None)
         self.model = checkpoint.build(self.device)
         self.onnx: Any = None
+        self._should_stop: ShouldStop | None = None  # the running predict's, for a Cancel inside a tile
         self.backend = self._choose_backend(os.environ.get(BACKEND_ENV) or backend)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles share one shape: let cuDNN pick its fastest kernels once
@@ -301,6 +302,22 @@ class Segmenter:
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
         if self.onnx is not None and self.device.type == "cpu":
             return self._predict_batch_onnx(batch)
+        if self._should_stop is None:
+            return self._predict_batch_torch(batch)
+        should_stop = self._should_stop
+
+        def check(module: Any, inputs: Any) -> None:  # before every conv: Cancel stops inside a tile
+            if should_stop():
+                raise CancelledError()
+
+        handles = [m.register_forward_pre_hook(check) for m in self.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        try:
+            return self._predict_batch_torch(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _predict_batch_torch(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(self.device)
         use_amp = self.amp and self.device.type == "cuda"
         dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -321,7 +338,9 @@ class Segmenter:
         for flip in flips:  # torch's flip dims (2, 3) are numpy's axes
             x = np.flip(batch, axis=flip) if flip else batch
             try:
-                logits = self.onnx(x)
+                logits = self.onnx(x, self._should_stop)
+            except CancelledError:
+                raise
             except Exception as exc:  # onnxruntime's errors are not RuntimeErrors: name memory failures as such
                 if "alloc" in str(exc).lower():
                     raise MemoryError(str(exc)) from exc
@@ -340,7 +359,9 @@ class Segmenter:
     def auto_tile(self, height: int, width: int) -> int:
         padded = -(-height // self.size_multiple) * self.size_multiple, -(-width // self.size_multiple) * self.size_multiple
         if padded[0] * padded[1] <= AUTO_WHOLE_IMAGE_PIXELS:
-            return max(padded)
+            free = available_memory()  # a whole 1536^2 image needs ~2 GB of activations: tile it where that is short
+            if free is None or ACTIVATION_BYTES_PER_PIXEL * padded[0] * padded[1] <= free // 2:
+                return max(padded)
         return AUTO_TILE
 
     # -- one 2D image -------------------------------------------------------------------
@@ -376,7 +397,7 @@ class Segmenter:
         if tile is not None and tile < 16:
             raise R2UNetError(f"tile={tile} is too small; use 128 or more (or leave it to auto)")
         tile = tile or self.auto_tile(*chw.shape[1:])
-        requested_overlap = overlap  # None: 128 pixels of whatever tile the loop below ends up using
+        requested_overlap = overlap  # None: 192 pixels of whatever tile the loop below ends up using
         k, (h, w) = self.checkpoint.config.out_channels, chw.shape[1:]
         # one band of tiles in flight, the network's activations (~900 bytes per tile pixel), and the result
         need = 4 * (chw.shape[0] + k + 2) * min(tile, h) * w + ACTIVATION_BYTES_PER_PIXEL * min(tile, h) * min(tile, w) * batch_size
@@ -385,33 +406,37 @@ class Segmenter:
         require_memory(need, f"segmenting a {h} x {w} image",
                            "close other programs, crop or downsample the image, or run it on a machine with more memory")
         stats = measure_stats(chw, config)
-        while True:
-            overlap = auto_overlap(tile) if requested_overlap is None else requested_overlap
-            try:
-                return sliding_window_inference(
-                    chw, tile, batch_size, self._predict_batch, overlap,
-                    size_multiple=self.size_multiple,
-                    transform=lambda band: normalize_tile(band, stats, config),
-                    progress=progress, should_stop=should_stop, out=out,
-                )
-            except (RuntimeError, MemoryError) as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if batch_size > 1:
-                    batch_size //= 2
-                    self.log(f"out of memory: retrying with batch size {batch_size}")
-                elif tile > MIN_TILE:
-                    tile = max(MIN_TILE, tile // 2)
-                    self.log(f"out of memory: retrying with {tile}-pixel tiles")
-                elif self.device.type != "cpu":
-                    self._move_to_cpu()
-                    self.log("out of memory on the accelerator: retrying on the CPU")
-                else:
-                    raise R2UNetError(
-                        f"out of memory even with batch 1 and {tile}-pixel tiles on the CPU; close other programs or use a smaller image"
-                    ) from exc
+        self._should_stop = should_stop  # polled inside a tile too (_predict_batch)
+        try:
+            while True:
+                overlap = auto_overlap(tile) if requested_overlap is None else requested_overlap
+                try:
+                    return sliding_window_inference(
+                        chw, tile, batch_size, self._predict_batch, overlap,
+                        size_multiple=self.size_multiple,
+                        transform=lambda band: normalize_tile(band, stats, config),
+                        progress=progress, should_stop=should_stop, out=out,
+                    )
+                except (RuntimeError, MemoryError) as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if batch_size > 1:
+                        batch_size //= 2
+                        self.log(f"out of memory: retrying with batch size {batch_size}")
+                    elif tile > MIN_TILE:
+                        tile = max(MIN_TILE, tile // 2)
+                        self.log(f"out of memory: retrying with {tile}-pixel tiles")
+                    elif self.device.type != "cpu":
+                        self._move_to_cpu()
+                        self.log("out of memory on the accelerator: retrying on the CPU")
+                    else:
+                        raise R2UNetError(
+                            f"out of memory even with batch 1 and {tile}-pixel tiles on the CPU; close other programs or use a smaller image"
+                        ) from exc
+        finally:
+            self._should_stop = None
 
     # -- stacks and time series -----------------------------------------------------------
     def predict_stack(

@@ -140,6 +140,35 @@ def test_progress_and_cancel(tiny_checkpoint):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_cancel_stops_inside_a_single_tile(backend):
+    """An image that runs as ONE tile still cancels: torch checks before every conv, onnxruntime
+    is terminated by a watcher thread. Without that, this run would finish and return."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    from src_models.registry import load_model
+
+    seg = Segmenter(load_model("r2unet-drive"), "cpu", backend=backend)
+    polls, done = [], []
+    image = vessel_image((768, 768), seed=4)[0]  # about a second of network on 2 cores: the watcher polls every 50 ms
+    with pytest.raises(CancelledError):
+        seg.predict(image, should_stop=lambda: polls.append(1) or len(polls) > 1, progress=done.append)
+    assert done == [] and seg._should_stop is None  # stopped before the only tile finished
+    assert seg.predict(vessel_image((64, 64), seed=4)[0]).shape == (1, 64, 64)  # and the segmenter still works
+
+
+def test_whole_image_runs_tile_when_memory_is_short(tiny_checkpoint, monkeypatch):
+    import src_models.inference as inference
+
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
+    monkeypatch.setattr(inference, "available_memory", lambda: None)
+    m = seg.size_multiple
+    assert seg.auto_tile(1400, 1400) == -(-1400 // m) * m  # whole (padded to the size multiple)
+    monkeypatch.setattr(inference, "available_memory", lambda: 2 * 1024**3)
+    assert seg.auto_tile(1400, 1400) == inference.AUTO_TILE
+    assert seg.auto_tile(500, 500) == -(-500 // m) * m
+
+
 def test_dask_input_is_read_lazily_and_matches_numpy(tiny_checkpoint):
     da = pytest.importorskip("dask.array")
     seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
