@@ -441,8 +441,8 @@ def _widths(text: str) -> tuple[int, ...]:
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu (default: auto)")
-    p.add_argument("--tile", type=_positive_int, default=None, help="largest tile side in pixels; tiles are evened out (default: whole image up to 1536^2 pixels, else 1280)")
-    p.add_argument("--overlap", type=float, default=None, help="fraction of a tile shared with its neighbours (default: 192 pixels, 0.15 of a 1280 tile)")
+    p.add_argument("--tile", type=_positive_int, default=None, help="largest tile side in pixels; tiles are evened out (default: whole image up to 1536^2 pixels if memory allows, else 1280)")
+    p.add_argument("--overlap", type=float, default=None, help="overlap of neighbouring tiles, as a fraction of the largest tile (default: 192 pixels, 0.15 of 1280)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the mask (default: 0.5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")

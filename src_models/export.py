@@ -86,15 +86,18 @@ def onnxruntime_available() -> bool:
 
 
 def _network_code_digest() -> str:
-    """8 hex digits of nets.py: an edited network (even at the same version) gets a fresh graph."""
+    """8 hex digits of nets.py and this exporter: edited code (even at the same version) gets a fresh graph."""
     import hashlib
 
     from . import nets
 
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(Path(nets.__file__).read_bytes()).hexdigest()[:8]
+        for source in (nets.__file__, __file__):
+            digest.update(Path(source).read_bytes())
     except OSError:  # e.g. a zipped install: the version alone names the code
         return "code"
+    return digest.hexdigest()[:8]
 
 
 class OnnxPredictor:
@@ -116,6 +119,10 @@ class OnnxPredictor:
             except OSError as exc:
                 raise R2UNetError(f"cannot create the cache folder {folder}: {exc.strerror or exc}; set {CACHE_ENV}") from exc
             export_onnx(checkpoint, self.path)
+            for stale in folder.glob(f"{checkpoint.sha256[:32]}-*.onnx"):  # graphs of older code for these weights
+                if stale != self.path:
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
         self._session: Any = None
         self._threads = 0
 
@@ -157,7 +164,11 @@ class OnnxPredictor:
 
         def watch() -> None:
             while not finished.wait(0.05):
-                if should_stop():
+                try:
+                    stop = should_stop()
+                except Exception:  # a broken callback must not leave a run that cannot be cancelled
+                    stop = True
+                if stop:
                     options.terminate = True
                     return
 

@@ -34,7 +34,7 @@ from .checkpoint import Checkpoint
 from .errors import CancelledError, R2UNetError
 from .nets import logits_to_probabilities
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
-from .resources import available_memory, require_memory
+from .resources import HEADROOM, available_memory, require_memory
 
 Progress = Callable[[float], None]
 ShouldStop = Callable[[], bool]
@@ -52,11 +52,11 @@ def auto_overlap(tile: int) -> float:
     return min(0.5, AUTO_OVERLAP_PIXELS / max(1, tile))
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 MIN_TILE = 128
-ACTIVATION_BYTES_PER_PIXEL = 900  # R2U-Net 16-256 measured with onnxruntime: 0.9 GB for a 1024^2 tile
+ACTIVATION_BYTES_PER_PIXEL = 900  # R2U-Net 16-256, onnxruntime: a 1024^2 tile's process peaks at 0.9 GB (the activations alone ~490 B/px)
 BACKENDS = ("auto", "torch", "onnxruntime")
 BACKEND_ENV = "R2UNET_BACKEND"  # overrides the backend argument (auto | torch | onnxruntime)
 AUTO_WHOLE_IMAGE_PIXELS = 1536 * 1536  # images up to this size run as one tile (no overlap to recompute)
-AUTO_TILE = 1280  # larger ones: tiles of at most this side, evened out (balanced_tile); ~0.7 GB with onnxruntime
+AUTO_TILE = 1280  # larger ones (or where memory is short): tiles of at most this side, evened out (balanced_tile)
 
 
 def available_devices() -> list[str]:
@@ -359,8 +359,9 @@ class Segmenter:
     def auto_tile(self, height: int, width: int) -> int:
         padded = -(-height // self.size_multiple) * self.size_multiple, -(-width // self.size_multiple) * self.size_multiple
         if padded[0] * padded[1] <= AUTO_WHOLE_IMAGE_PIXELS:
-            free = available_memory()  # a whole 1536^2 image needs ~2 GB of activations: tile it where that is short
-            if free is None or ACTIVATION_BYTES_PER_PIXEL * padded[0] * padded[1] <= free // 2:
+            # on the CPU, where host memory is what the activations use, tile it when that is short
+            free = available_memory() if self.device.type == "cpu" else None
+            if free is None or ACTIVATION_BYTES_PER_PIXEL * padded[0] * padded[1] <= HEADROOM * free:
                 return max(padded)
         return AUTO_TILE
 
@@ -461,6 +462,8 @@ class Segmenter:
                        f"segmenting a stack of {int(np.prod(leading or (1,)))} slices of {h} x {w}",
                        "segment fewer slices at a time, or run it on a machine with more memory")
         slices = list(np.ndindex(*leading)) or [()]
+        if kwargs.get("tile") is None:  # decided once: every slice tiled alike, whatever memory does meanwhile
+            kwargs["tile"] = self.auto_tile(h, w)
         result: np.ndarray | None = None
         for i, index in enumerate(slices):
             def sub_progress(fraction: float, i: int = i) -> None:

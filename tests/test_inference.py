@@ -164,7 +164,7 @@ def test_whole_image_runs_tile_when_memory_is_short(tiny_checkpoint, monkeypatch
     monkeypatch.setattr(inference, "available_memory", lambda: None)
     m = seg.size_multiple
     assert seg.auto_tile(1400, 1400) == -(-1400 // m) * m  # whole (padded to the size multiple)
-    monkeypatch.setattr(inference, "available_memory", lambda: 2 * 1024**3)
+    monkeypatch.setattr(inference, "available_memory", lambda: 1024**3)  # 1 GiB free: 1400^2 needs ~1.8 GB
     assert seg.auto_tile(1400, 1400) == inference.AUTO_TILE
     assert seg.auto_tile(500, 500) == -(-500 // m) * m
 
@@ -340,11 +340,11 @@ def test_onnxruntime_out_of_memory_retries_with_smaller_tiles(trained_checkpoint
 
     real_call, calls = OnnxPredictor.__call__, []
 
-    def allocation_fails_once(self, batch):
+    def allocation_fails_once(self, batch, should_stop=None):
         calls.append(batch.shape)
         if len(calls) == 1:
             raise Exception("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
-        return real_call(self, batch)
+        return real_call(self, batch, should_stop)
 
     monkeypatch.setattr(OnnxPredictor, "__call__", allocation_fails_once)
     messages = []
@@ -363,3 +363,34 @@ def test_a_corrupt_onnx_cache_file_is_rebuilt(trained_checkpoint):
     image = vessel_image((64, 64), seed=2)[0]
     assert again.backend == "onnxruntime"
     assert np.abs(again.predict(image) - Segmenter(checkpoint, "cpu", backend="torch").predict(image)).max() < 1e-3
+
+
+def test_a_new_onnx_graph_replaces_the_stale_ones_of_the_same_weights(trained_checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from src_models.export import CACHE_ENV, OnnxPredictor
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    checkpoint = load_checkpoint(trained_checkpoint)
+    folder = tmp_path / "onnx"
+    folder.mkdir(parents=True)
+    stale = folder / f"{checkpoint.sha256[:32]}-0.0.1-oldcode-opset17.onnx"
+    other = folder / f"{'0' * 32}-0.0.1-oldcode-opset17.onnx"  # another model's graph: kept
+    stale.write_bytes(b"old graph"), other.write_bytes(b"other model")
+    predictor = OnnxPredictor(checkpoint)
+    assert predictor.path.is_file() and not stale.exists() and other.exists()
+
+
+def test_a_failing_stop_callback_cancels_instead_of_running_on():
+    pytest.importorskip("onnxruntime")
+    from src_models.export import OnnxPredictor
+    from src_models.registry import load_model
+
+    predictor = OnnxPredictor(load_model("r2unet-drive"))
+    small = np.zeros((1, 1, 64, 64), np.float32)
+    assert predictor(small, lambda: False).shape[-2:] == (64, 64)
+
+    def broken() -> bool:
+        raise RuntimeError("callback bug")
+
+    with pytest.raises(CancelledError):  # 768^2 runs for about a second: the watcher's first poll lands inside it
+        predictor(np.zeros((1, 1, 768, 768), np.float32), broken)
