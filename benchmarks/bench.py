@@ -99,15 +99,12 @@ def forward_flops(config, height: int, width: int) -> float:
 
 def tiling_overhead(segmenter, side: int) -> float:
     """Pixels the network computes for a side x side image at the default tiling / the image's pixels."""
-    from src_models.inference import auto_overlap, balanced_tile, tile_starts
+    from src_models.inference import auto_overlap, tile_layout
 
     m = segmenter.size_multiple
-    padded = -(-side // m) * m
-    tile = segmenter.auto_tile(side, side)
-    overlap = round(auto_overlap(tile) * tile)
-    tile = balanced_tile(padded, tile, overlap, m)
-    count = len(tile_starts(padded, tile, min(0.95, overlap / tile), m))
-    return (count * tile) ** 2 / side**2
+    largest = segmenter.auto_tile(side, side)
+    tile, starts = tile_layout(-(-side // m) * m, largest, round(auto_overlap(largest) * largest), m)
+    return (len(starts) * tile) ** 2 / side**2
 
 
 def child_rss_predict(model: str, image: Path, out: Path, threads: int) -> tuple[float, float]:

@@ -80,24 +80,33 @@ def _segmenter(args: argparse.Namespace) -> Any:
     return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend)
 
 
-def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str, out: Any = None) -> Any:
+def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str,
+                   labels_at: float | None = None) -> Any:
     """Probabilities ``(K, H, W)`` for a 2D image, ``(..., K, H, W)`` for a stack.
 
     Layouts: ``(H, W)``; ``(H, W, C)`` and planar ``(C, H, W)`` with C <= 4 are one colour image
     (``--stack`` makes a 3D array a stack of gray slices); any other 3D+ array is a stack of
     gray slices ``(..., H, W)``, or of colour slices ``(..., H, W, C)`` when the last axis <= 4.
+    With ``labels_at`` (a threshold), a 2D image gives a :class:`LabelSink` instead: its labels
+    are thresholded band by band and the probabilities are never held whole.
     """
+    from .inference import LabelSink
+
     update, close = _progress_bar(description)
     options = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=update)
+    classes = segmenter.checkpoint.config.out_channels
+
+    def one_image(channel_axis: int | None, height: int, width: int) -> Any:
+        out = None if labels_at is None else LabelSink(classes, height, width, threshold=labels_at)
+        return segmenter.predict(image, channel_axis=channel_axis, out=out, **options)
+
     try:
         if image.ndim == 2:
-            return segmenter.predict(image, channel_axis=None, out=out, **options)
+            return one_image(None, *image.shape)
         if image.ndim == 3 and not args.stack and image.shape[-1] <= 4:
-            return segmenter.predict(image, channel_axis=-1, out=out, **options)
-        if out is not None:
-            raise R2UNetError("internal: a label sink is for 2D images only")
+            return one_image(-1, *image.shape[:2])
         if image.ndim == 3 and not args.stack and image.shape[0] <= 4:
-            return segmenter.predict(image, channel_axis=0, **options)
+            return one_image(0, *image.shape[1:])
         if image.ndim == 3 and not args.stack and image.shape[-1] < min(image.shape[:2]) and image.shape[-1] < 16:
             raise R2UNetError(
                 f"{description.split()[-1]} looks like a {image.shape[-1]}-channel image {image.shape}; models take 1-4 channels. "
@@ -219,12 +228,9 @@ def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | 
 
     image = read_image(path)
     binary = segmenter.checkpoint.config.out_channels == 1
-    sink = None
-    if prob_path is None and (image.ndim == 2 or (image.ndim == 3 and not args.stack and image.shape[-1] <= 4)):
-        # a 2D image whose probabilities are not kept: threshold band by band, never hold them all
-        sink = LabelSink(segmenter.checkpoint.config.out_channels, *image.shape[:2], threshold=args.threshold)
-    probs = _predict_array(segmenter, image, args, description or path.name, out=sink)
-    labels = sink.labels if sink is not None else probabilities_to_labels(probs, args.threshold)
+    # probabilities not written: a 2D image is thresholded band by band (never held whole)
+    probs = _predict_array(segmenter, image, args, description or path.name, labels_at=None if prob_path else args.threshold)
+    labels = probs.labels if isinstance(probs, LabelSink) else probabilities_to_labels(probs, args.threshold)
     if binary:
         labels *= 255
     write_tiff(mask_path, labels)

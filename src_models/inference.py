@@ -141,6 +141,12 @@ def balanced_tile(size: int, max_tile: int, overlap_px: int, multiple: int = 1) 
     return min(max_tile, tile)
 
 
+def tile_layout(size: int, max_tile: int, overlap_px: int, multiple: int = 1) -> tuple[int, list[int]]:
+    """One axis of the tiling: the evened-out tile length and the tiles' start offsets."""
+    tile = balanced_tile(size, max_tile, overlap_px, multiple)
+    return tile, tile_starts(size, tile, min(0.95, overlap_px / tile), multiple)
+
+
 def _axis_weights(size: int, tile: int, starts: list[int], gaussian: bool) -> list[np.ndarray]:
     """Per-tile 1D blending weights along one axis.
 
@@ -213,9 +219,8 @@ def sliding_window_inference(
     padded = (-(-height // size_multiple) * size_multiple, -(-width // size_multiple) * size_multiple)
     roi = (roi_size, roi_size) if isinstance(roi_size, int) else tuple(roi_size)
     th, tw = (max(size_multiple, min(r, p) // size_multiple * size_multiple) for r, p in zip(roi, padded))
-    overlap_px = (round(overlap * th), round(overlap * tw))  # the overlap asked for, in pixels of the largest tile
-    th, tw = (balanced_tile(p, t, o, size_multiple) for p, t, o in zip(padded, (th, tw), overlap_px))
-    ys, xs = (tile_starts(p, t, min(0.95, o / t), size_multiple) for p, t, o in zip(padded, (th, tw), overlap_px))
+    # the overlap asked for, in pixels of the largest tile; the tiles themselves are evened out
+    (th, ys), (tw, xs) = (tile_layout(p, t, round(overlap * t), size_multiple) for p, t in zip(padded, (th, tw)))
     wys = _axis_weights(padded[0], th, ys, mode == "gaussian")
     wxs = _axis_weights(padded[1], tw, xs, mode == "gaussian")
 
