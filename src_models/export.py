@@ -77,14 +77,6 @@ def export_torchscript(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> 
     return path
 
 
-def onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _network_code_digest() -> str:
     """8 hex digits of nets.py and this exporter: edited code (even at the same version) gets a fresh graph."""
     import hashlib
