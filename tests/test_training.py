@@ -260,3 +260,30 @@ def test_freezing(tmp_path):
         if key.startswith("encoder."):  # weights and BN statistics untouched
             assert torch.equal(tuned[key], value), key
     assert any(not torch.equal(tuned[k], base.state_dict[k]) for k in tuned if k.startswith("decoder."))
+
+
+def test_train_config_imports_without_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys, src_models.training, src_models.training.config as c; c.finetune_config(); "
+             "print(sorted(m for m in ('torch', 'napari') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_setting_has_help_and_its_bounds_are_enforced():
+    import dataclasses
+
+    from src_models.training import FINETUNE_DEFAULTS
+
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f.name
+        low = f.metadata.get("min")
+        if low is not None:
+            below = low if f.metadata.get("min_exclusive") else (low - 1 if f.type.startswith("int") else low - 0.5)
+            with pytest.raises(R2UNetError, match=f.name):
+                TrainConfig(**{f.name: below})
+    assert TrainConfig.__dataclass_fields__["freeze"].metadata["choices"] == ("none", "bn", "encoder")
+    assert finetune_config().lr == FINETUNE_DEFAULTS["lr"] == 3e-4
+    assert finetune_config(lr=None, epochs=3).epochs == 3

@@ -44,73 +44,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .checkpoint import Checkpoint, atomic_write, save_checkpoint
-from .errors import CancelledError, R2UNetError
-from .inference import sliding_window_inference
-from .metrics import MetricAccumulator
-from .nets import ModelConfig, build_model, logits_to_probabilities
-from .preprocessing import PreprocessConfig, check_image, measure_stats, normalize_tile, to_chw
+from .. import __version__
+from ..checkpoint import Checkpoint, save_checkpoint
+from ..errors import CancelledError, R2UNetError
+from ..fileio import atomic_write
+from ..inference import sliding_window_inference
+from ..metrics import MetricAccumulator
+from ..nets import ModelConfig, build_model, logits_to_probabilities
+from ..preprocessing import PreprocessConfig, check_image, measure_stats, normalize_tile, to_chw
+from .config import TrainConfig
 
 ShouldStop = Callable[[], bool]
 OUTSIDE_FOV_WEIGHT = 0.1
-
-
-# -- configuration -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train. Every field has a default that works for DRIVE-like data on a CPU."""
-
-    patch_size: int = 96
-    batch_size: int = 8  # global batch: split across processes under torchrun
-    epochs: int = 40
-    minutes: float | None = None  # wall-clock budget; whichever of epochs/minutes ends first
-    steps_per_epoch: int | None = None  # default: about one pass over the training pixels
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    foreground_fraction: float = 0.5
-    augment: bool = True
-    val_fraction: float = 0.1
-    val_ids: tuple[str, ...] = ()
-    patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
-    seed: int = 0
-    freeze: str = "none"  # none | bn (BatchNorm statistics) | encoder (and BN statistics)
-    correction_weight: float = 5.0  # loss weight of user-corrected pixels when a correction map is given
-    val_tile: int = 1024
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "val_ids", tuple(str(v) for v in self.val_ids))
-        checks = [
-            (self.patch_size >= 16, f"patch_size={self.patch_size} must be >= 16"),
-            (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
-            (self.epochs >= 1, f"epochs={self.epochs} must be >= 1"),
-            (self.minutes is None or self.minutes > 0, f"minutes={self.minutes} must be > 0"),
-            (self.steps_per_epoch is None or self.steps_per_epoch >= 1, f"steps_per_epoch={self.steps_per_epoch} must be >= 1"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr} must be a positive number"),
-            (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
-            (0 <= self.foreground_fraction <= 1, f"foreground_fraction={self.foreground_fraction} must be in [0, 1]"),
-            (0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)"),
-            (self.patience >= 0, f"patience={self.patience} must be >= 0"),
-            (self.seed >= 0, f"seed={self.seed} must be >= 0"),
-            (self.freeze in ("none", "bn", "encoder"), f"freeze={self.freeze!r} must be none, bn or encoder"),
-            (self.correction_weight >= 1, f"correction_weight={self.correction_weight} must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise R2UNetError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["val_ids"] = list(self.val_ids)
-        return d
-
-
-def finetune_config(**overrides: Any) -> TrainConfig:
-    """Defaults for a handful of corrected images: low LR, frozen BN statistics, short budget."""
-    defaults = dict(lr=3e-4, epochs=10, warmup_steps=10, freeze="bn", val_fraction=0.0, batch_size=4, steps_per_epoch=25)
-    defaults.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**defaults)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -176,7 +121,7 @@ def load_samples(
     Binary models (``classes == 1``) take 0/1 or 0/255 masks; multi-class ones integer label
     images with values ``0 .. classes - 1``.
     """
-    from .data import binarize_mask, pair_files, read_image, read_mask
+    from ..data import binarize_mask, pair_files, read_image, read_mask
 
     samples = []
     for pair in pair_files(images, masks, fov):
@@ -189,7 +134,7 @@ def load_samples(
 
 
 def _read_labels(path: Path, classes: int) -> np.ndarray:
-    from .data import read_image
+    from ..data import read_image
 
     labels = read_image(path)
     if labels.ndim != 2 or labels.dtype.kind not in "biu":
@@ -489,7 +434,7 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
     ) -> None:
-        from .inference import select_device
+        from ..inference import select_device
 
         self.config = config
         self.out = Path(out)

@@ -1,0 +1,115 @@
+"""How to train, torch-free: :class:`TrainConfig`, the fine-tuning defaults and their bounds.
+
+Each :class:`TrainConfig` field is defined once here, with its default and, in its
+``dataclasses.field`` metadata, what the CLI help and the napari settings panel show:
+
+- ``"help"``: one line saying what the setting does;
+- ``"min"`` / ``"max"``: the bounds that :class:`TrainConfig` enforces (inclusive, unless
+  ``"min_exclusive"`` / ``"max_exclusive"`` is true); ``"finite"``: NaN and infinity are refused;
+- ``"choices"``: the allowed values of a text setting;
+- ``"ui_min"`` / ``"ui_max"``: the range a settings panel offers where the config itself sets no
+  bound (a spin box needs one); they are not enforced.
+
+:data:`FINETUNE_DEFAULTS` holds what fine-tuning a few corrected images changes from those
+defaults, and :func:`finetune_config` applies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..errors import R2UNetError
+
+FREEZE_CHOICES = ("none", "bn", "encoder")
+
+
+def _meta(help: str, **bounds: Any) -> dict[str, Any]:
+    return {"metadata": {"help": help, **bounds}}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Every field has a default that works for DRIVE-like data on a CPU."""
+
+    patch_size: int = field(default=96, **_meta("side of the square training patches in pixels", min=16, ui_max=512))
+    batch_size: int = field(default=8, **_meta("patches per optimizer step (the global batch: split across processes under torchrun)", min=1, ui_max=64))
+    epochs: int = field(default=40, **_meta("epochs to train (whichever of epochs and minutes ends first)", min=1, ui_max=1000))
+    minutes: float | None = field(default=None, **_meta("wall-clock budget in minutes (whichever of epochs and minutes ends first)", min=0, min_exclusive=True, ui_max=24 * 60))
+    steps_per_epoch: int | None = field(default=None, **_meta("optimizer steps per epoch (default: about one pass over the training pixels)", min=1, ui_max=10000))
+    lr: float = field(default=2e-3, **_meta("peak learning rate of AdamW (linear warm-up, then cosine decay)", min=0, min_exclusive=True, finite=True, ui_min=1e-5, ui_max=1e-1))
+    weight_decay: float = field(default=1e-4, **_meta("AdamW weight decay", min=0))
+    warmup_steps: int = field(default=100, **_meta("steps of linear learning-rate warm-up (at most a tenth of the run)"))
+    foreground_fraction: float = field(default=0.5, **_meta("probability that a patch is centred on a foreground pixel", min=0, max=1))
+    augment: bool = field(default=True, **_meta("augment patches (flips, rotations, scale, intensity, colour)"))
+    val_fraction: float = field(default=0.1, **_meta("fraction of the images held out for validation", min=0, max=1, max_exclusive=True))
+    val_ids: tuple[str, ...] = field(default=(), **_meta("sample IDs to hold out for validation instead of val_fraction"))
+    patience: int = field(default=0, **_meta("epochs without improvement before stopping early (0 = never)", min=0))
+    seed: int = field(default=0, **_meta("random seed of the weights and the patches", min=0))
+    freeze: str = field(default="none", **_meta("what to keep fixed: none, bn (BatchNorm statistics) or encoder (and BN statistics)", choices=FREEZE_CHOICES))
+    correction_weight: float = field(default=5.0, **_meta("loss weight of the pixels the user corrected (when a correction map is given)", min=1, ui_max=100))
+    val_tile: int = field(default=1024, **_meta("tile side of the sliding-window validation, in pixels"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "val_ids", tuple(str(v) for v in self.val_ids))
+        for f in dataclasses.fields(self):
+            problem = _violation(getattr(self, f.name), f.metadata)
+            if problem:
+                raise R2UNetError(f"{f.name}={getattr(self, f.name)!r} must be {problem}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["val_ids"] = list(self.val_ids)
+        return d
+
+
+def _violation(value: Any, meta: Mapping[str, Any]) -> str:
+    """The rule ``value`` breaks (empty if none); ``None`` means "not set" and always passes."""
+    if value is None:
+        return ""
+    if "choices" in meta:
+        return "" if value in meta["choices"] else ", ".join(meta["choices"][:-1]) + " or " + meta["choices"][-1]
+    low, high = meta.get("min"), meta.get("max")
+    if low is None and high is None:
+        return ""
+    below = low is not None and (value <= low if meta.get("min_exclusive") else value < low)
+    above = high is not None and (value >= high if meta.get("max_exclusive") else value > high)
+    if not (below or above or value != value or (meta.get("finite") and not math.isfinite(value))):
+        return ""
+    if high is None:
+        return f"{'>' if meta.get('min_exclusive') else '>='} {low:g}" + (" and finite" if meta.get("finite") else "")
+    opening, closing = "(" if meta.get("min_exclusive") else "[", ")" if meta.get("max_exclusive") else "]"
+    return f"in {opening}{low:g}, {high:g}{closing}"
+
+
+def setting(name: str) -> Mapping[str, Any]:
+    """The metadata (help, bounds, choices) of the :class:`TrainConfig` field ``name``."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name:
+            return f.metadata
+    raise KeyError(f"TrainConfig has no field {name!r}")
+
+
+def default(name: str) -> Any:
+    """The :class:`TrainConfig` default of ``name``."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name:
+            return f.default
+    raise KeyError(f"TrainConfig has no field {name!r}")
+
+
+# What fine-tuning a handful of corrected images changes: low LR, frozen BN statistics, short budget.
+FINETUNE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    dict(lr=3e-4, epochs=10, warmup_steps=10, freeze="bn", val_fraction=0.0, batch_size=4, steps_per_epoch=25)
+)
+
+
+def finetune_config(**overrides: Any) -> TrainConfig:
+    """:data:`FINETUNE_DEFAULTS` with ``overrides`` (``None`` values keep the default)."""
+    values = dict(FINETUNE_DEFAULTS)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
