@@ -3,9 +3,15 @@
 Importing this package loads no torch: the public names below are re-exported lazily (PEP 562),
 so ``from src_models.training import TrainConfig`` stays light and ``Trainer`` loads the engine.
 
-- :mod:`.config`   :class:`TrainConfig` (each field's help and bounds), :data:`FINETUNE_DEFAULTS`,
+- :mod:`.config`      :class:`TrainConfig` (each field's help and bounds), :data:`FINETUNE_DEFAULTS`,
   :func:`finetune_config` (torch-free)
-- :mod:`.engine`   samples, patches, loss, events, DDP and the :class:`Trainer`
+- :mod:`.samples`     :class:`TrainSample`: files or arrays -> preprocessed, weighted samples; splits (torch-free)
+- :mod:`.events`      :class:`EventKind` and :class:`TrainEvent`, the one event stream (torch-free)
+- :mod:`.resume`      the run state, ``.resume.pt`` and ``.history.json`` (torch-free at import)
+- :mod:`.dataset`     :class:`PatchDataset`: seeded random patches and their augmentation
+- :mod:`.loss`        weighted BCE/CE + soft Dice, exact under DDP
+- :mod:`.distributed` DDP under torchrun: ranks and the collectives the engine needs
+- :mod:`.trainer`     :class:`Trainer`, the engine: schedule, validation, checkpoints, the loop
 """
 
 from __future__ import annotations
@@ -13,18 +19,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {
-    "TrainConfig": "config",
-    "FINETUNE_DEFAULTS": "config",
-    "FREEZE_CHOICES": "config",
-    "finetune_config": "config",
-    **dict.fromkeys(
-        ("TrainSample", "make_sample", "emphasize_corrections", "load_samples", "check_samples", "split_validation",
-         "holdout_region", "OUTSIDE_FOV_WEIGHT", "PatchDataset", "segmentation_loss", "TrainEvent", "Distributed",
-         "init_distributed", "resume_path", "history_path", "Trainer", "ShouldStop"),
-        "engine",
-    ),
+_MODULES = {
+    "config": ("TrainConfig", "FINETUNE_DEFAULTS", "FREEZE_CHOICES", "finetune_config"),
+    "samples": ("TrainSample", "make_sample", "emphasize_corrections", "load_samples", "check_samples",
+                "split_validation", "holdout_region", "OUTSIDE_FOV_WEIGHT"),
+    "events": ("EventKind", "TrainEvent"),
+    "resume": ("TrainState", "resume_path", "history_path"),
+    "dataset": ("PatchDataset",),
+    "loss": ("segmentation_loss",),
+    "distributed": ("Distributed", "init_distributed"),
+    "trainer": ("Trainer", "ShouldStop"),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = sorted(_EXPORTS)
 

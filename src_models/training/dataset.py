@@ -1,0 +1,96 @@
+"""Random training patches: :class:`PatchDataset` and its augmentation.
+
+Patch ``i`` of epoch ``e`` comes from its own generator seeded with ``(seed, e, i)``:
+foreground-centred with probability ``foreground_fraction``, then augmented (flips, rot90, small
+rotation and scale, brightness/contrast/gamma, colour jitter for RGB). Because a patch depends
+only on its index, a DistributedSampler shards a global batch exactly and a resumed run draws
+the same patches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .samples import TrainSample
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """``length`` random patches per epoch; patch ``i`` of epoch ``e`` depends only on (seed, e, i).
+
+    Items: ``image (C, P, P)`` float32, ``mask (P, P)`` int64, ``weight (P, P)`` float32.
+    """
+
+    def __init__(self, samples: Sequence[TrainSample], config: TrainConfig, length: int) -> None:
+        self.samples = list(samples)
+        self.config = config
+        self.length = length
+        self.epoch = 0
+        half = config.patch_size // 2 + 1
+        self._padded = []
+        self._foreground = []
+        for s in self.samples:  # pad so that any centre inside the image gives a full patch
+            pad = ((half, half), (half, half))
+            image = np.pad(s.image, ((0, 0), *pad), mode="reflect" if min(s.image.shape[1:]) > half else "edge")
+            self._padded.append((image, np.pad(s.mask, pad), np.pad(s.weight, pad)))
+            self._foreground.append(np.flatnonzero(s.mask.ravel() > 0))
+        sizes = np.array([s.mask.size for s in self.samples], dtype=np.float64)
+        self._sample_p = sizes / sizes.sum()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.config.seed, self.epoch, index])
+        k = int(rng.choice(len(self.samples), p=self._sample_p))
+        sample, (image, mask, weight) = self.samples[k], self._padded[k]
+        h, w = sample.mask.shape
+        fg = self._foreground[k]
+        if fg.size and rng.random() < self.config.foreground_fraction:
+            cy, cx = divmod(int(fg[rng.integers(fg.size)]), w)
+        else:
+            cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        p = self.config.patch_size
+        y0, x0 = cy + p // 2 + 1 - p // 2, cx + p // 2 + 1 - p // 2
+        x = image[:, y0 : y0 + p, x0 : x0 + p]
+        y = mask[y0 : y0 + p, x0 : x0 + p]
+        m = weight[y0 : y0 + p, x0 : x0 + p]
+        if self.config.augment:
+            x, y, m = _augment(rng, x, y, m)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y).astype(np.int64)), torch.from_numpy(np.ascontiguousarray(m))
+
+
+def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flips, rot90, small rotation/scale, brightness/contrast/gamma, colour jitter (C > 1)."""
+    k = int(rng.integers(4))
+    flip = bool(rng.random() < 0.5)
+    x, y, m = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k), np.rot90(m, k)
+    if flip:
+        x, y, m = x[:, :, ::-1], y[:, ::-1], m[:, ::-1]
+    if rng.random() < 0.5:  # small rotation and scale: grid_sample, nearest for labels and weights
+        angle, scale = math.radians(rng.uniform(-15, 15)), rng.uniform(0.9, 1.1)
+        theta = torch.tensor([[math.cos(angle) / scale, -math.sin(angle) / scale, 0.0],
+                              [math.sin(angle) / scale, math.cos(angle) / scale, 0.0]], dtype=torch.float32)[None]
+        size = (1, 1, *y.shape)
+        grid = F.affine_grid(theta, size, align_corners=False)
+        xt = torch.from_numpy(np.ascontiguousarray(x))[None]
+        x = F.grid_sample(xt, grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0].numpy()
+        ym = torch.from_numpy(np.stack([np.ascontiguousarray(y).astype(np.float32), np.ascontiguousarray(m)]))[None]
+        ym = F.grid_sample(ym, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0].numpy()
+        y, m = ym[0].astype(np.uint8), ym[1]
+    x = np.array(x, dtype=np.float32)
+    contrast, brightness = rng.uniform(0.85, 1.15), rng.uniform(-0.1, 0.1)
+    x = x * contrast + brightness
+    if rng.random() < 0.5:
+        gamma = float(np.exp(rng.uniform(-0.25, 0.25)))
+        positive = x > 0
+        x[positive] = x[positive] ** gamma
+    if x.shape[0] > 1:
+        x *= rng.uniform(0.95, 1.05, size=(x.shape[0], 1, 1)).astype(np.float32)
+    return x.astype(np.float32), y, m
+

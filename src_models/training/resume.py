@@ -1,0 +1,121 @@
+"""Exact resume, torch-free at import: the run's :class:`TrainState` and its ``.resume.pt`` file.
+
+Beside the best checkpoint ``OUT.safetensors`` a run keeps ``OUT.resume.pt`` (model, optimizer,
+schedule position, step, best score, history, torch RNG) and ``OUT.history.json`` (one record per
+epoch). :func:`save_resume` writes the first atomically; :func:`load_resume` checks that the
+saved run trains the same model with the same settings (only the budget and the patience may
+change) and restores it, so the resumed run continues with the very patches and steps it would
+have taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import R2UNetError
+from ..fileio import atomic_write
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+RESUME_FORMAT = "napari-r2unet.resume/1"
+BUDGET_FIELDS = ("epochs", "minutes", "patience")  # the settings a resumed run may change
+
+
+@dataclass
+class TrainState:
+    """Where a run is: everything besides the weights and the optimizer that a resume restores."""
+
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_epochs: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_loss_sum: float = 0.0  # the current epoch's losses so far (exact across a mid-epoch resume)
+    epoch_loss_count: int = 0
+    steps_per_epoch: int = 0
+    lr_anchor_step: int = 0  # a resume with a longer budget continues the decay from here ...
+    lr_anchor_factor: float = -1.0  # ... starting at this factor (-1: no anchor)
+    saved_by_this_run: bool = False
+    base_metrics: dict[str, float] = field(default_factory=dict)  # the base model on the validation images
+    created: str = ""  # when the run started (ISO date); a resumed run keeps it
+
+
+def resume_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".resume.pt")
+
+
+def history_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".history.json")
+
+
+def write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    text = json.dumps(history, indent=1)
+    atomic_write(history_path(out), lambda tmp: Path(tmp).write_text(text), suffix=".json")
+
+
+def save_resume(trainer: Trainer) -> None:
+    import torch
+
+    payload = {
+        "format": RESUME_FORMAT,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "state": dataclasses.asdict(trainer.state) | {"history": json.dumps(trainer.state.history)},
+        "train_config": json.dumps(trainer.config.to_dict()),
+        "model_config": trainer.model_config.to_json(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    atomic_write(resume_path(trainer.out), lambda tmp: torch.save(payload, tmp), suffix=".pt")
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    import torch
+
+    if not path.is_file():
+        raise R2UNetError(f"nothing to resume: {path} does not exist (start without --resume)")
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise R2UNetError(f"cannot resume from {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT:
+        raise R2UNetError(f"cannot resume from {path}: not a napari-r2unet resume file")
+    return payload
+
+
+def load_resume(trainer: Trainer) -> None:
+    """Restore ``trainer`` from its ``.resume.pt``; refuse a run of another model or other settings."""
+    import torch
+
+    path = resume_path(trainer.out)
+    payload = _read_payload(path)
+    if payload["model_config"] != trainer.model_config.to_json():
+        raise R2UNetError(f"cannot resume from {path}: it trains a different model ({payload['model_config']})")
+    saved = json.loads(payload["train_config"])
+    differs = sorted(k for k, v in trainer.config.to_dict().items() if saved.get(k) != v and k not in BUDGET_FIELDS)
+    if differs:
+        raise R2UNetError(f"cannot resume from {path}: training settings differ ({', '.join(differs)}); only --epochs/--minutes/--patience may change")
+    state = dict(payload["state"])
+    state["history"] = json.loads(state["history"])
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    previous = TrainState(**{k: v for k, v in state.items() if k in known})
+    if previous.steps_per_epoch and previous.steps_per_epoch != trainer.steps_per_epoch:
+        raise R2UNetError(f"cannot resume from {path}: it used {previous.steps_per_epoch} steps per epoch, this data gives {trainer.steps_per_epoch}; use the same images")
+    trainer.model.load_state_dict(payload["model"])
+    trainer.optimizer.load_state_dict(payload["optimizer"])
+    previous_total = saved.get("epochs", trainer.config.epochs) * trainer.steps_per_epoch
+    trainer.state = previous
+    trainer.state.saved_by_this_run = False
+    if previous_total != trainer.total_steps or saved.get("minutes") != trainer.config.minutes:
+        # a new budget: keep the current learning rate and decay from there (no warm restart)
+        trainer.state.lr_anchor_factor = trainer._lr_factor(total_steps=previous_total, minutes=saved.get("minutes"))
+        trainer.state.lr_anchor_step = trainer.state.step
+    torch.set_rng_state(payload["torch_rng"])

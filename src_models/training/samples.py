@@ -1,0 +1,168 @@
+"""Training samples, torch-free: validate and preprocess (image, mask) pairs, weight and split them.
+
+:class:`TrainSample` holds a preprocessed image ``(C, H, W)`` float32, a mask ``(H, W)`` uint8
+of class labels, a loss weight ``(H, W)`` float32 (0 = ignore) and an optional field of view.
+:func:`make_sample` builds one from arrays (the plugin), :func:`load_samples` from paired files
+(the CLI); :func:`emphasize_corrections` weights up the pixels a user corrected;
+:func:`check_samples` checks them against a model; :func:`split_validation` and
+:func:`holdout_region` set validation images (or a strip of one image) apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import R2UNetError
+from ..preprocessing import PreprocessConfig, check_image, measure_stats, normalize_tile, to_chw
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..nets import ModelConfig
+
+OUTSIDE_FOV_WEIGHT = 0.1  # loss weight of the pixels outside the field of view
+
+
+@dataclass
+class TrainSample:
+    """One training image: ``image`` (C, H, W) float32 normalised, ``mask`` (H, W) uint8 class
+    labels, ``weight`` (H, W) float32 loss weight (0 = ignore), ``fov`` (H, W) bool for metrics."""
+
+    id: str
+    image: np.ndarray
+    mask: np.ndarray
+    weight: np.ndarray
+    fov: np.ndarray | None = None
+    source: str = ""
+
+
+def make_sample(
+    sample_id: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    preprocess: PreprocessConfig,
+    *,
+    fov: np.ndarray | None = None,
+    channel_axis: int | None | str = "auto",
+    source: str = "",
+) -> TrainSample:
+    """Validate and preprocess one (image, mask) pair; NaN/Inf pixels get loss weight 0."""
+    chw = to_chw(np.asarray(image), channel_axis)
+    check_image(chw)
+    mask = np.asarray(mask)
+    if mask.shape != chw.shape[1:]:
+        raise R2UNetError(f"sample {sample_id}: mask shape {mask.shape} differs from the image's {chw.shape[1:]}; masks must match their images")
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    if mask.dtype.kind not in "biu" or mask.min() < 0 or mask.max() > 255:
+        raise R2UNetError(f"sample {sample_id}: mask must hold non-negative integer labels, got dtype {mask.dtype}")
+    finite = np.isfinite(np.asarray(chw, dtype=np.float32)).all(axis=0)
+    stats = measure_stats(chw, preprocess)
+    x = normalize_tile(chw, stats, preprocess)
+    weight = finite.astype(np.float32)
+    if fov is not None:
+        fov = np.asarray(fov).astype(bool)
+        if fov.shape != mask.shape:
+            raise R2UNetError(f"sample {sample_id}: field-of-view mask shape {fov.shape} differs from the image's {mask.shape}")
+        weight *= np.where(fov, 1.0, OUTSIDE_FOV_WEIGHT).astype(np.float32)
+    return TrainSample(sample_id, x, mask.astype(np.uint8), weight, fov, source)
+
+
+def emphasize_corrections(sample: TrainSample, corrected: np.ndarray, correction_weight: float) -> TrainSample:
+    """A copy of ``sample`` whose loss weight is multiplied by ``correction_weight`` where ``corrected``."""
+    corrected = np.asarray(corrected).astype(bool)
+    if corrected.shape != sample.mask.shape:
+        raise R2UNetError(f"sample {sample.id}: correction map shape {corrected.shape} differs from the image's {sample.mask.shape}")
+    weight = sample.weight * np.where(corrected, correction_weight, 1.0).astype(np.float32)
+    return dataclasses.replace(sample, weight=weight)
+
+
+def load_samples(
+    images: str | Path, masks: str | Path, fov: str | Path | None, preprocess: PreprocessConfig, classes: int = 1
+) -> list[TrainSample]:
+    """Paired files (see :func:`src_models.data.pair_files`) -> training samples.
+
+    Binary models (``classes == 1``) take 0/1 or 0/255 masks; multi-class ones integer label
+    images with values ``0 .. classes - 1``.
+    """
+    from ..data import binarize_mask, pair_files, read_image, read_mask
+
+    samples = []
+    for pair in pair_files(images, masks, fov):
+        mask = binarize_mask(read_image(pair.mask), name=f"mask {pair.mask}") if classes == 1 else _read_labels(pair.mask, classes)
+        samples.append(
+            make_sample(pair.id, read_image(pair.image), mask, preprocess,
+                        fov=read_mask(pair.fov) if pair.fov else None, source=str(pair.image))
+        )
+    return samples
+
+
+def _read_labels(path: Path, classes: int) -> np.ndarray:
+    from ..data import read_image
+
+    labels = read_image(path)
+    if labels.ndim != 2 or labels.dtype.kind not in "biu":
+        raise R2UNetError(f"label image {path} must be 2D integers (shape {labels.shape}, dtype {labels.dtype})")
+    if int(labels.max()) >= classes or int(labels.min()) < 0:
+        raise R2UNetError(f"label image {path} holds labels up to {int(labels.max())}; a {classes}-class model takes 0..{classes - 1}")
+    return labels.astype(np.uint8)
+
+
+def check_samples(samples: Sequence[TrainSample], config: ModelConfig) -> None:
+    if not samples:
+        raise R2UNetError("no training images were given")
+    channels = {s.image.shape[0] for s in samples}
+    if channels != {config.in_channels}:
+        raise R2UNetError(f"the model takes {config.in_channels} input channel(s) but the images give {sorted(channels)}; check --channels")
+    top = max(int(s.mask.max()) for s in samples)
+    if config.out_channels == 1 and top > 1:
+        raise R2UNetError(f"masks hold labels up to {top} but the model is binary; give 0/1 masks (or train with --classes)")
+    if config.out_channels > 1 and top >= config.out_channels:
+        raise R2UNetError(f"masks hold label {top} but the model has {config.out_channels} classes")
+    if all(int(s.mask.max()) == 0 for s in samples):
+        raise R2UNetError("every mask is empty (no foreground pixel): there is nothing to learn; check the masks")
+
+
+def split_validation(samples: Sequence[TrainSample], config: TrainConfig) -> tuple[list[TrainSample], list[TrainSample]]:
+    """Held-out samples by id (``val_ids``) or the last ``val_fraction`` of them (sorted by id)."""
+    if config.val_ids:
+        unknown = sorted(set(config.val_ids) - {s.id for s in samples})
+        if unknown:
+            raise R2UNetError(f"validation ids {unknown} are not among the training samples {[s.id for s in samples][:10]}")
+        val = [s for s in samples if s.id in config.val_ids]
+    else:
+        n_val = int(round(len(samples) * config.val_fraction))
+        n_val = min(n_val, len(samples) - 1)
+        val = sorted(samples, key=lambda s: s.id)[len(samples) - n_val :] if n_val > 0 else []
+    train = [s for s in samples if s not in val]
+    return train, val
+
+
+def holdout_region(sample: TrainSample, fraction: float) -> tuple[TrainSample, TrainSample]:
+    """Validate on a strip of one image: the last ``fraction`` of its rows (or columns, if wider).
+
+    Returns ``(train, val)``: ``train`` is the whole image with loss weight 0 on the strip (it
+    never learns from it); ``val`` is the strip alone (id ``<id>:holdout``). For a single
+    corrected image this still gives an honest validation curve.
+    """
+    if not 0 < fraction < 1:
+        raise R2UNetError(f"hold-out fraction {fraction} must be between 0 and 1")
+    h, w = sample.mask.shape
+    axis = 0 if h >= w else 1
+    size = (h, w)[axis]
+    cut = size - max(16, int(round(size * fraction)))
+    if cut < 16:
+        raise R2UNetError(f"image {sample.id} ({h}x{w}) is too small to hold out a part of it for validation; choose no validation")
+    strip = (slice(None), slice(cut, None)) if axis == 1 else (slice(cut, None), slice(None))
+    weight = sample.weight.copy()
+    weight[strip] = 0
+    fov = sample.fov[strip] if sample.fov is not None else None
+    val = TrainSample(f"{sample.id}:holdout", np.ascontiguousarray(sample.image[(slice(None), *strip)]),
+                      np.ascontiguousarray(sample.mask[strip]), np.ascontiguousarray(sample.weight[strip]), fov, sample.source)
+    return dataclasses.replace(sample, weight=weight), val
+
