@@ -192,14 +192,14 @@ def main() -> int:
     print(f"(c) predict {args.large}^2: {seconds:.1f} s, {per_px_large * 1e9:.1f} ns/px vs {per_px_small * 1e9:.1f} ns/px: {ratio_c:.2f}x; "
           f"peak RSS {rss:.2f} GB; the tiles cover {computed:.2f}x the image's pixels (overlap), so {ratio_c / computed:.2f}x per computed pixel")
 
-    from src_models.training import TrainConfig, Trainer, make_sample
+    from src_models.training import EventKind, TrainConfig, Trainer, make_sample
 
     train_image, train_mask = vessel_image((256, 256), n_vessels=10, seed=2, rgb=True)
     samples = [make_sample(f"s{i}", train_image, train_mask, checkpoint.preprocess, channel_axis=-1) for i in range(2)]
     steps = 4 if args.smoke else 24
     config = TrainConfig(batch_size=8, patch_size=96, epochs=1, steps_per_epoch=steps, val_fraction=0.0, warmup_steps=1)
     trainer = Trainer(None, None, samples, config, work / "train.safetensors", base=checkpoint)
-    stamps = [time.perf_counter()] + [time.perf_counter() for event in trainer.run() if event.kind == "step"]
+    stamps = [time.perf_counter()] + [time.perf_counter() for event in trainer.run() if event.kind == EventKind.STEP]
     step_s = float(np.median(np.diff(stamps[2:])))  # the first steps warm up
     from torch.utils.data import DataLoader
 

@@ -1,7 +1,7 @@
 """How many seconds of fine-tuning on 2 corrected images make r2unet-drive good on a new kind of image?
 
 The human-in-the-loop scenario of the Fine-tune widget, headless (the widget and this script
-run the same engine: ``_finetune.build_trainer`` -> ``Trainer``): the base model segments 2
+run the same engine: ``src_models.finetune.build_trainer`` -> ``Trainer``): the base model segments 2
 images of a kind it was not trained on, a user corrects them (here: the corrected labels are
 the ground truth, and the corrected pixels are where the base prediction differs from it), then
 the model is fine-tuned with the widget's defaults. After every epoch (25 steps) the current
@@ -85,8 +85,10 @@ def main() -> int:
 
     import torch
 
-    from napari_r2unet._finetune import FinetuneRequest, PairData, build_trainer
+    from src_models.finetune import FinetuneRequest, PairData, build_trainer
     from src_models.registry import load_model
+    from src_models.settings import DEFAULT_THRESHOLD
+    from src_models.training import EventKind
 
     torch.set_num_threads(args.threads)
     if args.kind == "angiography" and not DRIVE.is_dir():
@@ -102,7 +104,7 @@ def main() -> int:
     segmenter = Segmenter(base, device="cpu")
     pairs = []
     for name, image, truth, fov in train:
-        predicted = segmenter.predict(image)[0] >= 0.5
+        predicted = segmenter.predict(image)[0] >= DEFAULT_THRESHOLD
         changed = predicted != (truth > 0)
         if fov is not None:
             changed &= fov
@@ -127,8 +129,8 @@ def main() -> int:
             train_s += time.perf_counter() - start
             if event is None:
                 break
-            early = event.kind == "step" and event.step in args.early_steps
-            if event.kind == "epoch" or early:
+            early = event.kind == EventKind.STEP and event.step in args.early_steps
+            if event.kind == EventKind.EPOCH or early:
                 metrics = score(trainer.model, base, curve)
                 trainer._train_mode()  # scoring switched the model to evaluation mode
                 where = f"{event.step / trainer.steps_per_epoch:5.2f}" if early else f"{event.epoch:5d}"

@@ -5,27 +5,30 @@
   with the first Image layer of the same shape.
 - :func:`corrections` compares a Labels layer with the prediction the model made for it
   (kept in its metadata) and counts the pixels the user added, erased or relabelled.
-- :func:`finetune` runs in the worker thread: it loads the base model (read-only), builds the
-  training samples (corrected pixels weighted up), runs the engine's :class:`Trainer` into a new
-  version file and forwards its events.
+- :func:`finetune` runs in the worker thread: the core's :func:`src_models.finetune.finetune`
+  (which assembles the run from a :class:`FinetuneRequest` of :class:`PairData`, both defined
+  there) with all CPU cores but one for torch.
 - :func:`doubtful_regions` ranks windows of an image by the model's uncertainty, so the user can
   correct the most doubtful places first.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from src_models.errors import R2UNetError
+from src_models.finetune import FinetuneRequest, PairData  # torch-free; re-exported for the widget
+from src_models.finetune import finetune as run_finetune
 
 from ._layers import META_KEY, OUTPUT_KEY, plan_job
+
+__all__ = ["FinetuneRequest", "PairData", "candidate_pairs", "corrections", "doubtful_regions", "finetune",
+           "is_output_layer", "layer_step", "matching_images", "pair_data", "training_slices"]
 
 
 @dataclass
@@ -148,17 +151,6 @@ def candidate_pairs(viewer: Any, chosen_images: dict[str, str] | None = None) ->
     return pairs
 
 
-@dataclass
-class PairData:
-    """What the worker needs of one pair, copied on the GUI thread (layers may change meanwhile)."""
-
-    id: str
-    image: Any
-    channel_axis: int | None
-    mask: np.ndarray
-    changed: np.ndarray | None
-
-
 def pair_data(viewer: Any, pair: PairChoice) -> list[PairData]:
     """Copy a pair's 2D training slices (image and labels) out of the layers."""
     if pair.labels not in viewer.layers or pair.image not in viewer.layers:
@@ -184,92 +176,12 @@ def pair_data(viewer: Any, pair: PairChoice) -> list[PairData]:
     return out
 
 
-@dataclass
-class FinetuneRequest:
-    """Everything one fine-tuning run needs, decided on the GUI thread."""
-
-    base: str  # a pretrained name or a checkpoint path
-    pairs: list[PairData]
-    out: Path
-    name: str
-    epochs: int = 10
-    minutes: float | None = 5.0
-    validation: str = "none"  # none | holdout | pair:<id>
-    holdout_fraction: float = 0.2
-    device: str = "auto"
-    settings: dict[str, Any] = field(default_factory=dict)  # lr, patch_size, batch_size, steps_per_epoch, correction_weight, freeze
-
-
-def _masks_for(base: Any, pair: PairData) -> np.ndarray:
-    classes = base.config.out_channels
-    labels = pair.mask
-    if int(labels.min()) < 0:
-        raise R2UNetError(f"labels layer {pair.id!r} holds negative labels; erase them first")
-    if classes == 1:
-        return (labels > 0).astype(np.uint8)
-    if int(labels.max()) >= classes:
-        raise R2UNetError(f"labels layer {pair.id!r} holds label {int(labels.max())} but the model has {classes} classes (0..{classes - 1})")
-    return labels.astype(np.uint8)
-
-
-def build_trainer(request: FinetuneRequest) -> Any:
-    """The engine's Trainer for a request (the base model is loaded read-only)."""
-    from src_models.registry import load_model
-    from src_models.training import Trainer, emphasize_corrections, finetune_config, holdout_region, make_sample
-
-    base = load_model(request.base)
-    held = request.validation.removeprefix("pair:") if request.validation.startswith("pair:") else None
-    val_ids = tuple(p.id for p in request.pairs if held is not None and (p.id == held or p.id.startswith(held + "[")))
-    config = finetune_config(epochs=request.epochs, minutes=request.minutes, **request.settings)
-    samples, holdout_ids = [], []
-    for pair in request.pairs:
-        sample = make_sample(pair.id, pair.image, _masks_for(base, pair), base.preprocess, channel_axis=pair.channel_axis,
-                             source=f"napari layer {pair.id}")
-        if pair.changed is not None and pair.changed.any() and pair.id not in val_ids:
-            sample = emphasize_corrections(sample, pair.changed, config.correction_weight)
-        if request.validation == "holdout":
-            train, val = holdout_region(sample, request.holdout_fraction)
-            samples += [train, val]
-            holdout_ids.append(val.id)
-        else:
-            samples.append(sample)
-    if held is not None and (not val_ids or len(val_ids) == len(samples)):
-        raise R2UNetError("holding out a pair needs at least two pairs; choose 'hold out 20% of each image' or none")
-    if holdout_ids or val_ids:
-        config = dataclasses.replace(config, val_ids=tuple(holdout_ids) or val_ids)
-    changed = sum(int(p.changed.sum()) for p in request.pairs if p.changed is not None)
-    provenance = {
-        "name": request.name,
-        "description": f"{base.name} fine-tuned in napari on {len(request.pairs)} corrected image(s) ({changed:,} corrected pixels)",
-        "corrected_pixels": changed,
-    }
-    return Trainer(None, None, samples, config, request.out, base=base, provenance=provenance, device=request.device)
-
-
 def finetune(request: FinetuneRequest, emit: Callable[[Any], None], should_stop: Callable[[], bool],
              finished: threading.Event | None = None) -> str:
-    """The worker: train, forward each event to ``emit``; returns the new version's path.
-
-    A run cancelled before its first training step leaves no version (it would equal the base)
-    and returns "".
-    """
-    from src_models.training import history_path, resume_path
-
+    """The worker (:func:`src_models.finetune.finetune`), with all CPU cores but one for torch."""
     from ._worker import limit_cpu_threads
 
-    try:
-        limit_cpu_threads()
-        trainer = build_trainer(request)
-        for event in trainer.run(should_stop=should_stop):
-            emit(event)
-        if trainer.state.step == 0:
-            for path in (request.out, resume_path(request.out), history_path(request.out)):
-                path.unlink(missing_ok=True)
-            return ""
-        return str(request.out)
-    finally:
-        if finished is not None:
-            finished.set()
+    return run_finetune(request, emit, should_stop, finished, prepare=limit_cpu_threads)
 
 
 def doubtful_regions(uncertainty: np.ndarray, window: int = 64, count: int = 20) -> list[tuple[int, int, float]]:

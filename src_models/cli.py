@@ -274,111 +274,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace, finetune: bool) -> Any:
-    from .training import TrainConfig, finetune_config
-
-    fields = dict(
-        patch_size=args.patch_size, batch_size=args.batch_size, epochs=args.epochs, minutes=args.minutes,
-        steps_per_epoch=args.steps_per_epoch, lr=args.lr, val_fraction=args.val_fraction,
-        val_ids=tuple(args.val_ids.split(",")) if args.val_ids else None, patience=args.patience, seed=args.seed,
-        freeze=getattr(args, "freeze", None),
-    )
-    if finetune:
-        return finetune_config(**fields)
-    return TrainConfig(**{k: v for k, v in fields.items() if v is not None})
-
-
-def _drive_training(trainer: Any) -> int:
-    """Consume the engine's event stream: a progress bar on a terminal, one line per epoch.
-
-    The first Ctrl-C asks the engine to stop after the current step (the best checkpoint and the
-    resume state are kept); a second one interrupts at once.
-    """
-    import signal
-
-    stop = {"asked": False}
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_interrupt(signum: int, frame: Any) -> None:
-        if stop["asked"]:
-            raise KeyboardInterrupt
-        stop["asked"] = True
-        _log("stopping after this step (Ctrl-C again to abort now)")
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    update, close = _progress_bar("training")
-    try:
-        for event in trainer.run(should_stop=lambda: stop["asked"]):
-            if event.kind == "step":
-                update(event.fraction)
-            elif event.kind == "start":
-                print(event.message, flush=True)
-            elif event.kind == "baseline":
-                scores = "  ".join(f"{k} {v:.4f}" for k, v in (event.metrics or {}).items() if k in ("F1", "AUC", "SE", "SP"))
-                print(f"base model on the validation images: {scores}", flush=True)
-            elif event.kind == "epoch":
-                scores = "  ".join(f"{k} {v:.4f}" for k, v in (event.metrics or {}).items() if k in ("F1", "AUC", "SE", "SP"))
-                eta = f"  eta {event.eta_s / 60:.1f} min" if event.eta_s is not None else ""
-                print(f"epoch {event.epoch}/{event.epochs}  loss {event.loss:.4f}  {scores}  {event.elapsed_s:.0f} s{eta}", flush=True)
-            elif event.kind == "checkpoint":
-                print(f"  saved {event.path} ({event.message})", flush=True)
-            elif event.kind in ("done", "cancelled", "early_stop"):
-                close()
-                best = "  ".join(f"{k} {v:.4f}" for k, v in (event.metrics or {}).items())
-                print(f"{event.message}: {event.path}  {best}", flush=True)
-    finally:
-        close()
-        signal.signal(signal.SIGINT, previous)
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from .data import pair_files, read_image
-    from .nets import ModelConfig
-    from .preprocessing import PreprocessConfig
-    from .training import Trainer, load_samples
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    preprocess = PreprocessConfig(channels=args.channels)
-    first = read_image(pair_files(args.images)[0].image)
-    image_channels = 1 if first.ndim == 2 else min(first.shape[-1], first.shape[0])
-    try:
-        model_config = ModelConfig(arch=args.arch, in_channels=preprocess.out_channels(image_channels), out_channels=args.classes,
-                                   widths=args.widths or ModelConfig().widths, t=args.t, norm=args.norm)
-    except ValueError as exc:
-        raise R2UNetError(str(exc)) from exc
-    samples = load_samples(args.images, args.masks, args.fov, preprocess, classes=args.classes)
-    provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{args.arch} trained on {Path(args.images).resolve()}"}
-    trainer = Trainer(model_config, preprocess, samples, _train_config(args, finetune=False), args.out,
-                      class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance,
-                      device=args.device, resume=args.resume, overwrite=args.overwrite)
-    return _drive_training(trainer)
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import list_images, read_mask, sample_id
-    from .registry import load_model
-    from .training import Trainer, emphasize_corrections, load_samples
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    base = load_model(args.model)
-    config = _train_config(args, finetune=True)
-    samples = load_samples(args.images, args.masks, args.fov, base.preprocess, classes=base.config.out_channels)
-    if args.corrections:  # emphasise the pixels the user corrected; images without a map keep weight 1
-        maps = {sample_id(p): p for p in list_images(args.corrections)}
-        samples = [emphasize_corrections(s, read_mask(maps[s.id]), config.correction_weight) if s.id in maps else s for s in samples]
-    provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{base.name} fine-tuned on {Path(args.images).resolve()}"}
-    trainer = Trainer(None, None, samples, config, args.out, base=base, provenance=provenance, device=args.device,
-                      resume=args.resume, overwrite=args.overwrite)
-    return _drive_training(trainer)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -494,27 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    from .architectures import ARCHITECTURES
+    from .cli_train import add_training_parsers
 
-    p = sub.add_parser("train", help="train a model from image/mask folders", description="Train a new model on paired images and masks. Writes OUT (the best checkpoint), OUT's .resume.pt (for --resume) and .history.json. Works under torchrun for several processes/GPUs/nodes.")
-    p.add_argument("arch", choices=list(ARCHITECTURES), help="architecture")
-    _add_training_data_options(p)
-    p.add_argument("--widths", type=_widths, default=None, help="channels per level (default: 16,32,64,128,256)")
-    p.add_argument("--t", type=int, default=2, help="recurrent steps (default: 2, the paper's)")
-    p.add_argument("--norm", default="batch", choices=["batch", "instance", "group", "none"], help="normalisation (default: batch)")
-    p.add_argument("--channels", default="green", choices=["green", "gray", "rgb", "all"], help="input channels (default: green, for fundus images)")
-    p.add_argument("--classes", type=_positive_int, default=1, help="1 = binary (sigmoid), >= 2 = multi-class labels (default: 1)")
-    p.add_argument("--class-name", default="vessel", help="name of the foreground class of a binary model (default: vessel)")
-    _add_training_options(p, epochs_default="40", lr_default="2e-3")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("finetune", help="fine-tune a model on a few corrected images", description="Fine-tune MODEL on (image, corrected mask) pairs into a NEW checkpoint OUT whose metadata records its parent; the base model file is never modified.")
-    p.add_argument("model", metavar="MODEL", help="pretrained name or checkpoint path")
-    _add_training_data_options(p)
-    p.add_argument("--corrections", default=None, help="folder of masks marking the pixels the user corrected (weighted more)")
-    p.add_argument("--freeze", default=None, choices=["none", "bn", "encoder"], help="what to keep fixed (default: bn, the BatchNorm statistics)")
-    _add_training_options(p, epochs_default="10", lr_default="3e-4")
-    p.set_defaults(func=cmd_finetune)
+    add_training_parsers(sub)
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript", description="Export a model's network (logits; input (N, C, H, W) float32 with H and W multiples of the model's size multiple, 16 by default) for use without this package. The export is checked against PyTorch before it is kept.")
     p.add_argument("model", metavar="MODEL", help="pretrained name, fine-tuned version or checkpoint path")
@@ -523,33 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export)
     return parser
-
-
-def _add_training_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", required=True, help="folder of training images")
-    p.add_argument("--masks", required=True, help="folder of masks, paired with the images by sample ID")
-    p.add_argument("--fov", default=None, help="folder of field-of-view masks (validation counts only inside; loss weight 0.1 outside)")
-    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
-
-
-def _add_training_options(p: argparse.ArgumentParser, epochs_default: str, lr_default: str) -> None:
-    budget = p.add_argument_group("budget (whichever ends first)")
-    budget.add_argument("--epochs", type=_positive_int, default=None, help=f"epochs (default: {epochs_default})")
-    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget in minutes")
-    p.add_argument("--steps-per-epoch", type=_positive_int, default=None, help="optimizer steps per epoch (default: about one pass over the pixels)")
-    p.add_argument("--patch-size", type=_positive_int, default=None, help="training patch size (default: 96)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="global batch size (default: 8 for training, 4 for fine-tuning)")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate of AdamW (default: {lr_default})")
-    p.add_argument("--val-fraction", type=float, default=None, help="fraction of images held out for validation (default: 0.1; 0 when fine-tuning)")
-    p.add_argument("--val-ids", default=None, help="comma-separated sample IDs to hold out instead")
-    p.add_argument("--patience", type=int, default=None, help="stop after this many epochs without improvement (default: never)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu); under torchrun each process takes its own GPU")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's .resume.pt (the same settings; --epochs/--minutes may change)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT and its resume state (default: refuse)")
-    p.add_argument("--name", default=None, help="model name stored in the checkpoint (default: OUT's stem)")
-    p.add_argument("--description", default=None, help="one-line description stored in the checkpoint")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

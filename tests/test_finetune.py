@@ -126,6 +126,34 @@ def test_cancel_during_validation_ends_the_run_as_cancelled(trained_checkpoint, 
     assert trainer.state.bad_epochs == 0 and trainer.state.best_epoch == 1  # an interrupted epoch is not judged
 
 
+def test_a_binary_model_refuses_labels_other_than_0_and_1(trained_checkpoint, tmp_path):
+    from src_models.finetune import FinetuneRequest, PairData, build_trainer
+
+    image, truth = vessel_image((64, 64), seed=2)
+    painted = truth.astype(np.int32)
+    painted[:4, :4] = 2  # a stroke with the wrong label
+    request = FinetuneRequest(base=str(trained_checkpoint), pairs=[PairData("hand", image, None, painted, None)],
+                              out=tmp_path / "v.safetensors", name="v", device="cpu")
+    with pytest.raises(R2UNetError, match=r"labels layer 'hand' holds label\(s\) 2 .*binary.*repaint those pixels with label 1 or erase them"):
+        build_trainer(request)
+    request.pairs = [PairData("hand", image, None, truth, None)]  # 0/1 labels train
+    assert build_trainer(request).train_samples[0].mask.max() == 1
+
+
+def test_a_run_cancelled_before_its_first_step_leaves_no_file(trained_checkpoint, tmp_path):
+    from src_models.finetune import FinetuneRequest, PairData, finetune
+    from src_models.training import history_path, resume_path
+
+    image, truth = vessel_image((64, 64), seed=2)
+    out = tmp_path / "v.safetensors"
+    request = FinetuneRequest(base=str(trained_checkpoint), pairs=[PairData("a", image, None, truth, truth > 0)], out=out,
+                              name="v", device="cpu", settings={"patch_size": 32})
+    events = []
+    assert finetune(request, events.append, should_stop=lambda: True) == ""
+    assert events[-1].kind == "cancelled"
+    assert not any(p.exists() for p in (out, resume_path(out), history_path(out)))
+
+
 # -- the widget, end to end -------------------------------------------------------------------
 @pytest.fixture
 def viewer_and_widgets(make_napari_viewer, trained_checkpoint, qtbot):

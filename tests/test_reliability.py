@@ -445,8 +445,10 @@ def test_two_viewers_share_no_mutable_state(make_napari_viewer, tmp_path, qtbot)
 @pytest.mark.gui
 @pytest.mark.parametrize(("labels", "message"), [
     (np.zeros((64, 64), np.int64), "nothing to learn"),  # all background, other dtype
-    (np.full((64, 64), 3, np.int8), None),  # all foreground, int8, a label other than 1
-    ((vessel_image((64, 64), seed=2)[1] * 9).astype(np.uint32), None),
+    (np.full((64, 64), 1, np.int8), None),  # all foreground, int8
+    ((vessel_image((64, 64), seed=2)[1]).astype(np.uint32), None),
+    (np.full((64, 64), 3, np.int8), "repaint those pixels with label 1"),  # a binary model takes labels 0 and 1 only
+    ((vessel_image((64, 64), seed=2)[1] * 9).astype(np.uint32), "holds label(s) 9"),
 ])
 def test_finetune_widget_labels_of_other_dtypes_and_content(make_napari_viewer, trained_checkpoint, qtbot, labels, message):
     viewer = make_napari_viewer()

@@ -40,7 +40,7 @@ class TrainConfig:
     batch_size: int = field(default=8, **_meta("patches per optimizer step (the global batch: split across processes under torchrun)", min=1, ui_max=64))
     epochs: int = field(default=40, **_meta("epochs to train (whichever of epochs and minutes ends first)", min=1, ui_max=1000))
     minutes: float | None = field(default=None, **_meta("wall-clock budget in minutes (whichever of epochs and minutes ends first)", min=0, min_exclusive=True, ui_max=24 * 60))
-    steps_per_epoch: int | None = field(default=None, **_meta("optimizer steps per epoch (default: about one pass over the training pixels)", min=1, ui_max=10000))
+    steps_per_epoch: int | None = field(default=None, **_meta("optimizer steps per epoch (unset: about one pass over the training pixels)", min=1, ui_max=10000))
     lr: float = field(default=2e-3, **_meta("peak learning rate of AdamW (linear warm-up, then cosine decay)", min=0, min_exclusive=True, finite=True, ui_min=1e-5, ui_max=1e-1))
     weight_decay: float = field(default=1e-4, **_meta("AdamW weight decay", min=0))
     warmup_steps: int = field(default=100, **_meta("steps of linear learning-rate warm-up (at most a tenth of the run)"))

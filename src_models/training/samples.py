@@ -90,16 +90,25 @@ def load_samples(
     Binary models (``classes == 1``) take 0/1 or 0/255 masks; multi-class ones integer label
     images with values ``0 .. classes - 1``.
     """
-    from ..data import binarize_mask, pair_files, read_image, read_mask
+    from ..data import pair_files, read_image, read_mask
 
     samples = []
     for pair in pair_files(images, masks, fov):
-        mask = binarize_mask(read_image(pair.mask), name=f"mask {pair.mask}") if classes == 1 else _read_labels(pair.mask, classes)
         samples.append(
-            make_sample(pair.id, read_image(pair.image), mask, preprocess,
+            make_sample(pair.id, read_image(pair.image), read_training_mask(pair.mask, classes), preprocess,
                         fov=read_mask(pair.fov) if pair.fov else None, source=str(pair.image))
         )
     return samples
+
+
+def read_training_mask(path: Path, classes: int = 1) -> np.ndarray:
+    """A mask file -> ``(H, W)`` uint8 labels: 0/1 for a binary model (``classes == 1``, from 0/1
+    or 0/255 files, see :func:`src_models.data.binarize_mask`), else ``0 .. classes - 1``."""
+    from ..data import binarize_mask, read_image
+
+    if classes == 1:
+        return binarize_mask(read_image(path), name=f"mask {path}").astype(np.uint8)
+    return _read_labels(path, classes)
 
 
 def _read_labels(path: Path, classes: int) -> np.ndarray:

@@ -1,0 +1,188 @@
+"""``r2unet train`` and ``r2unet finetune``: their parsers and the printing of the event stream.
+
+The options' help texts and defaults come from :class:`~src_models.training.config.TrainConfig`
+(each field's metadata) and :data:`~src_models.training.config.FINETUNE_DEFAULTS`; a fine-tune
+run is assembled by :mod:`src_models.finetune`, as in the napari widget. Nothing heavy is
+imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .cli import _log, _positive_int, _progress_bar, _widths
+from .errors import R2UNetError
+from .training.config import FINETUNE_DEFAULTS, FREEZE_CHOICES, default, setting
+from .training.events import EventKind
+
+_UNSET_WORDS = {"steps_per_epoch": "about one pass over the pixels", "patience": "never"}
+
+
+def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (``None``: not given, keep the default)."""
+    return dict(
+        patch_size=args.patch_size, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch, lr=args.lr,
+        val_fraction=args.val_fraction, val_ids=tuple(args.val_ids.split(",")) if args.val_ids else None,
+        patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None),
+    )
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _scores(metrics: Mapping[str, float] | None, names: tuple[str, ...] | None = ("F1", "AUC", "SE", "SP")) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in (metrics or {}).items() if names is None or k in names)
+
+
+def _print_event(event: Any, update: Any, close: Any) -> None:
+    kind = event.kind
+    if kind == EventKind.STEP:
+        update(event.fraction)
+    elif kind == EventKind.START:
+        print(event.message, flush=True)
+    elif kind == EventKind.BASELINE:
+        print(f"base model on the validation images: {_scores(event.metrics)}", flush=True)
+    elif kind == EventKind.EPOCH:
+        eta = f"  eta {event.eta_s / 60:.1f} min" if event.eta_s is not None else ""
+        print(f"epoch {event.epoch}/{event.epochs}  loss {event.loss:.4f}  {_scores(event.metrics)}  {event.elapsed_s:.0f} s{eta}", flush=True)
+    elif kind == EventKind.CHECKPOINT:
+        print(f"  saved {event.path} ({event.message})", flush=True)
+    elif kind.is_final:
+        close()
+        print(f"{event.message}: {event.path}  {_scores(event.metrics, None)}", flush=True)
+
+
+def _drive_training(trainer: Any) -> int:
+    """Consume the engine's event stream: a progress bar on a terminal, one line per epoch.
+
+    The first Ctrl-C asks the engine to stop after the current step (the best checkpoint and the
+    resume state are kept); a second one interrupts at once.
+    """
+    import signal
+
+    stop = {"asked": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        _log("stopping after this step (Ctrl-C again to abort now)")
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    update, close = _progress_bar("training")
+    try:
+        for event in trainer.run(should_stop=lambda: stop["asked"]):
+            _print_event(event, update, close)
+    finally:
+        close()
+        signal.signal(signal.SIGINT, previous)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import pair_files, read_image
+    from .nets import ModelConfig
+    from .preprocessing import PreprocessConfig
+    from .training import TrainConfig, Trainer, load_samples
+
+    _set_threads(args)
+    preprocess = PreprocessConfig(channels=args.channels)
+    first = read_image(pair_files(args.images)[0].image)
+    image_channels = 1 if first.ndim == 2 else min(first.shape[-1], first.shape[0])
+    try:
+        model_config = ModelConfig(arch=args.arch, in_channels=preprocess.out_channels(image_channels), out_channels=args.classes,
+                                   widths=args.widths or ModelConfig().widths, t=args.t, norm=args.norm)
+    except ValueError as exc:
+        raise R2UNetError(str(exc)) from exc
+    samples = load_samples(args.images, args.masks, args.fov, preprocess, classes=args.classes)
+    fields = {**_train_settings(args), "epochs": args.epochs, "minutes": args.minutes}
+    config = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+    provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{args.arch} trained on {Path(args.images).resolve()}"}
+    trainer = Trainer(model_config, preprocess, samples, config, args.out,
+                      class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance,
+                      device=args.device, resume=args.resume, overwrite=args.overwrite)
+    return _drive_training(trainer)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneRequest, build_trainer, file_pairs
+    from .registry import load_model
+
+    _set_threads(args)
+    base = load_model(args.model)
+    request = FinetuneRequest(
+        base=base, pairs=[], out=Path(args.out), name=args.name or Path(args.out).stem, epochs=args.epochs,
+        minutes=args.minutes, device=args.device, settings=_train_settings(args), resume=args.resume, overwrite=args.overwrite,
+        description=args.description or f"{base.name} fine-tuned on {Path(args.images).resolve()}",
+    )
+    request.config()  # bad settings are refused before any image is read
+    request.pairs = file_pairs(args.images, args.masks, args.fov, args.corrections, classes=base.config.out_channels)
+    return _drive_training(build_trainer(request))
+
+
+# -- parsers ---------------------------------------------------------------------------------
+def _help(name: str, defaults: Mapping[str, Any], text: str = "") -> str:
+    """``name``'s help from TrainConfig (or ``text``), with its default in ``defaults`` or TrainConfig."""
+    value = defaults.get(name, default(name))
+    shown = _UNSET_WORDS.get(name) if value in (None, 0) and name in _UNSET_WORDS else f"{value:g}" if isinstance(value, float) else value
+    return f"{text or setting(name)['help']} (default: {shown})"
+
+
+def _add_training_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of training images")
+    p.add_argument("--masks", required=True, help="folder of masks, paired with the images by sample ID")
+    p.add_argument("--fov", default=None, help="folder of field-of-view masks (validation counts only inside; loss weight 0.1 outside)")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+
+
+def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    budget = p.add_argument_group("budget (whichever ends first)")
+    budget.add_argument("--epochs", type=_positive_int, default=None, help=_help("epochs", defaults, "epochs"))
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget in minutes")
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=None, help=_help("steps_per_epoch", defaults, "optimizer steps per epoch"))
+    p.add_argument("--patch-size", type=_positive_int, default=None, help=_help("patch_size", defaults))
+    p.add_argument("--batch-size", type=_positive_int, default=None, help=_help("batch_size", defaults))
+    p.add_argument("--lr", type=float, default=None, help=_help("lr", defaults))
+    p.add_argument("--val-fraction", type=float, default=None, help=_help("val_fraction", defaults))
+    p.add_argument("--val-ids", default=None, help="comma-separated sample IDs to hold out instead")
+    p.add_argument("--patience", type=int, default=None, help=_help("patience", defaults, "stop after this many epochs without improvement"))
+    p.add_argument("--seed", type=int, default=None, help=_help("seed", defaults))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu); under torchrun each process takes its own GPU")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .resume.pt (the same settings; --epochs/--minutes may change)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT and its resume state (default: refuse)")
+    p.add_argument("--name", default=None, help="model name stored in the checkpoint (default: OUT's stem)")
+    p.add_argument("--description", default=None, help="one-line description stored in the checkpoint")
+
+
+def add_training_parsers(sub: Any) -> None:
+    """Register ``train`` and ``finetune`` on the ``r2unet`` subparsers ``sub``."""
+    from .architectures import ARCHITECTURES
+
+    p = sub.add_parser("train", help="train a model from image/mask folders", description="Train a new model on paired images and masks. Writes OUT (the best checkpoint), OUT's .resume.pt (for --resume) and .history.json. Works under torchrun for several processes/GPUs/nodes.")
+    p.add_argument("arch", choices=list(ARCHITECTURES), help="architecture")
+    _add_training_data_options(p)
+    p.add_argument("--widths", type=_widths, default=None, help="channels per level (default: 16,32,64,128,256)")
+    p.add_argument("--t", type=int, default=2, help="recurrent steps (default: 2, the paper's)")
+    p.add_argument("--norm", default="batch", choices=["batch", "instance", "group", "none"], help="normalisation (default: batch)")
+    p.add_argument("--channels", default="green", choices=["green", "gray", "rgb", "all"], help="input channels (default: green, for fundus images)")
+    p.add_argument("--classes", type=_positive_int, default=1, help="1 = binary (sigmoid), >= 2 = multi-class labels (default: 1)")
+    p.add_argument("--class-name", default="vessel", help="name of the foreground class of a binary model (default: vessel)")
+    _add_training_options(p, {})
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on a few corrected images", description="Fine-tune MODEL on (image, corrected mask) pairs into a NEW checkpoint OUT whose metadata records its parent; the base model file is never modified.")
+    p.add_argument("model", metavar="MODEL", help="pretrained name or checkpoint path")
+    _add_training_data_options(p)
+    p.add_argument("--corrections", default=None, help=f"folder of masks marking the pixels the user corrected (loss weight {default('correction_weight'):g}x)")
+    p.add_argument("--freeze", default=None, choices=list(FREEZE_CHOICES), help=_help("freeze", FINETUNE_DEFAULTS))
+    _add_training_options(p, FINETUNE_DEFAULTS)
+    p.set_defaults(func=cmd_finetune)

@@ -1,0 +1,231 @@
+"""Assembling a fine-tune run, torch-free at import: pairs -> samples -> config -> Trainer.
+
+One place turns "fine-tune this model on these corrected images" into a running engine, for
+``r2unet finetune`` (pairs read from folders by :func:`file_pairs`), the napari Fine-tune
+widget (pairs copied out of layers by ``napari_r2unet._finetune.pair_data``) and
+``benchmarks/finetune_gain.py``:
+
+- :class:`PairData`: one (image, labels) pair, with the map of the pixels the user corrected;
+- :class:`FinetuneRequest`: everything a run needs (base model, pairs, output, budget, the
+  validation choice and any :class:`~src_models.training.config.TrainConfig` override);
+- :func:`build_trainer`: loads the base model (read-only), checks the labels against it,
+  weights up the corrected pixels, sets validation images or strips apart and builds the
+  :class:`~src_models.training.trainer.Trainer`;
+- :func:`finetune`: the worker body: runs the engine, forwards its events, and leaves no file
+  behind for a run cancelled before its first step (that version would equal its base).
+
+The fine-tuning defaults are :data:`~src_models.training.config.FINETUNE_DEFAULTS` (learning
+rate, epochs, batch, steps, freezing) and the constants below (time budget, hold-out strip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import R2UNetError
+from .training.config import TrainConfig, finetune_config
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .training.samples import TrainSample
+    from .training.trainer import Trainer
+
+DEFAULT_MINUTES = 5.0  # the Fine-tune widget's time budget (whichever of epochs and minutes ends first)
+HOLDOUT_FRACTION = 0.2  # validation = "holdout": this last part of each image is validated on, never trained on
+VALIDATION_NONE, VALIDATION_HOLDOUT, VALIDATION_PAIR = "none", "holdout", "pair:"
+
+
+@dataclass
+class PairData:
+    """One training pair: ``image`` (any layout ``channel_axis`` describes), ``mask`` ``(H, W)``
+    integer labels, ``changed`` ``(H, W)`` bool (pixels the user corrected; None = unknown),
+    optional ``fov`` ``(H, W)`` bool, and ``source`` (a file, for the provenance)."""
+
+    id: str
+    image: Any
+    channel_axis: int | None | str
+    mask: np.ndarray
+    changed: np.ndarray | None
+    fov: np.ndarray | None = None
+    source: str = ""
+
+    @property
+    def described(self) -> str:
+        return f"mask {self.source}" if self.source else f"labels layer {self.id!r}"
+
+
+@dataclass
+class FinetuneRequest:
+    """Everything one fine-tuning run needs (decided before it starts: layers may change meanwhile).
+
+    ``validation``: ``none``; ``holdout`` (the last ``holdout_fraction`` of each image); or
+    ``pair:<id>`` (hold out that pair, all its slices). ``settings``: :class:`TrainConfig` fields
+    (lr, patch_size, batch_size, steps_per_epoch, correction_weight, freeze, val_fraction, ...)
+    overriding :data:`FINETUNE_DEFAULTS`. ``description``: stored in the version (default: the
+    base model, the number of images and of corrected pixels).
+    """
+
+    base: str | Checkpoint  # a pretrained name, a version, a checkpoint path, or a loaded checkpoint
+    pairs: list[PairData]
+    out: Path
+    name: str
+    epochs: int | None = None  # None: FINETUNE_DEFAULTS
+    minutes: float | None = DEFAULT_MINUTES
+    validation: str = VALIDATION_NONE
+    holdout_fraction: float = HOLDOUT_FRACTION
+    device: str = "auto"
+    settings: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    resume: bool = False
+    overwrite: bool = False
+
+    def config(self) -> TrainConfig:
+        return finetune_config(epochs=self.epochs, minutes=self.minutes, **self.settings)
+
+
+def training_labels(pair: PairData, classes: int, model: str = "the model") -> np.ndarray:
+    """``pair.mask`` as uint8 class labels for a model with ``classes`` outputs (1 = binary).
+
+    A binary model learns from 0 (background) and 1 (foreground) only: any other label is refused
+    rather than merged into the foreground (it is most likely a slip of the brush).
+    """
+    labels = np.asarray(pair.mask)
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    if int(labels.min()) < 0:
+        raise R2UNetError(f"{pair.described} holds negative labels; erase them first")
+    if classes == 1:
+        other = [int(v) for v in np.unique(labels) if v not in (0, 1)]
+        if other:
+            shown = ", ".join(map(str, other[:5])) + (" ..." if len(other) > 5 else "")
+            raise R2UNetError(f"{pair.described} holds label(s) {shown} but {model} is binary (0 = background, 1 = foreground); "
+                              "repaint those pixels with label 1 or erase them")
+    elif int(labels.max()) >= classes:
+        raise R2UNetError(f"{pair.described} holds label {int(labels.max())} but the model has {classes} classes (0..{classes - 1})")
+    return labels.astype(np.uint8)
+
+
+def file_pairs(images: str | Path, masks: str | Path, fov: str | Path | None = None,
+               corrections: str | Path | None = None, classes: int = 1) -> list[PairData]:
+    """Pairs from folders (paired by sample ID, see :func:`src_models.data.pair_files`).
+
+    Binary models take 0/1 or 0/255 masks (:func:`src_models.data.binarize_mask`), multi-class
+    ones label images ``0 .. classes - 1``. ``corrections``: masks of the pixels the user
+    corrected (weighted up); an image without one keeps weight 1.
+    """
+    from .data import list_images, pair_files, read_image, read_mask, sample_id
+    from .training.samples import read_training_mask
+
+    maps = {sample_id(p): p for p in list_images(corrections)} if corrections else {}
+    return [
+        PairData(pair.id, read_image(pair.image), "auto", read_training_mask(pair.mask, classes),
+                 read_mask(maps[pair.id]) if pair.id in maps else None,
+                 fov=read_mask(pair.fov) if pair.fov else None, source=str(pair.image))
+        for pair in pair_files(images, masks, fov)
+    ]
+
+
+def _held_out_ids(request: FinetuneRequest) -> tuple[str, ...]:
+    """The pieces of the pair that ``pair:<id>`` validation holds out (a stack gives ``id[i]`` pieces)."""
+    if not request.validation.startswith(VALIDATION_PAIR):
+        return ()
+    held = request.validation.removeprefix(VALIDATION_PAIR)
+    return tuple(p.id for p in request.pairs if p.id == held or p.id.startswith(held + "["))
+
+
+def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfig) -> tuple[list[TrainSample], TrainConfig]:
+    """The training (and validation) samples of a request, and ``config`` with their validation IDs."""
+    from .training.samples import emphasize_corrections, holdout_region, make_sample
+
+    val_ids = _held_out_ids(request)
+    samples, holdout_ids = [], []
+    for pair in request.pairs:
+        labels = training_labels(pair, base.config.out_channels, model=repr(base.name))
+        sample = make_sample(pair.id, pair.image, labels, base.preprocess, fov=pair.fov, channel_axis=pair.channel_axis,
+                             source=pair.source or f"napari layer {pair.id}")
+        if pair.changed is not None and pair.id not in val_ids:
+            sample = emphasize_corrections(sample, pair.changed, config.correction_weight)
+        if request.validation == VALIDATION_HOLDOUT:
+            train, val = holdout_region(sample, request.holdout_fraction)
+            samples += [train, val]
+            holdout_ids.append(val.id)
+        else:
+            samples.append(sample)
+    if request.validation.startswith(VALIDATION_PAIR) and (not val_ids or len(val_ids) == len(samples)):
+        raise R2UNetError(f"holding out a pair needs at least two pairs; choose 'hold out {HOLDOUT_FRACTION:.0%} of each image' or none")
+    if holdout_ids or val_ids:
+        config = dataclasses.replace(config, val_ids=tuple(holdout_ids) or val_ids)
+    return samples, config
+
+
+def _provenance(request: FinetuneRequest, base: Checkpoint) -> dict[str, Any]:
+    changed = sum(int(np.count_nonzero(p.changed)) for p in request.pairs if p.changed is not None)
+    description = request.description or (
+        f"{base.name} fine-tuned in napari on {len(request.pairs)} corrected image(s) ({changed:,} corrected pixels)")
+    provenance: dict[str, Any] = {"name": request.name, "description": description}
+    if any(p.changed is not None for p in request.pairs):
+        provenance["corrected_pixels"] = changed
+    return provenance
+
+
+def load_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
+    """The base model of a run: loaded by name or path (read-only), or as given."""
+    if isinstance(base, (str, os.PathLike)):
+        from .registry import load_model
+
+        return load_model(str(base))
+    return base
+
+
+def build_trainer(request: FinetuneRequest) -> Trainer:
+    """The engine's :class:`Trainer` for a request (the base model is only ever read)."""
+    from .training.trainer import Trainer
+
+    base = load_base(request.base)
+    config = request.config()
+    samples, config = build_samples(request, base, config)
+    return Trainer(None, None, samples, config, request.out, base=base, provenance=_provenance(request, base),
+                   device=request.device, resume=request.resume, overwrite=request.overwrite)
+
+
+def remove_run_files(out: Path) -> None:
+    """Delete a run's checkpoint, resume state and history (a run that never stepped)."""
+    from .training.resume import history_path, resume_path
+
+    for path in (out, resume_path(out), history_path(out)):
+        path.unlink(missing_ok=True)
+
+
+def finetune(request: FinetuneRequest, emit: Callable[[Any], None], should_stop: Callable[[], bool],
+             finished: threading.Event | None = None, prepare: Callable[[], object] | None = None) -> str:
+    """The worker: train, forward each event to ``emit``; returns the new version's path.
+
+    A run cancelled before its first training step leaves no version (it would equal the base)
+    and returns "". ``prepare`` runs first, in the worker (e.g. to set torch's thread count);
+    ``finished`` is set when the worker ends, however it ends.
+    """
+    try:
+        if prepare is not None:
+            prepare()
+        trainer = build_trainer(request)
+        for event in trainer.run(should_stop=should_stop):
+            emit(event)
+        if trainer.state.step == 0:
+            remove_run_files(Path(request.out))
+            return ""
+        return str(request.out)
+    finally:
+        if finished is not None:
+            finished.set()
+
+
+__all__ = ["DEFAULT_MINUTES", "HOLDOUT_FRACTION", "FinetuneRequest", "PairData", "build_samples",
+                          "build_trainer", "file_pairs", "finetune", "load_base", "training_labels"]
