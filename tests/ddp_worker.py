@@ -1,7 +1,7 @@
 """Run by test_distributed.py under torchrun: a short DDP training, then a cross-rank sync check.
 
 Usage: torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR
-Writes OUT_DIR/ddp.safetensors (rank 0) and OUT_DIR/sync.json with the largest parameter
+Trains in float64 (see ddp_common.py). Writes OUT_DIR/ddp.safetensors (rank 0) and OUT_DIR/sync.json with the largest parameter
 difference between ranks after training.
 """
 
@@ -15,17 +15,18 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the test helpers beside this file
-from ddp_common import CONFIG, PP, samples, train_config  # noqa: E402
+from ddp_common import CONFIG, PP, float64, samples, train_config  # noqa: E402
 
 from src_models.training import Trainer  # noqa: E402
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    trainer = Trainer(CONFIG, PP, samples(), train_config(), out / "ddp.safetensors")
-    assert trainer.dist.world_size == 2, "run me under torchrun with 2 processes"
-    for _ in trainer.run():
-        pass
+    with float64():
+        trainer = Trainer(CONFIG, PP, samples(), train_config(), out / "ddp.safetensors")
+        assert trainer.dist.world_size == 2, "run me under torchrun with 2 processes"
+        for _ in trainer.run():
+            pass
     flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(trainer.dist.world_size)]
     dist.all_gather(gathered, flat)

@@ -17,20 +17,21 @@ def segmentation_loss(
 ) -> torch.Tensor:
     """Weighted BCE + soft Dice (K = 1) or CE + soft Dice (K >= 2) over the (global) batch.
 
-    ``logits (N, K, H, W)``, ``target (N, H, W)`` int64 labels, ``weight (N, H, W)`` >= 0.
+    ``logits (N, K, H, W)`` (any float dtype; the loss has it), ``target (N, H, W)`` int64 labels,
+    ``weight (N, H, W)`` >= 0.
     Under DDP, ``all_reduce`` (autograd-aware sum over processes) makes the Dice sums and the
     weight total global, and the CE term is scaled by ``world_size`` to undo DDP's gradient
     averaging, so N processes with batch B compute the gradient of one process with batch N*B.
     """
     if logits.shape[1] == 1:
-        t = target.float()
+        t = target.to(logits.dtype)
         ce_sum = (F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none") * weight).sum()
         probs = torch.sigmoid(logits[:, 0])[:, None]
         onehot = t[:, None]
     else:
         ce_sum = (F.cross_entropy(logits, target, reduction="none") * weight).sum()
         probs = torch.softmax(logits, dim=1)[:, 1:]  # Dice on the foreground classes
-        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)[:, 1:]
     w = weight[:, None]
     total_weight = weight.sum()
     intersection = (probs * onehot * w).sum(dim=(0, 2, 3))

@@ -145,6 +145,7 @@ class Trainer:
         # measured on 2 CPU cores, a training step of R2U-Net is about 10 % faster (benchmarks/bench.py (d))
         self.memory_format = torch.channels_last if self.device.type in ("cpu", "cuda") else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
+        self.dtype = next(self.model.parameters()).dtype  # batches follow the model (float32 unless built otherwise)
         if self.dist.enabled and self.device.type == "cuda" and self.model_config.norm == "batch":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if self.config.freeze == "encoder":
@@ -193,7 +194,7 @@ class Trainer:
         acc = MetricAccumulator()
 
         def predictor(batch: np.ndarray) -> np.ndarray:
-            return logits_to_probabilities(self.model(torch.from_numpy(batch).to(self.device)).float()).cpu().numpy()
+            return logits_to_probabilities(self.model(torch.from_numpy(batch).to(self.device, self.dtype)).float()).cpu().numpy()
 
         for s in self.val_samples:
             probs = sliding_window_inference(s.image, self.config.val_tile, 1, predictor, 0.25,
@@ -252,7 +253,9 @@ class Trainer:
 
     def _save_best(self, metrics: dict[str, float] | None) -> None:
         self.state.saved_by_this_run = True
-        save_checkpoint(self.out, self.model, self.model_config, self.preprocess, self.class_names, self._provenance(metrics))
+        # the checkpoint format holds float32 weights (a model trained in float64 is stored rounded)
+        weights = {k: v.float() if v.dtype == torch.float64 else v for k, v in self.model.state_dict().items()}
+        save_checkpoint(self.out, weights, self.model_config, self.preprocess, self.class_names, self._provenance(metrics))
 
     # -- the loop --------------------------------------------------------------------------------
     def _event(self, kind: EventKind, **kwargs: Any) -> TrainEvent:
@@ -336,7 +339,8 @@ class Trainer:
         """One optimizer step on a batch ``x (N, C, P, P)``, ``y (N, P, P)``, ``w (N, P, P)``; the global loss."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * self._lr_factor()
-        x, y, w = x.to(self.device, memory_format=self.memory_format), y.to(self.device), w.to(self.device)
+        x = x.to(self.device, self.dtype, memory_format=self.memory_format)
+        y, w = y.to(self.device), w.to(self.device, self.dtype)
         loss = segmentation_loss(self.net(x), y, w, *loss_reduction(self.dist))
         if not torch.isfinite(loss):
             raise R2UNetError(f"the training loss became {loss.item()} at step {self.state.step}; lower the learning rate (--lr)")
