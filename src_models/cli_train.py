@@ -15,7 +15,7 @@ from typing import Any
 
 from .cli import _log, _positive_int, _progress_bar, _widths
 from .errors import R2UNetError
-from .training.config import FINETUNE_DEFAULTS, FREEZE_CHOICES, default, setting
+from .training.config import FINETUNE_DEFAULTS, FREEZE_CHOICES, OUTSIDE_FOV_WEIGHT, default, setting
 from .training.events import EventKind
 
 _UNSET_WORDS = {"steps_per_epoch": "about one pass over the pixels", "patience": "never"}
@@ -139,7 +139,7 @@ def _help(name: str, defaults: Mapping[str, Any], text: str = "") -> str:
 def _add_training_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--masks", required=True, help="folder of masks, paired with the images by sample ID")
-    p.add_argument("--fov", default=None, help="folder of field-of-view masks (validation counts only inside; loss weight 0.1 outside)")
+    p.add_argument("--fov", default=None, help=f"folder of field-of-view masks (validation counts only inside; loss weight {OUTSIDE_FOV_WEIGHT:g} outside)")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
 
 

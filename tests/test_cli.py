@@ -204,3 +204,16 @@ def test_training_errors_are_one_line(capsys, tmp_path, train_folders):
     assert code == 1 and err.count("\n") == 1
     code, _, err = run(capsys, "train", "unet", "--images", str(tmp_path / "none"), "--masks", str(masks), "--out", str(tmp_path / "m.safetensors"))
     assert code == 1 and "does not exist" in err
+
+
+def test_training_help_reads_its_defaults_from_the_config(capsys):
+    from src_models.training import FINETUNE_DEFAULTS, TrainConfig
+
+    for command, lr, epochs, batch in (("train", TrainConfig().lr, TrainConfig().epochs, TrainConfig().batch_size),
+                                       ("finetune", FINETUNE_DEFAULTS["lr"], FINETUNE_DEFAULTS["epochs"], FINETUNE_DEFAULTS["batch_size"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"cosine decay) (default: {lr:g})" in text and f"epochs (default: {epochs})" in text, text
+        assert f"torchrun) (default: {batch})" in text
+    assert "(default: bn)" in text and "steps per epoch (default: 25)" in text

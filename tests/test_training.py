@@ -287,3 +287,13 @@ def test_every_setting_has_help_and_its_bounds_are_enforced():
     assert TrainConfig.__dataclass_fields__["freeze"].metadata["choices"] == ("none", "bn", "encoder")
     assert finetune_config().lr == FINETUNE_DEFAULTS["lr"] == 3e-4
     assert finetune_config(lr=None, epochs=3).epochs == 3
+
+
+def test_event_kinds_are_one_enum_that_compares_as_text():
+    from src_models.training import EventKind, TrainEvent
+
+    event = TrainEvent("step", 0, 1, 0, 1)
+    assert event.kind is EventKind.STEP and event.kind == "step" and f"{event.kind}" == "step"
+    assert [k for k in EventKind if k.is_final] == [EventKind.DONE, EventKind.CANCELLED, EventKind.EARLY_STOP]
+    with pytest.raises(ValueError):
+        TrainEvent("stpe", 0, 1, 0, 1)

@@ -20,9 +20,9 @@ import importlib
 from typing import Any
 
 _MODULES = {
-    "config": ("TrainConfig", "FINETUNE_DEFAULTS", "FREEZE_CHOICES", "finetune_config"),
+    "config": ("TrainConfig", "FINETUNE_DEFAULTS", "FREEZE_CHOICES", "OUTSIDE_FOV_WEIGHT", "finetune_config"),
     "samples": ("TrainSample", "make_sample", "emphasize_corrections", "load_samples", "check_samples",
-                "split_validation", "holdout_region", "OUTSIDE_FOV_WEIGHT"),
+                "split_validation", "holdout_region"),
     "events": ("EventKind", "TrainEvent"),
     "resume": ("TrainState", "resume_path", "history_path"),
     "dataset": ("PatchDataset",),

@@ -26,6 +26,7 @@ from typing import Any
 from ..errors import R2UNetError
 
 FREEZE_CHOICES = ("none", "bn", "encoder")
+OUTSIDE_FOV_WEIGHT = 0.1  # loss weight of the pixels outside a field-of-view mask
 
 
 def _meta(help: str, **bounds: Any) -> dict[str, Any]:

@@ -20,12 +20,10 @@ import numpy as np
 
 from ..errors import R2UNetError
 from ..preprocessing import PreprocessConfig, check_image, measure_stats, normalize_tile, to_chw
-from .config import TrainConfig
+from .config import OUTSIDE_FOV_WEIGHT, TrainConfig
 
 if TYPE_CHECKING:
     from ..nets import ModelConfig
-
-OUTSIDE_FOV_WEIGHT = 0.1  # loss weight of the pixels outside the field of view
 
 
 @dataclass
