@@ -37,7 +37,7 @@ from torch import nn
 from . import __version__
 from .catalog import MAX_HEADER_BYTES
 from .errors import R2UNetError
-from .fileio import atomic_write  # noqa: F401  (re-exported: older imports use it from here)
+from .fileio import atomic_write
 from .nets import ModelConfig, build_model
 from .preprocessing import PreprocessConfig
 

@@ -45,12 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .checkpoint import Checkpoint, atomic_write, save_checkpoint
+from .checkpoint import Checkpoint, save_checkpoint
 from .errors import CancelledError, R2UNetError
-from .inference import sliding_window_inference
+from .fileio import atomic_write
 from .metrics import MetricAccumulator
 from .nets import ModelConfig, build_model, logits_to_probabilities
 from .preprocessing import PreprocessConfig, check_image, measure_stats, normalize_tile, to_chw
+from .tiling import sliding_window_inference
 
 ShouldStop = Callable[[], bool]
 OUTSIDE_FOV_WEIGHT = 0.1
@@ -489,7 +490,7 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
     ) -> None:
-        from .inference import select_device
+        from .devices import select_device
 
         self.config = config
         self.out = Path(out)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from src_models.checkpoint import load_checkpoint
-from src_models.inference import Segmenter, available_devices
+from src_models.devices import available_devices
+from src_models.inference import Segmenter
 from src_models.synthetic import vessel_image
 
 ACCELERATORS = [d for d in available_devices() if d != "cpu"]

@@ -9,20 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from src_models.checkpoint import load_checkpoint
+from src_models.devices import select_device
 from src_models.errors import CancelledError, R2UNetError
-from src_models.inference import (
-    AUTO_OVERLAP_PIXELS,
-    DEFAULT_OVERLAP,
-    LabelSink,
-    Segmenter,
-    balanced_tile,
-    probabilities_to_labels,
-    select_device,
-    sliding_window_inference,
-    tile_starts,
-)
+from src_models.inference import Segmenter
+from src_models.labels import LabelSink, probabilities_to_labels
 from src_models.preprocessing import preprocess
+from src_models.settings import AUTO_OVERLAP_PIXELS, DEFAULT_OVERLAP
 from src_models.synthetic import vessel_image
+from src_models.tiling import balanced_tile, sliding_window_inference, tile_starts
 
 
 def _pointwise(batch: np.ndarray) -> np.ndarray:
@@ -44,7 +38,7 @@ def test_blending_is_exact_for_a_pointwise_predictor(h, w, c, tile, overlap, bat
 
 @pytest.mark.parametrize(("size", "tile", "overlap", "multiple"), [(100, 32, 0.25, 1), (640, 256, 0.25, 8), (64, 64, 0.5, 16), (1008, 128, 0.9, 16)])
 def test_tile_starts_cover_and_align(size, tile, overlap, multiple):
-    starts = tile_starts(size, tile, overlap, multiple)
+    starts = tile_starts(size, tile, round(overlap * tile), multiple)
     assert starts[0] == 0 and starts[-1] + tile == size
     assert all(s % multiple == 0 for s in starts)
     assert all(b - a <= tile * (1 - overlap) + multiple for a, b in zip(starts, starts[1:]))
@@ -77,11 +71,11 @@ def test_balanced_tiles_cover_with_the_overlap_and_never_waste_more_than_fixed_o
     overlap = min(overlap * multiple // 2, max_tile - multiple)
     tile = balanced_tile(size, max_tile, overlap, multiple)
     assert tile % multiple == 0 and multiple <= tile <= min(size, max_tile)
-    starts = tile_starts(size, tile, overlap / tile, multiple)
+    starts = tile_starts(size, tile, overlap, multiple)
     assert starts[0] == 0 and starts[-1] + tile == size
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])), "every overlap at least what was asked"
     fixed = min(max_tile, size)
-    assert len(starts) * tile <= len(tile_starts(size, fixed, overlap / fixed, multiple)) * fixed
+    assert len(starts) * tile <= len(tile_starts(size, fixed, overlap, multiple)) * fixed
 
 
 def test_balanced_tile_examples():
@@ -394,3 +388,54 @@ def test_a_failing_stop_callback_cancels_instead_of_running_on():
 
     with pytest.raises(CancelledError):  # 768^2 runs for about a second: the watcher's first poll lands inside it
         predictor(np.zeros((1, 1, 768, 768), np.float32), broken)
+
+
+# -- the tiling geometry in pixels gives the layouts of the former fraction-based code ---------
+def _former_tile_starts(size: int, tile: int, overlap: float, multiple: int) -> list[int]:
+    """tile_starts as it was (overlap a fraction, with its 1e-6 fudge): the reference."""
+    if tile >= size:
+        return [0]
+    stride = max(multiple, int(tile * (1.0 - overlap) + 1e-6) // multiple * multiple)
+    count = -(-(size - tile) // stride) + 1
+    return sorted({round(i * (size - tile) / (count - 1) / multiple) * multiple for i in range(count)})
+
+
+def _former_layout(size: int, max_tile: int, overlap: float, multiple: int) -> tuple[int, list[int]]:
+    """One axis of the former sliding_window_inference: fraction -> pixels -> fraction -> stride."""
+    overlap_px = round(overlap * max_tile)
+    tile = balanced_tile(size, max_tile, overlap_px, multiple)  # unchanged: it always took pixels
+    return tile, _former_tile_starts(size, tile, min(0.95, overlap_px / tile), multiple)
+
+
+@pytest.mark.parametrize("multiple", [1, 2, 16])
+@pytest.mark.parametrize("overlap", [0.0, 0.1, 0.15, 0.25, 1 / 3, 0.5, 0.75, 0.9, 0.95])
+def test_tile_layouts_equal_the_former_fraction_based_ones(overlap, multiple):
+    from src_models.tiling import tile_grid
+
+    for size in (16, 64, 100, 304, 1008, 1424, 2000, 8192):
+        for roi in (16, 40, 96, 128, 256, 1024, 1280):
+            grid = tile_grid(size, size, roi, multiple, overlap=overlap)
+            padded = -(-size // multiple) * multiple
+            largest = max(multiple, min(roi, padded) // multiple * multiple)
+            tile, starts = _former_layout(padded, largest, overlap, multiple)
+            assert (grid.tile[0], list(grid.ys)) == (tile, starts), (size, roi)
+
+
+def test_the_default_overlap_is_192_pixels_of_the_tile_at_most_half(tiny_checkpoint):
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
+    for tile in (1280, 640, 320, 160, 128):  # the default tile and its out-of-memory halvings
+        grid = seg.tile_grid(3000, 3000, tile)
+        former = _former_layout(-(-3000 // seg.size_multiple) * seg.size_multiple, tile, min(0.5, 192 / tile), seg.size_multiple)
+        assert (grid.tile[0], list(grid.ys)) == former
+        assert min(grid.tile[0] - (b - a) for a, b in zip(grid.ys, grid.ys[1:])) >= min(192, tile // 2)
+
+
+def test_tiling_and_labels_do_not_import_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys, numpy as np; from src_models import tiling, labels; "
+             "tiling.sliding_window_inference(np.zeros((1, 40, 40), np.float32), 16, 2, lambda b: b, 0.25); "
+             "labels.probabilities_to_labels(np.zeros((1, 4, 4))); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "False"
