@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import ARCHITECTURES
+from .settings import padded_size
 
 NORMS = ("batch", "instance", "group", "none")
 DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
@@ -265,7 +266,7 @@ class SegmentationUNet(nn.Module):
             )
         height, width = x.shape[-2:]
         m = self.config.size_multiple
-        pad_h, pad_w = (-height) % m, (-width) % m
+        pad_h, pad_w = padded_size(height, m) - height, padded_size(width, m) - width
         if self.config.norm == "instance" and self.config.depth > 1:  # needs >= 2x2 at the bottom level
             pad_h, pad_w = max(pad_h, 2 * m - height), max(pad_w, 2 * m - width)
         if pad_h or pad_w:
