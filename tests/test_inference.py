@@ -33,6 +33,8 @@ def test_blending_is_exact_for_a_pointwise_predictor(h, w, c, tile, overlap, bat
     x = np.random.default_rng(h * w).normal(size=(c, h, w)).astype(np.float32)
     out = sliding_window_inference(x, tile, batch, _pointwise, overlap, mode, size_multiple=multiple)
     assert out.shape == (2, h, w) and np.isfinite(out).all()
+    # numpy only (no ATen): each pixel is sum(w_i * f) / sum(w_i) over <= 4 tiles of the SAME f in
+    # [0, 1], so it differs from f by a few float32 roundings (~4 * 6e-8); 1e-5 is 40x that
     assert np.allclose(out, _pointwise(x[None])[0], atol=1e-5)
 
 
@@ -50,6 +52,10 @@ def test_single_tile_equals_the_network_on_the_whole_image(trained_checkpoint):
     x = torch.from_numpy(preprocess(img, seg.checkpoint.preprocess))[None]
     with torch.inference_mode():
         reference = torch.sigmoid(seg.model(x))[0].numpy()
+    # the auto backend (onnxruntime) against eager PyTorch on the same padded input: only the
+    # kernels' summation order differs. Both stay within ~1e-6 relative of the float64 logits
+    # (measured vs a float64 run, AVX2 and ATEN_CPU_CAPABILITY=default alike), and a probability
+    # moves by at most 1/4 of its logit: max measured 1.5e-6, so 1e-5 holds on any CPU's order
     assert np.abs(seg.predict(img) - reference).max() < 1e-5
 
 
@@ -60,6 +66,8 @@ def test_tiled_matches_whole_image_at_the_default_overlap(trained_checkpoint, ti
     whole = seg.predict(img, tile=2048)
     tiled = seg.predict(img, tile=tile, batch_size=3)  # default overlap: 192 pixels
     assert tiled.shape == whole.shape == (1, 1100, 1050)
+    # a property of the overlap (context lost at the tiles' borders, measured in settings.py), not of
+    # float rounding: summation order moves these probabilities by ~1e-6, three orders below
     assert np.abs(tiled - whole).max() < 1e-3
     assert np.abs(seg.predict(img, tile=512, overlap=DEFAULT_OVERLAP) - whole).max() < 1e-3
 
@@ -208,6 +216,7 @@ def test_out_of_memory_retries_smaller_and_says_so(tiny_checkpoint):
     seg._predict_batch = limited
     result = seg.predict(img, tile=512, batch_size=4)
     assert any("batch size 1" in m for m in messages) and any("128-pixel tiles" in m for m in messages)
+    # the retry ends on the very tiles (128 pixels, batch 1) the reference ran: equal up to rounding
     assert np.abs(result - reference).max() < 1e-5
 
     def always(batch: np.ndarray) -> np.ndarray:
@@ -271,6 +280,8 @@ def test_tta_averages_the_four_flips(tiny_checkpoint):
     flips = [img, img[:, ::-1], img[::-1], img[::-1, ::-1]]
     manual = [plain.predict(np.ascontiguousarray(f))[0] for f in flips]
     expected = (manual[0] + manual[1][:, ::-1] + manual[2][::-1] + manual[3][::-1, ::-1]) / 4
+    # the same network on flipped copies, in a batch or one by one: at most a mirrored summation
+    # order inside each conv (measured 0.0 on AVX2 and default kernels); 1e-5 is ~100 float32 ulps of p
     assert np.allclose(tta.predict(img)[0], expected, atol=1e-5)
 
 
@@ -282,6 +293,8 @@ def test_onnxruntime_backend_matches_pytorch(trained_checkpoint, tta):
     fast = Segmenter(checkpoint, "cpu", tta=tta, backend="onnxruntime")
     plain = Segmenter(checkpoint, "cpu", tta=tta, backend="torch")
     assert fast.backend == "onnxruntime" and plain.backend == "torch"
+    # two float32 engines: probabilities differ by rounding only (measured 1.5e-6); 1e-3 is the
+    # product's promise ("same results"), far above any CPU's summation order, far below a real bug
     assert np.abs(fast.predict(image, tile=64) - plain.predict(image, tile=64)).max() < 1e-3
     assert Segmenter(checkpoint, "cpu").backend == "onnxruntime"  # auto picks it on the CPU
 
@@ -322,6 +335,9 @@ def test_export_is_checked_against_pytorch(tmp_path, trained_checkpoint, capsys,
         got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     else:
         got = torch.jit.load(str(out))(torch.from_numpy(x)).detach().numpy()
+    # logits (|max| ~21 here) of the same float32 graph in two engines: each is within a few float32
+    # roundings per layer of the float64 value (~1e-6 relative: 1.9e-5 measured, AVX2 and default
+    # kernels alike); 1e-4 is 5x that, while a wrong graph moves logits by > 1e-1
     assert np.abs(got - reference).max() < 1e-4
     assert main(["export", str(trained_checkpoint), "--format", fmt, "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
