@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench.py --smoke    # tiny sizes, prints only (CI runs this)
 
 (a) our end-to-end prediction of a DRIVE-sized image (read, preprocess, tile, infer, blend,
-    threshold, write: the CLI's own `predict_file`, model already loaded) / the roofline time
+    threshold, write: `src_models.predict.predict_file`, what the CLI runs, model already loaded) / the roofline time
     (model FLOPs / the sgemm FLOP/s measured now); a cold `r2unet predict` is printed too;
 (b) a plain eager-PyTorch forward of the same network (fp32, as public implementations run it) /
     our end-to-end time: how much faster we are;
@@ -91,20 +91,16 @@ def drive_sized_image(work: Path) -> Path:
 
 def forward_flops(config, height: int, width: int) -> float:
     from src_models.nets import flops_per_megapixel
+    from src_models.settings import padded_size
 
     m = config.size_multiple
-    padded = (-(-height // m) * m) * (-(-width // m) * m)
-    return flops_per_megapixel(config) * padded / 1e6
+    return flops_per_megapixel(config) * padded_size(height, m) * padded_size(width, m) / 1e6
 
 
 def tiling_overhead(segmenter, side: int) -> float:
     """Pixels the network computes for a side x side image at the default tiling / the image's pixels."""
-    from src_models.inference import auto_overlap, tile_layout
-
-    m = segmenter.size_multiple
-    largest = segmenter.auto_tile(side, side)
-    tile, starts = tile_layout(-(-side // m) * m, largest, round(auto_overlap(largest) * largest), m)
-    return (len(starts) * tile) ** 2 / side**2
+    grid = segmenter.tile_grid(side, side)  # exactly the tiling Segmenter.predict runs
+    return (len(grid.ys) * grid.tile[0]) * (len(grid.xs) * grid.tile[1]) / side**2
 
 
 def child_rss_predict(model: str, image: Path, out: Path, threads: int) -> tuple[float, float]:
@@ -156,10 +152,10 @@ def main() -> int:
     start = time.perf_counter()
     cli(["predict", model, str(image_path), "--out", str(out)])  # also warms the caches (ONNX export)
     cold = time.perf_counter() - start
-    from src_models.cli import build_parser, predict_file
     from src_models.inference import Segmenter
+    from src_models.predict import PredictOptions, predict_file
 
-    options = build_parser().parse_args(["predict", model, str(image_path), "--out", str(out)])
+    options = PredictOptions()  # what 'r2unet predict' runs by default
     segmenter = Segmenter(checkpoint, device="cpu")
     ours = best_of(lambda: predict_file(segmenter, image_path, out / "mask.tif", None, options), 2 if args.smoke else 3)
     peaks.append(sgemm_flops(threads, gemm_n))  # right next to (a): the two sides of its ratio

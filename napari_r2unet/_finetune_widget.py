@@ -613,7 +613,7 @@ class FinetuneWidget(Notifying, QWidget):
     # -- where to correct next -------------------------------------------------------------
     def next_doubtful_region(self) -> tuple[int, int] | None:
         """Centre the view on the next most uncertain window of the selected result layer."""
-        from src_models.inference import predictive_entropy
+        from src_models.labels import predictive_entropy
 
         layer = self.viewer.layers.selection.active
         meta = getattr(layer, "metadata", {}).get(META_KEY) if layer is not None else None

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from src_models.labels import foreground_probability
+
 META_KEY = "r2unet"
 OUTPUT_KEY = "r2unet_output"  # marks the Image layers we add (probability, uncertainty)
 
@@ -77,7 +79,7 @@ def result_name(image_name: str, model_name: str) -> str:
 
 
 def labels_from(probs: np.ndarray, threshold: float) -> np.ndarray:
-    from src_models.inference import probabilities_to_labels
+    from src_models.labels import probabilities_to_labels
 
     return probabilities_to_labels(probs, threshold)
 
@@ -89,11 +91,6 @@ def _full_volume(job: Job, values: np.ndarray, dtype: Any) -> np.ndarray:
     full = np.zeros(job.spatial_shape, dtype=dtype)
     full[job.index] = values
     return full
-
-
-def foreground_probability(probs: np.ndarray) -> np.ndarray:
-    """``(..., K, H, W)`` -> ``(..., H, W)``: P(vessel) for binary models, 1 - P(background) otherwise."""
-    return probs[..., 0, :, :] if probs.shape[-3] == 1 else 1.0 - probs[..., 0, :, :]
 
 
 def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, threshold: float,
@@ -124,7 +121,7 @@ def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, thre
             metadata={OUTPUT_KEY: "probability"}, **_spatial_kwargs(image),
         )
     if add_uncertainty:
-        from src_models.inference import predictive_entropy
+        from src_models.labels import predictive_entropy
 
         viewer.add_image(
             _full_volume(job, predictive_entropy(probs), np.float32),

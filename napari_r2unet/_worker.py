@@ -42,7 +42,7 @@ def limit_cpu_threads() -> int:
 
 
 def available_devices() -> list[str]:
-    from src_models.inference import available_devices as devices
+    from src_models.devices import available_devices as devices
 
     return devices()
 

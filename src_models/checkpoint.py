@@ -13,7 +13,8 @@ A checkpoint holds the float tensors of a model's ``state_dict`` and these strin
 
 :func:`load_checkpoint` checks, before allocating anything: the file exists and is readable,
 the 8-byte header length fits in the file and under 100 MB, the header parses, the metadata is
-ours, every tensor name and shape matches the network its config describes. A legacy ``.pt``/
+ours, every tensor name and shape matches the network its config describes (the first
+checks are :func:`~src_models.catalog.read_header`'s, which also refuses a truncated file). A legacy ``.pt``/
 ``.pth`` file is read only through ``torch.load(weights_only=True)`` and must be a dict with
 ``config`` and ``state_dict``. Every failure is an :class:`~src_models.errors.R2UNetError` whose
 one-line message names the file and the problem. Writes are atomic (temp file + rename).
@@ -25,7 +26,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .catalog import MAX_HEADER_BYTES
+from .catalog import read_header
 from .errors import R2UNetError
-from .fileio import atomic_write  # noqa: F401  (re-exported: older imports use it from here)
+from .fileio import atomic_write
 from .nets import ModelConfig, build_model
 from .preprocessing import PreprocessConfig
 
@@ -138,18 +138,6 @@ def _fail(path: Path, problem: str) -> R2UNetError:
     return R2UNetError(f"cannot load checkpoint {path}: {problem}")
 
 
-def _check_header(path: Path) -> None:
-    size = path.stat().st_size
-    if size < 8:
-        raise _fail(path, f"file is {size} bytes, too short for a .safetensors file (truncated?)")
-    with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-    if header_len > MAX_HEADER_BYTES:
-        raise _fail(path, f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); not a valid checkpoint")
-    if 8 + header_len > size:
-        raise _fail(path, f"header claims {header_len} bytes but the file has {size}; the file is truncated")
-
-
 def _parse_metadata(path: Path, metadata: Mapping[str, str] | None) -> tuple[ModelConfig, PreprocessConfig, tuple[str, ...], dict[str, Any]]:
     if not metadata or metadata.get("format") != FORMAT:
         raise _fail(path, "no napari-r2unet metadata (format key missing); was it saved by r2unet?")
@@ -202,7 +190,7 @@ def _check_values(path: Path, state_dict: Mapping[str, torch.Tensor], expected_s
 def _load_safetensors(path: Path) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
-    _check_header(path)
+    read_header(path)  # whole and a checkpoint: the torch-free check the model menus run too
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             config, preprocess, class_names, provenance = _parse_metadata(path, handle.metadata())

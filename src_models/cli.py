@@ -8,15 +8,23 @@ stderr (``r2unet: error: ...``) and exit status 1 (2 for bad arguments, 130 when
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import R2UNetError
+from .settings import (
+    AUTO_OVERLAP_PIXELS,
+    AUTO_TILE,
+    AUTO_WHOLE_IMAGE_PIXELS,
+    DEFAULT_THRESHOLD,
+    MAX_OVERLAP,
+    THRESHOLD_RANGE,
+)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -80,40 +88,17 @@ def _segmenter(args: argparse.Namespace) -> Any:
     return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend)
 
 
-def _predict_array(segmenter: Any, image: Any, args: argparse.Namespace, description: str,
-                   labels_at: float | None = None) -> Any:
-    """Probabilities ``(K, H, W)`` for a 2D image, ``(..., K, H, W)`` for a stack.
+def _predict_options(args: argparse.Namespace) -> Any:
+    from .predict import PredictOptions
 
-    Layouts: ``(H, W)``; ``(H, W, C)`` and planar ``(C, H, W)`` with C <= 4 are one colour image
-    (``--stack`` makes a 3D array a stack of gray slices); any other 3D+ array is a stack of
-    gray slices ``(..., H, W)``, or of colour slices ``(..., H, W, C)`` when the last axis <= 4.
-    With ``labels_at`` (a threshold), a 2D image gives a :class:`LabelSink` instead: its labels
-    are thresholded band by band and the probabilities are never held whole.
-    """
-    from .inference import LabelSink
+    return PredictOptions(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, threshold=args.threshold, stack=args.stack)
 
+
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[Callable[[float], None]]:
     update, close = _progress_bar(description)
-    options = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=update)
-    classes = segmenter.checkpoint.config.out_channels
-
-    def one_image(channel_axis: int | None, height: int, width: int) -> Any:
-        out = None if labels_at is None else LabelSink(classes, height, width, threshold=labels_at)
-        return segmenter.predict(image, channel_axis=channel_axis, out=out, **options)
-
     try:
-        if image.ndim == 2:
-            return one_image(None, *image.shape)
-        if image.ndim == 3 and not args.stack and image.shape[-1] <= 4:
-            return one_image(-1, *image.shape[:2])
-        if image.ndim == 3 and not args.stack and image.shape[0] <= 4:
-            return one_image(0, *image.shape[1:])
-        if image.ndim == 3 and not args.stack and image.shape[-1] < min(image.shape[:2]) and image.shape[-1] < 16:
-            raise R2UNetError(
-                f"{description.split()[-1]} looks like a {image.shape[-1]}-channel image {image.shape}; models take 1-4 channels. "
-                "If it is a stack of 2D images, pass --stack"
-            )
-        colour = image.ndim >= 4 and image.shape[-1] <= 4
-        return segmenter.predict_stack(image, channel_axis=-1 if colour else None, **options)
+        yield update
     finally:
         close()
 
@@ -211,37 +196,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise R2UNetError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    from .predict import predict_file
+
+    options = _predict_options(args)
     for i, (path, (mask_path, prob_path)) in enumerate(zip(files, outputs), 1):
-        fraction = predict_file(segmenter, path, mask_path, prob_path, args, f"[{i}/{len(files)}] {path.name}")
+        with _progress(f"[{i}/{len(files)}] {path.name}") as bar:
+            fraction = predict_file(segmenter, path, mask_path, prob_path, options, bar)
         print(f"{path} -> {mask_path}  ({fraction:.1%} foreground)")
     return 0
-
-
-def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | None, args: argparse.Namespace,
-                 description: str = "") -> float:
-    """One file through the whole pipeline (read, preprocess, tile, infer, blend, threshold, write);
-    returns the foreground fraction. ``make bench`` times exactly this."""
-    import numpy as np
-
-    from .data import read_image, write_tiff
-    from .inference import LabelSink, probabilities_to_labels
-
-    image = read_image(path)
-    binary = segmenter.checkpoint.config.out_channels == 1
-    # probabilities not written: a 2D image is thresholded band by band (never held whole)
-    probs = _predict_array(segmenter, image, args, description or path.name, labels_at=None if prob_path else args.threshold)
-    labels = probs.labels if isinstance(probs, LabelSink) else probabilities_to_labels(probs, args.threshold)
-    if binary:
-        labels *= 255
-    write_tiff(mask_path, labels)
-    if prob_path is not None:
-        write_tiff(prob_path, np.squeeze(probs, axis=-3) if binary else probs)
-    return float((labels > 0).mean())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import pair_files, read_image, read_mask
     from .metrics import METRIC_NAMES, MetricAccumulator
+    from .predict import predict_array
 
     samples = pair_files(args.images, args.masks, args.fov)
     segmenter = _segmenter(args)
@@ -249,11 +217,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise R2UNetError("evaluate computes binary metrics; this model is multi-class")
     pooled = MetricAccumulator(threshold=args.threshold)
     per_image = []
+    options = _predict_options(args)
     for i, sample in enumerate(samples, 1):
         image = read_image(sample.image)
         mask = read_mask(sample.mask)
         fov = read_mask(sample.fov) if sample.fov else None
-        probs = _predict_array(segmenter, image, args, f"[{i}/{len(samples)}] {sample.image.name}")
+        with _progress(f"[{i}/{len(samples)}] {sample.image.name}") as bar:
+            probs = predict_array(segmenter, image, options, sample.image.name, bar)
         if probs.ndim != 3 or probs.shape[-2:] != mask.shape:
             raise R2UNetError(f"image {sample.image.name} is {tuple(probs.shape[-2:])} pixels but its mask {sample.mask.name} is {mask.shape}; masks must match their images")
         probs = probs[0]
@@ -275,53 +245,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from .export import export_onnx, export_torchscript
+    from .export import export_checked
     from .registry import load_model
 
     checkpoint = load_model(args.model)
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.overwrite:
-        raise R2UNetError(f"{out} already exists; pass --overwrite to replace it")
-    if checkpoint.path is not None and out.resolve() == checkpoint.path.resolve():
-        raise R2UNetError(f"{out} is the model itself; choose another output file")
-    if not out.parent.is_dir():
-        raise R2UNetError(f"output folder {out.parent} does not exist; create it first")
-    m = checkpoint.config.size_multiple
-    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, checkpoint.config.in_channels, 3 * m, 5 * m)).astype(np.float32))
-    with torch.inference_mode():
-        reference = checkpoint.build("cpu")(x).numpy()
-    import tempfile
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".check", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        if args.format == "onnx":
-            import onnxruntime as ort
-
-            export_onnx(checkpoint, tmp)
-            got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
-        else:
-            export_torchscript(checkpoint, tmp)
-            with torch.inference_mode():
-                got = torch.jit.load(str(tmp))(x).numpy()
-        difference = float(np.abs(got - reference).max())
-        if not difference < 1e-3:
-            raise R2UNetError(f"the exported model differs from PyTorch by {difference:.2g}; not written")
-        os.replace(tmp, out)
-    except ImportError as exc:
-        raise R2UNetError(f"ONNX export needs onnxruntime to check the result ({exc}); pip install onnxruntime onnx") from exc
-    except (R2UNetError, OSError):
-        raise
-    except Exception as exc:  # onnxruntime / TorchScript errors are not ours: say which step failed
-        raise R2UNetError(f"the exported {args.format} model could not be checked: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"{out}: {args.format}, input (N, {checkpoint.config.in_channels}, H, W) float32 with H, W multiples of {m}; "
-          f"max |logit difference| vs PyTorch {difference:.2g}")
+    difference = export_checked(checkpoint, args.out, args.format, args.overwrite)
+    print(f"{Path(args.out).expanduser()}: {args.format}, input (N, {checkpoint.config.in_channels}, H, W) float32 with H, W "
+          f"multiples of {checkpoint.config.size_multiple}; max |logit difference| vs PyTorch {difference:.2g}")
     return 0
 
 
@@ -342,10 +272,12 @@ def _widths(text: str) -> tuple[int, ...]:
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu (default: auto)")
-    p.add_argument("--tile", type=_positive_int, default=None, help="largest tile side in pixels; tiles are evened out (default: whole image up to 1536^2 pixels if memory allows, else 1280)")
-    p.add_argument("--overlap", type=float, default=None, help="overlap of neighbouring tiles, as a fraction of the largest tile (default: 192 pixels, 0.15 of 1280)")
+    whole = math.isqrt(AUTO_WHOLE_IMAGE_PIXELS)
+    p.add_argument("--tile", type=_positive_int, default=None, help=f"largest tile side in pixels; tiles are evened out (default: whole image up to {whole}^2 pixels if memory allows, else {AUTO_TILE})")
+    p.add_argument("--overlap", type=float, default=None, help=f"overlap of neighbouring tiles, as a fraction of the largest tile, at most {MAX_OVERLAP:g} "
+                   f"(default: {AUTO_OVERLAP_PIXELS} pixels, {AUTO_OVERLAP_PIXELS / AUTO_TILE:g} of {AUTO_TILE})")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the mask (default: 0.5)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help=f"probability threshold for the mask (default: {DEFAULT_THRESHOLD:g})")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto: onnxruntime on the CPU when installed (about 2x faster, same results), else PyTorch")
@@ -405,10 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("overlap", "threshold"):
+    for name, (low, high) in (("overlap", (0.0, MAX_OVERLAP)), ("threshold", THRESHOLD_RANGE)):
         value = getattr(args, name, None)
-        if value is not None and not 0.0 <= value <= (0.95 if name == "overlap" else 1.0):
-            parser.error(f"--{name} {value} is out of range ({'0..0.95' if name == 'overlap' else '0..1'})")
+        if value is not None and not low <= value <= high:
+            parser.error(f"--{name} {value} is out of range ({low:g}..{high:g})")
     try:
         return int(args.func(args) or 0)
     except R2UNetError as exc:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write
 from .errors import R2UNetError
+from .fileio import atomic_write
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
 # role words that name what a file is rather than which sample it shows (matched at the end of the stem)

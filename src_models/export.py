@@ -7,7 +7,8 @@ or a model cannot be exported, inference falls back to PyTorch and says so once.
 
 - :func:`export_onnx` / :func:`export_torchscript` write a checkpoint's network (logits, input
   ``(N, C, H, W)`` float32, any N/H/W that are multiples of ``config.size_multiple``; the tiler
-  always feeds such tiles) atomically.
+  always feeds such tiles) atomically; :func:`export_checked` (``r2unet export``) also runs the
+  written file and keeps it only if its logits match PyTorch's.
 - :class:`OnnxPredictor` runs a checkpoint through onnxruntime; the exported graph is cached per
   checkpoint SHA-256 in the user cache folder (``$R2UNET_CACHE_DIR`` or the platform's), so the
   export (1-3 s) happens once per model.
@@ -175,3 +176,67 @@ class OnnxPredictor:
         finally:
             finished.set()
             watcher.join()
+
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+# An export is the same float32 graph run by another engine: only the summation order of its
+# kernels differs. Logits of the checked net are O(1-10) after ~10^3-10^4-term reductions, so
+# float32 rounding moves them by ~1e-5 at most; 1e-3 leaves two orders of margin for any CPU and
+# still catches a wrong graph (a missing layer or a different padding moves logits by >= 1e-1).
+EXPORT_TOLERANCE = 1e-3
+
+
+def _run_exported(path: Path, fmt: str, x: torch.Tensor) -> np.ndarray:
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    with torch.inference_mode():
+        return torch.jit.load(str(path))(x).numpy()
+
+
+def _check_target(checkpoint: Checkpoint, out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise R2UNetError(f"{out} already exists; pass --overwrite to replace it")
+    if checkpoint.path is not None and out.resolve() == checkpoint.path.resolve():
+        raise R2UNetError(f"{out} is the model itself; choose another output file")
+    if not out.parent.is_dir():
+        raise R2UNetError(f"output folder {out.parent} does not exist; create it first")
+
+
+def export_checked(checkpoint: Checkpoint, out: str | os.PathLike[str], fmt: str = "onnx", overwrite: bool = False) -> float:
+    """Export ``checkpoint`` as ``fmt`` (onnx | torchscript) to ``out``, kept only if the exported
+    model's logits match PyTorch's on a random batch to :data:`EXPORT_TOLERANCE`; returns the
+    max |logit difference|. The export goes to a temporary file beside ``out`` first, so ``out``
+    is never left half-written or unchecked.
+    """
+    import tempfile
+
+    if fmt not in EXPORT_FORMATS:
+        raise R2UNetError(f"export format {fmt!r} must be one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out).expanduser()
+    _check_target(checkpoint, out, overwrite)
+    m = checkpoint.config.size_multiple
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, checkpoint.config.in_channels, 3 * m, 5 * m)).astype(np.float32))
+    with torch.inference_mode():
+        reference = checkpoint.build("cpu")(x).numpy()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".check", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if fmt == "onnx":
+            import onnxruntime  # noqa: F401 (without it the export cannot be checked: fail before writing)
+        (export_onnx if fmt == "onnx" else export_torchscript)(checkpoint, tmp)
+        difference = float(np.abs(_run_exported(tmp, fmt, x) - reference).max())
+        if not difference < EXPORT_TOLERANCE:
+            raise R2UNetError(f"the exported model differs from PyTorch by {difference:.2g}; not written")
+        os.replace(tmp, out)
+    except ImportError as exc:
+        raise R2UNetError(f"ONNX export needs onnxruntime to check the result ({exc}); pip install onnxruntime onnx") from exc
+    except (R2UNetError, OSError):
+        raise
+    except Exception as exc:  # onnxruntime / TorchScript errors are not ours: say which step failed
+        raise R2UNetError(f"the exported {fmt} model could not be checked: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return difference

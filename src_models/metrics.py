@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import R2UNetError
+from .settings import DEFAULT_THRESHOLD
 
 METRIC_NAMES = ("F1", "SE", "SP", "ACC", "JS", "AUC")
 
@@ -67,7 +68,7 @@ def _flatten(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None) -> tu
     return prob.ravel().astype(np.float64, copy=False), target.ravel().astype(bool)
 
 
-def confusion(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None, threshold: float = 0.5) -> Confusion:
+def confusion(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None, threshold: float = DEFAULT_THRESHOLD) -> Confusion:
     """Confusion counts of ``prob >= threshold`` against the binary ``target`` inside ``fov``."""
     p, t = _flatten(prob, target, fov)
     counts = np.bincount((p >= threshold).astype(np.int64) * 2 + t, minlength=4)
@@ -92,7 +93,7 @@ def roc_auc(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None)
     return float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
 
 
-def segmentation_metrics(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None, threshold: float = 0.5) -> dict[str, float]:
+def segmentation_metrics(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
     """All of :data:`METRIC_NAMES` for one image (or one already pooled set of pixels)."""
     result = confusion(prob, target, fov, threshold).metrics()
     result["AUC"] = roc_auc(prob, target, fov)
@@ -106,7 +107,7 @@ class MetricAccumulator:
     Memory: one float64 and one bool per FOV pixel (DRIVE test set: about 40 MB).
     """
 
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     counts: Confusion = field(default_factory=Confusion)
     _probs: list[np.ndarray] = field(default_factory=list, repr=False)
     _targets: list[np.ndarray] = field(default_factory=list, repr=False)

@@ -33,7 +33,6 @@ norm, which needs 2 x 2 pixels at the bottom level; the output is cropped back);
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import ARCHITECTURES
+from .configs import config_from_dict, config_to_json
+from .settings import padded_size
 
 NORMS = ("batch", "instance", "group", "none")
 DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
@@ -107,17 +108,11 @@ class ModelConfig:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return config_to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"a model config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "model config")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -265,7 +260,7 @@ class SegmentationUNet(nn.Module):
             )
         height, width = x.shape[-2:]
         m = self.config.size_multiple
-        pad_h, pad_w = (-height) % m, (-width) % m
+        pad_h, pad_w = padded_size(height, m) - height, padded_size(width, m) - width
         if self.config.norm == "instance" and self.config.depth > 1:  # needs >= 2x2 at the bottom level
             pad_h, pad_w = max(pad_h, 2 * m - height), max(pad_w, 2 * m - width)
         if pad_h or pad_w:

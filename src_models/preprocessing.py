@@ -23,12 +23,12 @@ pixels (NaN, Inf) are ignored by the statistics and become 0 after normalisation
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .configs import config_from_dict, config_to_json
 from .errors import R2UNetError
 
 CHANNEL_MODES = ("gray", "green", "rgb", "all")
@@ -66,17 +66,11 @@ class PreprocessConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return config_to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"a preprocessing config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown preprocessing keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "preprocessing config")
 
 
 def guess_channel_axis(shape: tuple[int, ...]) -> int | None:

@@ -1,10 +1,14 @@
-"""Model names: built-in architectures, pretrained models shipped in the package, checkpoint files.
+"""Which NAME means which model: what a user types -> a config or a loaded checkpoint.
 
-This module owns turning what a user types (``r2unet``, ``r2unet-drive``, ``~/m.safetensors``)
-into a config or a loaded checkpoint.
+This module owns resolving a model name (``r2unet``, ``r2unet-drive``, a fine-tuned version's
+name or id, ``~/m.safetensors``) for the CLI and the workers: :func:`load_model`,
+:func:`resolve_config` (``r2unet info``) and :func:`pretrained_models` (``r2unet models``). It
+lists nothing itself: the shipped files come from :mod:`src_models.catalog` (torch-free header
+reading), the user's fine-tuned versions from :mod:`src_models.versions`, and the weights are
+loaded by :mod:`src_models.checkpoint`.
 
-Pretrained models are the ``.safetensors`` files in ``src_models/weights/`` (listed by
-:mod:`src_models.catalog` without torch); their name is the file stem and everything else (architecture, metrics, training data, licence) is read from the
+Pretrained models are the ``.safetensors`` files in ``src_models/weights/``; their name is the
+file stem and everything else (architecture, metrics, training data, licence) is read from the
 file's own metadata, so there is no second list to keep in sync and nothing to download.
 """
 

@@ -1,8 +1,9 @@
-"""Fine-tuned model versions: a per-user folder of checkpoints, each one a new file.
+"""Which fine-tuned VERSIONS the user has: a per-user folder of checkpoints, each one a new file.
 
 This module owns where fine-tuned models live and how they are listed, named, exported and
-told apart. It is torch-free (checkpoint headers only), so the napari widgets can list versions
-at start-up.
+told apart (shipped models are :mod:`src_models.catalog`'s; turning a name into a loaded model
+is :mod:`src_models.registry`'s). It is torch-free (checkpoint headers only), so the napari
+widgets can list versions at start-up.
 
 - The folder is ``$R2UNET_MODELS_DIR`` if set, else the platform's per-user data folder
   (``$XDG_DATA_HOME`` or ``~/.local/share`` on Linux, ``~/Library/Application Support`` on macOS,

@@ -222,3 +222,40 @@ def test_legacy_pt_with_config_loads(tmp_path):
     torch.save(model.state_dict(), str(tmp_path / "bare.pt"))
     with pytest.raises(R2UNetError, match="must be a dict with 'config' and 'state_dict'"):
         load_checkpoint(tmp_path / "bare.pt")
+
+
+@pytest.mark.parametrize("cut", [1, 100, "half"])
+def test_a_truncated_copy_is_refused_when_it_is_chosen_not_at_segment(good, cut):
+    from src_models import catalog
+
+    data = good.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    keep = len(data) - cut if cut != "half" else 8 + header_len + (len(data) - 8 - header_len) // 2
+    assert keep > 8 + header_len, "the cut falls in the tensor data: the header alone still reads"
+    good.write_bytes(data[:keep])
+    message = f"checkpoint {good} is truncated or damaged ({keep} of {len(data)} bytes); copy it again"
+    for read in (catalog.describe, catalog.read_metadata, load_checkpoint):  # the model menu calls describe
+        with pytest.raises(R2UNetError) as exc:
+            read(good)
+        assert str(exc.value) == message
+
+
+def test_trailing_bytes_are_damage_too(good):
+    from src_models import catalog
+
+    size = good.stat().st_size
+    with open(good, "ab") as handle:
+        handle.write(b"\0" * 16)
+    with pytest.raises(R2UNetError, match=rf"truncated or damaged \({size + 16} of {size} bytes\)"):
+        catalog.describe(good)
+
+
+def test_a_text_file_named_safetensors_is_not_a_checkpoint(tmp_path):
+    from src_models import catalog
+
+    path = tmp_path / "notes.safetensors"
+    path.write_text("these are my notes about the models, not weights\n" * 4)
+    for read in (catalog.describe, load_checkpoint):
+        with pytest.raises(R2UNetError) as exc:
+            read(path)
+        assert str(exc.value) == f"{path} is not a checkpoint (.safetensors) file; choose a model saved by r2unet or the Fine-tune widget"

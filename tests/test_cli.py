@@ -135,7 +135,8 @@ def test_corrupt_checkpoint_and_image_errors(capsys, tmp_path, tiny_checkpoint):
     bad.write_bytes(tiny_checkpoint.read_bytes()[:300])
     (tmp_path / "img.png").write_bytes(b"not an image")
     code, _, err = run(capsys, "predict", str(bad), str(tmp_path / "img.png"), "--out", str(tmp_path / "o"))
-    assert code == 1 and "cannot load checkpoint" in err and err.count("\n") == 1
+    # issue 12: a truncated copy is named as such, with what to do (was "cannot load checkpoint ...")
+    assert code == 1 and f"checkpoint {bad} is truncated or damaged" in err and "copy it again" in err and err.count("\n") == 1
     code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(tmp_path / "img.png"), "--out", str(tmp_path / "o"))
     assert code == 1 and "cannot read" in err and err.count("\n") == 1
 

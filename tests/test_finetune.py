@@ -13,7 +13,8 @@ from conftest import random_checkpoint
 
 from src_models.checkpoint import file_sha256, load_checkpoint
 from src_models.errors import R2UNetError
-from src_models.inference import Segmenter, predictive_entropy
+from src_models.inference import Segmenter
+from src_models.labels import predictive_entropy
 from src_models.metrics import MetricAccumulator
 from src_models.preprocessing import PreprocessConfig
 from src_models.synthetic import vessel_image

@@ -32,8 +32,8 @@ def test_inference_never_modifies_the_callers_image(tmp_path):
 
 
 def test_overlapping_bands_are_normalised_once(tmp_path):
-    from src_models.inference import sliding_window_inference
     from src_models.preprocessing import measure_stats, normalize_tile, to_chw
+    from src_models.tiling import sliding_window_inference
 
     image = np.random.default_rng(1).normal(100, 30, (70, 50)).astype(np.float32)
     config = PreprocessConfig(channels="all")

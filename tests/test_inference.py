@@ -9,20 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from src_models.checkpoint import load_checkpoint
+from src_models.devices import select_device
 from src_models.errors import CancelledError, R2UNetError
-from src_models.inference import (
-    AUTO_OVERLAP_PIXELS,
-    DEFAULT_OVERLAP,
-    LabelSink,
-    Segmenter,
-    balanced_tile,
-    probabilities_to_labels,
-    select_device,
-    sliding_window_inference,
-    tile_starts,
-)
+from src_models.inference import Segmenter
+from src_models.labels import LabelSink, probabilities_to_labels
 from src_models.preprocessing import preprocess
+from src_models.settings import AUTO_OVERLAP_PIXELS, DEFAULT_OVERLAP
 from src_models.synthetic import vessel_image
+from src_models.tiling import balanced_tile, sliding_window_inference, tile_starts
 
 
 def _pointwise(batch: np.ndarray) -> np.ndarray:
@@ -39,12 +33,14 @@ def test_blending_is_exact_for_a_pointwise_predictor(h, w, c, tile, overlap, bat
     x = np.random.default_rng(h * w).normal(size=(c, h, w)).astype(np.float32)
     out = sliding_window_inference(x, tile, batch, _pointwise, overlap, mode, size_multiple=multiple)
     assert out.shape == (2, h, w) and np.isfinite(out).all()
+    # numpy only (no ATen): each pixel is sum(w_i * f) / sum(w_i) over <= 4 tiles of the SAME f in
+    # [0, 1], so it differs from f by a few float32 roundings (~4 * 6e-8); 1e-5 is 40x that
     assert np.allclose(out, _pointwise(x[None])[0], atol=1e-5)
 
 
 @pytest.mark.parametrize(("size", "tile", "overlap", "multiple"), [(100, 32, 0.25, 1), (640, 256, 0.25, 8), (64, 64, 0.5, 16), (1008, 128, 0.9, 16)])
 def test_tile_starts_cover_and_align(size, tile, overlap, multiple):
-    starts = tile_starts(size, tile, overlap, multiple)
+    starts = tile_starts(size, tile, round(overlap * tile), multiple)
     assert starts[0] == 0 and starts[-1] + tile == size
     assert all(s % multiple == 0 for s in starts)
     assert all(b - a <= tile * (1 - overlap) + multiple for a, b in zip(starts, starts[1:]))
@@ -56,6 +52,10 @@ def test_single_tile_equals_the_network_on_the_whole_image(trained_checkpoint):
     x = torch.from_numpy(preprocess(img, seg.checkpoint.preprocess))[None]
     with torch.inference_mode():
         reference = torch.sigmoid(seg.model(x))[0].numpy()
+    # the auto backend (onnxruntime) against eager PyTorch on the same padded input: only the
+    # kernels' summation order differs. Both stay within ~1e-6 relative of the float64 logits
+    # (measured vs a float64 run, AVX2 and ATEN_CPU_CAPABILITY=default alike), and a probability
+    # moves by at most 1/4 of its logit: max measured 1.5e-6, so 1e-5 holds on any CPU's order
     assert np.abs(seg.predict(img) - reference).max() < 1e-5
 
 
@@ -66,6 +66,8 @@ def test_tiled_matches_whole_image_at_the_default_overlap(trained_checkpoint, ti
     whole = seg.predict(img, tile=2048)
     tiled = seg.predict(img, tile=tile, batch_size=3)  # default overlap: 192 pixels
     assert tiled.shape == whole.shape == (1, 1100, 1050)
+    # a property of the overlap (context lost at the tiles' borders, measured in settings.py), not of
+    # float rounding: summation order moves these probabilities by ~1e-6, three orders below
     assert np.abs(tiled - whole).max() < 1e-3
     assert np.abs(seg.predict(img, tile=512, overlap=DEFAULT_OVERLAP) - whole).max() < 1e-3
 
@@ -77,11 +79,11 @@ def test_balanced_tiles_cover_with_the_overlap_and_never_waste_more_than_fixed_o
     overlap = min(overlap * multiple // 2, max_tile - multiple)
     tile = balanced_tile(size, max_tile, overlap, multiple)
     assert tile % multiple == 0 and multiple <= tile <= min(size, max_tile)
-    starts = tile_starts(size, tile, overlap / tile, multiple)
+    starts = tile_starts(size, tile, overlap, multiple)
     assert starts[0] == 0 and starts[-1] + tile == size
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])), "every overlap at least what was asked"
     fixed = min(max_tile, size)
-    assert len(starts) * tile <= len(tile_starts(size, fixed, overlap / fixed, multiple)) * fixed
+    assert len(starts) * tile <= len(tile_starts(size, fixed, overlap, multiple)) * fixed
 
 
 def test_balanced_tile_examples():
@@ -214,6 +216,7 @@ def test_out_of_memory_retries_smaller_and_says_so(tiny_checkpoint):
     seg._predict_batch = limited
     result = seg.predict(img, tile=512, batch_size=4)
     assert any("batch size 1" in m for m in messages) and any("128-pixel tiles" in m for m in messages)
+    # the retry ends on the very tiles (128 pixels, batch 1) the reference ran: equal up to rounding
     assert np.abs(result - reference).max() < 1e-5
 
     def always(batch: np.ndarray) -> np.ndarray:
@@ -277,6 +280,8 @@ def test_tta_averages_the_four_flips(tiny_checkpoint):
     flips = [img, img[:, ::-1], img[::-1], img[::-1, ::-1]]
     manual = [plain.predict(np.ascontiguousarray(f))[0] for f in flips]
     expected = (manual[0] + manual[1][:, ::-1] + manual[2][::-1] + manual[3][::-1, ::-1]) / 4
+    # the same network on flipped copies, in a batch or one by one: at most a mirrored summation
+    # order inside each conv (measured 0.0 on AVX2 and default kernels); 1e-5 is ~100 float32 ulps of p
     assert np.allclose(tta.predict(img)[0], expected, atol=1e-5)
 
 
@@ -288,6 +293,8 @@ def test_onnxruntime_backend_matches_pytorch(trained_checkpoint, tta):
     fast = Segmenter(checkpoint, "cpu", tta=tta, backend="onnxruntime")
     plain = Segmenter(checkpoint, "cpu", tta=tta, backend="torch")
     assert fast.backend == "onnxruntime" and plain.backend == "torch"
+    # two float32 engines: probabilities differ by rounding only (measured 1.5e-6); 1e-3 is the
+    # product's promise ("same results"), far above any CPU's summation order, far below a real bug
     assert np.abs(fast.predict(image, tile=64) - plain.predict(image, tile=64)).max() < 1e-3
     assert Segmenter(checkpoint, "cpu").backend == "onnxruntime"  # auto picks it on the CPU
 
@@ -328,6 +335,9 @@ def test_export_is_checked_against_pytorch(tmp_path, trained_checkpoint, capsys,
         got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     else:
         got = torch.jit.load(str(out))(torch.from_numpy(x)).detach().numpy()
+    # logits (|max| ~21 here) of the same float32 graph in two engines: each is within a few float32
+    # roundings per layer of the float64 value (~1e-6 relative: 1.9e-5 measured, AVX2 and default
+    # kernels alike); 1e-4 is 5x that, while a wrong graph moves logits by > 1e-1
     assert np.abs(got - reference).max() < 1e-4
     assert main(["export", str(trained_checkpoint), "--format", fmt, "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
@@ -394,3 +404,54 @@ def test_a_failing_stop_callback_cancels_instead_of_running_on():
 
     with pytest.raises(CancelledError):  # 768^2 runs for about a second: the watcher's first poll lands inside it
         predictor(np.zeros((1, 1, 768, 768), np.float32), broken)
+
+
+# -- the tiling geometry in pixels gives the layouts of the former fraction-based code ---------
+def _former_tile_starts(size: int, tile: int, overlap: float, multiple: int) -> list[int]:
+    """tile_starts as it was (overlap a fraction, with its 1e-6 fudge): the reference."""
+    if tile >= size:
+        return [0]
+    stride = max(multiple, int(tile * (1.0 - overlap) + 1e-6) // multiple * multiple)
+    count = -(-(size - tile) // stride) + 1
+    return sorted({round(i * (size - tile) / (count - 1) / multiple) * multiple for i in range(count)})
+
+
+def _former_layout(size: int, max_tile: int, overlap: float, multiple: int) -> tuple[int, list[int]]:
+    """One axis of the former sliding_window_inference: fraction -> pixels -> fraction -> stride."""
+    overlap_px = round(overlap * max_tile)
+    tile = balanced_tile(size, max_tile, overlap_px, multiple)  # unchanged: it always took pixels
+    return tile, _former_tile_starts(size, tile, min(0.95, overlap_px / tile), multiple)
+
+
+@pytest.mark.parametrize("multiple", [1, 2, 16])
+@pytest.mark.parametrize("overlap", [0.0, 0.1, 0.15, 0.25, 1 / 3, 0.5, 0.75, 0.9, 0.95])
+def test_tile_layouts_equal_the_former_fraction_based_ones(overlap, multiple):
+    from src_models.tiling import tile_grid
+
+    for size in (16, 64, 100, 304, 1008, 1424, 2000, 8192):
+        for roi in (16, 40, 96, 128, 256, 1024, 1280):
+            grid = tile_grid(size, size, roi, multiple, overlap=overlap)
+            padded = -(-size // multiple) * multiple
+            largest = max(multiple, min(roi, padded) // multiple * multiple)
+            tile, starts = _former_layout(padded, largest, overlap, multiple)
+            assert (grid.tile[0], list(grid.ys)) == (tile, starts), (size, roi)
+
+
+def test_the_default_overlap_is_192_pixels_of_the_tile_at_most_half(tiny_checkpoint):
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
+    for tile in (1280, 640, 320, 160, 128):  # the default tile and its out-of-memory halvings
+        grid = seg.tile_grid(3000, 3000, tile)
+        former = _former_layout(-(-3000 // seg.size_multiple) * seg.size_multiple, tile, min(0.5, 192 / tile), seg.size_multiple)
+        assert (grid.tile[0], list(grid.ys)) == former
+        assert min(grid.tile[0] - (b - a) for a, b in zip(grid.ys, grid.ys[1:])) >= min(192, tile // 2)
+
+
+def test_tiling_and_labels_do_not_import_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys, numpy as np; from src_models import tiling, labels; "
+             "tiling.sliding_window_inference(np.zeros((1, 40, 40), np.float32), 16, 2, lambda b: b, 0.25); "
+             "labels.probabilities_to_labels(np.zeros((1, 4, 4))); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "False"

@@ -171,7 +171,7 @@ def test_errors_become_notifications_not_tracebacks(widget, qtbot, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 64)
     widget._guard(lambda: widget.add_model(str(broken)))
-    assert "cannot read checkpoint" in widget.status.text()
+    assert "is not a checkpoint (.safetensors) file" in widget.status.text()  # issue 12: 64 zero bytes are no checkpoint
     widget.image_combo.clear()
     widget.start()
     assert "open an image first" in widget.status.text() and not widget.running

@@ -25,7 +25,7 @@ def test_catalog_reads_metadata_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout.split()
     assert out == ["r2unet", "False"]
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
-    with pytest.raises(R2UNetError, match="header length"):
+    with pytest.raises(R2UNetError, match="is not a checkpoint"):  # 0xff... is no JSON header (the fix of issue 12)
         catalog.read_metadata(tmp_path / "bad.safetensors")
 
 

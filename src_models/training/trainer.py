@@ -31,10 +31,10 @@ from torch import nn
 from .. import __version__
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..errors import CancelledError, R2UNetError
-from ..inference import sliding_window_inference
 from ..metrics import MetricAccumulator
 from ..nets import ModelConfig, build_model, logits_to_probabilities
 from ..preprocessing import PreprocessConfig
+from ..tiling import sliding_window_inference
 from .config import TrainConfig
 from .dataset import PatchDataset
 from .distributed import any_rank, barrier, broadcast_int, global_loss_value, init_distributed, loss_reduction
@@ -125,7 +125,7 @@ class Trainer:
 
     def _place(self, device: str) -> None:
         """The device of this process and its place in a torchrun group."""
-        from ..inference import select_device
+        from ..devices import select_device
 
         device_obj = select_device(device)
         self.dist = init_distributed(device_obj)

@@ -1,0 +1,95 @@
+"""Files through the whole pipeline: read, decide the layout, segment, threshold, write.
+
+This module owns what ``r2unet predict`` / ``evaluate`` and ``make bench`` do with one image
+file, apart from parsing and printing (that is :mod:`src_models.cli`'s job):
+
+- :func:`predict_array` decides how an array's axes are read (one 2D image, a colour image, a
+  stack of slices) and runs the :class:`~src_models.inference.Segmenter` on it;
+- :func:`predict_file` reads a file, predicts it and writes the mask (and the probabilities);
+  ``make bench`` times exactly this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import R2UNetError
+from .settings import DEFAULT_THRESHOLD
+from .tiling import Progress
+
+MAX_IMAGE_CHANNELS = 4  # a last (or first) axis this short is channels; models take 1-4
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to segment: ``None`` leaves the tiling to the Segmenter (see ``Segmenter.predict``)."""
+
+    tile: int | None = None
+    overlap: float | None = None  # a fraction of the largest tile
+    batch_size: int | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    stack: bool = False  # a 3D (N, H, W) array with N <= 4 is a stack, not channels
+
+
+def predict_array(segmenter: Any, image: Any, options: PredictOptions, name: str = "the image",
+                  progress: Progress | None = None, labels_at: float | None = None) -> Any:
+    """Probabilities ``(K, H, W)`` for a 2D image, ``(..., K, H, W)`` for a stack.
+
+    Layouts: ``(H, W)``; ``(H, W, C)`` and planar ``(C, H, W)`` with C <= 4 are one colour image
+    (``options.stack`` makes a 3D array a stack of gray slices); any other 3D+ array is a stack of
+    gray slices ``(..., H, W)``, or of colour slices ``(..., H, W, C)`` when the last axis <= 4.
+    With ``labels_at`` (a threshold), a 2D image gives a :class:`~src_models.labels.LabelSink`
+    instead: its labels are thresholded band by band and the probabilities are never held whole.
+    """
+    from .labels import LabelSink
+
+    run = dict(tile=options.tile, overlap=options.overlap, batch_size=options.batch_size, progress=progress)
+    classes = segmenter.checkpoint.config.out_channels
+
+    def one_image(channel_axis: int | None, height: int, width: int) -> Any:
+        out = None if labels_at is None else LabelSink(classes, height, width, threshold=labels_at)
+        return segmenter.predict(image, channel_axis=channel_axis, out=out, **run)
+
+    planar = image.ndim == 3 and not options.stack
+    if image.ndim == 2:
+        return one_image(None, *image.shape)
+    if planar and image.shape[-1] <= MAX_IMAGE_CHANNELS:
+        return one_image(-1, *image.shape[:2])
+    if planar and image.shape[0] <= MAX_IMAGE_CHANNELS:
+        return one_image(0, *image.shape[1:])
+    if planar and image.shape[-1] < min(image.shape[:2]) and image.shape[-1] < 16:
+        raise R2UNetError(
+            f"{name} looks like a {image.shape[-1]}-channel image {image.shape}; models take 1-{MAX_IMAGE_CHANNELS} channels. "
+            "If it is a stack of 2D images, pass --stack"
+        )
+    colour = image.ndim >= 4 and image.shape[-1] <= MAX_IMAGE_CHANNELS
+    return segmenter.predict_stack(image, channel_axis=-1 if colour else None, **run)
+
+
+def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | None, options: PredictOptions,
+                 progress: Progress | None = None) -> float:
+    """One file through the whole pipeline (read, preprocess, tile, infer, blend, threshold, write);
+    returns the foreground fraction. ``make bench`` times exactly this.
+
+    The mask is uint8, 0/255 for a binary model (class labels otherwise); ``prob_path`` gets the
+    float32 probabilities (P(foreground) for a binary model).
+    """
+    import numpy as np
+
+    from .data import read_image, write_tiff
+    from .labels import LabelSink, probabilities_to_labels
+
+    image = read_image(path)
+    binary = segmenter.checkpoint.config.out_channels == 1
+    # probabilities not written: a 2D image is thresholded band by band (never held whole)
+    labels_at = None if prob_path else options.threshold
+    probs = predict_array(segmenter, image, options, Path(path).name, progress, labels_at=labels_at)
+    labels = probs.labels if isinstance(probs, LabelSink) else probabilities_to_labels(probs, options.threshold)
+    if binary:
+        labels *= 255
+    write_tiff(mask_path, labels)
+    if prob_path is not None:
+        write_tiff(prob_path, np.squeeze(probs, axis=-3) if binary else probs)
+    return float((labels > 0).mean())
