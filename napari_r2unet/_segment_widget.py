@@ -37,6 +37,16 @@ MAX_TILE = 8192
 TILE_STEP = 128
 
 
+def _auto_spin(spin: Any, low: float, high: float, step: float, tooltip: str) -> Any:
+    """``spin`` ranging over [low, high], its minimum standing for "auto" (and chosen)."""
+    spin.setRange(low, high)
+    spin.setSingleStep(step)
+    spin.setSpecialValueText("auto")
+    spin.setValue(low)
+    spin.setToolTip(tooltip)
+    return spin
+
+
 class SegmentWidget(DockWidget):
     """Dock widget: image -> model -> Labels layer (and probability map)."""
 
@@ -82,21 +92,13 @@ class SegmentWidget(DockWidget):
 
     def _add_tiling_rows(self, form: QFormLayout) -> None:
         side = isqrt(AUTO_WHOLE_IMAGE_PIXELS)
-        self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(AUTO_TILE_VALUE, MAX_TILE)
-        self.tile_spin.setSingleStep(TILE_STEP)
-        self.tile_spin.setSpecialValueText("auto")
-        self.tile_spin.setValue(AUTO_TILE_VALUE)
-        self.tile_spin.setToolTip(f"largest tile side in pixels (at least {MIN_USER_TILE}), tiles evened out; "
-                                  f"auto = whole image up to {side} x {side} if memory allows, else {AUTO_TILE}")
+        self.tile_spin = _auto_spin(QSpinBox(), AUTO_TILE_VALUE, MAX_TILE, TILE_STEP,
+                                    f"largest tile side in pixels (at least {MIN_USER_TILE}), tiles evened out; "
+                                    f"auto = whole image up to {side} x {side} if memory allows, else {AUTO_TILE}")
         form.addRow("tile", self.tile_spin)
-        self.overlap_spin = QDoubleSpinBox()
-        self.overlap_spin.setRange(AUTO_OVERLAP_VALUE, MAX_OVERLAP)
-        self.overlap_spin.setSingleStep(OVERLAP_STEP)
-        self.overlap_spin.setSpecialValueText("auto")
-        self.overlap_spin.setValue(AUTO_OVERLAP_VALUE)
-        self.overlap_spin.setToolTip(f"overlap of neighbouring tiles, as a fraction of the largest tile (at most {MAX_OVERLAP:g}); "
-                                     f"auto = {AUTO_OVERLAP_PIXELS} pixels ({AUTO_OVERLAP_PIXELS / AUTO_TILE:.2f} of {AUTO_TILE})")
+        self.overlap_spin = _auto_spin(QDoubleSpinBox(), AUTO_OVERLAP_VALUE, MAX_OVERLAP, OVERLAP_STEP,
+                                       f"overlap of neighbouring tiles, as a fraction of the largest tile (at most {MAX_OVERLAP:g}); "
+                                       f"auto = {AUTO_OVERLAP_PIXELS} pixels ({AUTO_OVERLAP_PIXELS / AUTO_TILE:.2f} of {AUTO_TILE})")
         form.addRow("overlap", self.overlap_spin)
 
     def _add_option_rows(self, form: QFormLayout) -> None:
