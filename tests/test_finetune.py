@@ -263,6 +263,27 @@ def test_bad_requests_are_notifications(viewer_and_widgets, tmp_path):
 
 
 @pytest.mark.gui
+def test_the_settings_panel_is_built_from_train_config(qtbot):
+    from napari_r2unet._settings_panel import ADVANCED, BUDGET, SettingsPanel
+    from src_models.training.config import FINETUNE_DEFAULTS, setting
+
+    panel = SettingsPanel(lambda action: action())
+    qtbot.addWidget(panel)
+    for name in BUDGET + ADVANCED:
+        meta, editor = setting(name), panel.editors[name]
+        assert editor.toolTip().startswith(meta["help"]), name
+        if "choices" in meta:
+            assert [editor.itemText(i) for i in range(editor.count())] == list(meta["choices"])
+        else:
+            assert (editor.minimum(), editor.maximum()) == (meta.get("ui_min", meta["min"]), meta.get("ui_max", meta.get("max"))), name
+        if name in FINETUNE_DEFAULTS:
+            assert panel.value(name) == FINETUNE_DEFAULTS[name], name
+    panel.editors["minutes"].setValue(0)
+    assert panel.value("minutes") is None  # "no limit"
+    assert finetune_config(epochs=panel.value("epochs"), **panel.advanced_settings()).lr == FINETUNE_DEFAULTS["lr"]
+
+
+@pytest.mark.gui
 def test_resegmenting_uses_the_segment_widgets_threshold(make_napari_viewer, qtbot, monkeypatch):
     from src_models.settings import DEFAULT_THRESHOLD
 
