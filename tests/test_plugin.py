@@ -90,7 +90,7 @@ def test_a_text_file_named_safetensors_dropped_on_the_canvas_gets_our_message(ma
     shown = []
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
     assert viewer.open(str(text), plugin="napari-r2unet") == []  # napari's open path: no ReaderPluginError
-    assert viewer.open(str(text)) == [] and len(viewer.layers) == 0
+    assert viewer.open(str(text), plugin=None) == [] and len(viewer.layers) == 0  # as a drop: the one compatible reader
     assert shown and all(line.startswith("notes.safetensors is not a napari-r2unet checkpoint: ") for line in shown)
 
 
