@@ -1,9 +1,16 @@
-"""Writer for Labels layers (TIFF, atomic) and a reader that turns a dropped checkpoint into a model choice."""
+"""Writer for Labels layers (TIFF, atomic) and a reader that turns a dropped checkpoint into a model choice.
+
+The reader claims every ``.safetensors`` file: napari-r2unet checkpoints are offered in the
+Segment widget, any other one is refused with one line naming the file and why.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+CHECKPOINT_FORMAT = "napari-r2unet.checkpoint"  # src_models.checkpoint.FORMAT, whose module imports torch
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
@@ -22,18 +29,29 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
 
 
 def get_checkpoint_reader(path: str | list[str]) -> Any:
-    """Claim ``.safetensors`` files that are napari-r2unet checkpoints; others are left to other readers."""
+    """Claim ``.safetensors`` files: napari-r2unet checkpoints become a model choice, any other one
+    gets our one-line notification (never napari's generic reader error); other files are declined."""
     if isinstance(path, list) or not str(path).endswith(".safetensors"):
         return None
     from src_models.catalog import read_metadata
     from src_models.errors import R2UNetError
 
     try:
-        if read_metadata(path).get("format") != "napari-r2unet.checkpoint":
-            return None
-    except R2UNetError:
-        return None
+        found = read_metadata(path).get("format")
+        reason = "" if found == CHECKPOINT_FORMAT else f"no napari-r2unet metadata (format {found!r}); it was not saved by napari-r2unet"
+    except R2UNetError as exc:
+        reason = str(exc).removeprefix(f"cannot read checkpoint {path}: ")
+    if reason:
+        return partial(_refuse, f"{Path(path).name} is not a napari-r2unet checkpoint: {reason}")
     return _register_checkpoint
+
+
+def _refuse(message: str, path: str) -> list[tuple]:
+    """Say why the file is not ours; adds no layer (napari's "nothing to add" sentinel)."""
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+    return [(None,)]
 
 
 def _register_checkpoint(path: str) -> list[tuple]:

@@ -15,7 +15,7 @@ This module owns the layer rules of the plugin:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,17 +28,24 @@ OUTPUT_KEY = "r2unet_output"  # marks the Image layers we add (probability, unce
 
 @dataclass
 class Job:
-    """What one segmentation run predicts. ``index`` selects the slice (``()`` = everything)."""
+    """What one segmentation run predicts. ``index`` selects the slice (``()`` = everything).
+
+    ``tile``, ``overlap`` and ``tta`` are the Segmenter's options; ``None`` lets it choose
+    (:mod:`src_models.settings`: AUTO_TILE, AUTO_OVERLAP_PIXELS).
+    """
 
     data: Any  # (H, W), (H, W, C) for one image; (..., H, W[, C]) for all slices
     channel_axis: int | None
     stack: bool
     index: tuple[int, ...]
     spatial_shape: tuple[int, ...]  # the Labels layer's full shape (leading axes + H, W)
-    options: dict[str, Any] = field(default_factory=dict)
+    tile: int | None = None  # largest tile side in pixels; None = automatic
+    overlap: float | None = None  # overlap of neighbouring tiles, a fraction of the tile; None = automatic
+    tta: bool = False  # average the predictions of the 4 flipped images
 
 
-def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool) -> Job:
+def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool, *,
+             tile: int | None = None, overlap: float | None = None, tta: bool = False) -> Job:
     """Job for an Image layer: 2D images whole; stacks by current slice or all slices."""
     data = layer.data
     if getattr(layer, "multiscale", False):
@@ -47,12 +54,13 @@ def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool) -> Job
     spatial = tuple(data.shape[:-1]) if rgb else tuple(data.shape)
     channel_axis = -1 if rgb else None
     leading = len(spatial) - 2
+    options = {"tile": tile, "overlap": overlap, "tta": tta}
     if leading <= 0:
-        return Job(data, channel_axis, False, (), spatial)
+        return Job(data, channel_axis, False, (), spatial, **options)
     if all_slices:
-        return Job(data, channel_axis, True, (), spatial)
+        return Job(data, channel_axis, True, (), spatial, **options)
     index = tuple(int(i) for i in current_step[:leading])
-    return Job(data[index], channel_axis, False, index, spatial)
+    return Job(data[index], channel_axis, False, index, spatial, **options)
 
 
 def result_bytes(job: Job, classes: int, add_probability: bool, add_uncertainty: bool) -> int:

@@ -1,11 +1,16 @@
-"""Layers > Segment menu entry: open the Segment widget on the selected image."""
+"""Layers > Segment menu entry: open the Segment widget on the selected image.
+
+napari calls menu commands through app-model, which injects arguments by their type
+annotation: the viewer parameter must be annotated :class:`napari.viewer.Viewer` (``Any`` gets
+nothing injected). ``napari.viewer`` imports no torch and nothing napari has not loaded already.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from napari.viewer import Viewer
 
 
-def segment_selected_layer(viewer: Any) -> None:
+def segment_selected_layer(viewer: Viewer) -> None:
     """Dock the Segment widget (once) and point it at the selected Image layer."""
     from napari.layers import Image
 

@@ -1,6 +1,10 @@
 """What runs in the worker thread: load the model (torch is imported here, never at start-up),
 predict, report progress, stop when asked.
 
+- :func:`segment`: one :class:`~napari_r2unet._layers.Job` (the Segment widget);
+- :func:`segment_all`: several jobs with one model, progress over all of them (the Fine-tune
+  widget's "Re-segment other images").
+
 Thread use: on the CPU, torch gets all cores but one (at least one), so napari's event loop keeps
 a core and the GUI stays responsive while a model runs.
 """
@@ -51,15 +55,25 @@ def segment(cache: SegmenterCache, spec: str, device: str, job: Job,
             progress: Callable[[float], None], should_stop: Callable[[], bool],
             log: Callable[[str], None]) -> tuple[np.ndarray, str]:
     """Probabilities ``(K, H, W)`` (or ``(..., K, H, W)`` for all slices) and the model's name."""
-    options = dict(job.options)
     if device in ("auto", "cpu"):
         limit_cpu_threads()  # before the model loads: onnxruntime sizes its thread pool from it
-    segmenter = cache.get(spec, device, log, tta=bool(options.pop("tta", False)))
+    segmenter = cache.get(spec, device, log, tta=job.tta)
     if segmenter.device.type == "cpu":
         limit_cpu_threads()
-    options.update(progress=progress, should_stop=should_stop)
-    if job.stack:
-        probs = segmenter.predict_stack(job.data, channel_axis=job.channel_axis, **options)
-    else:
-        probs = segmenter.predict(job.data, channel_axis=job.channel_axis, **options)
+    predict = segmenter.predict_stack if job.stack else segmenter.predict
+    probs = predict(job.data, channel_axis=job.channel_axis, tile=job.tile, overlap=job.overlap,
+                    progress=progress, should_stop=should_stop)
     return np.asarray(probs), segmenter.checkpoint.name
+
+
+def segment_all(cache: SegmenterCache, spec: str, jobs: list[Job],
+                progress: Callable[[float], None], should_stop: Callable[[], bool],
+                log: Callable[[str], None]) -> list[tuple[np.ndarray, str]]:
+    """:func:`segment` each job in turn with one model (device auto); ``progress`` covers them all."""
+    results = []
+    for i, job in enumerate(jobs):
+        def part(fraction: float, i: int = i) -> None:
+            progress((i + fraction) / len(jobs))
+
+        results.append(segment(cache, spec, "auto", job, part, should_stop, log))
+    return results

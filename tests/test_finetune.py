@@ -291,6 +291,53 @@ def test_bad_requests_are_notifications(viewer_and_widgets, tmp_path):
     assert "select a Labels layer made by the Segment widget" in fine.status.text()
 
 
+@pytest.mark.gui
+def test_the_settings_panel_is_built_from_train_config(qtbot):
+    from napari_r2unet._settings_panel import ADVANCED, BUDGET, SettingsPanel
+    from src_models.training.config import FINETUNE_DEFAULTS, setting
+
+    panel = SettingsPanel(lambda action: action())
+    qtbot.addWidget(panel)
+    for name in BUDGET + ADVANCED:
+        meta, editor = setting(name), panel.editors[name]
+        assert editor.toolTip().startswith(meta["help"]), name
+        if "choices" in meta:
+            assert [editor.itemText(i) for i in range(editor.count())] == list(meta["choices"])
+        else:
+            assert (editor.minimum(), editor.maximum()) == (meta.get("ui_min", meta["min"]), meta.get("ui_max", meta.get("max"))), name
+        if name in FINETUNE_DEFAULTS:
+            assert panel.value(name) == FINETUNE_DEFAULTS[name], name
+    panel.editors["minutes"].setValue(0)
+    assert panel.value("minutes") is None  # "no limit"
+    assert finetune_config(epochs=panel.value("epochs"), **panel.advanced_settings()).lr == FINETUNE_DEFAULTS["lr"]
+
+
+@pytest.mark.gui
+def test_resegmenting_uses_the_segment_widgets_threshold(make_napari_viewer, qtbot, monkeypatch):
+    from src_models.settings import DEFAULT_THRESHOLD
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="other")
+    random_checkpoint(new_version_path("r2unet-drive"))
+    _, fine = viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
+    probs = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(1, 32, 32)
+    monkeypatch.setattr("napari_r2unet._worker.segment", lambda cache, spec, device, job, *rest: (probs, "v"))
+
+    def resegment():
+        fine.resegment()
+        qtbot.waitUntil(lambda: not fine.running, timeout=10_000)
+        return [layer for layer in viewer.layers if "r2unet" in layer.metadata][-1]
+
+    layer = resegment()  # no Segment widget: the default threshold
+    assert layer.metadata["r2unet"]["threshold"] == DEFAULT_THRESHOLD
+    assert np.array_equal(layer.data, (probs[0] >= DEFAULT_THRESHOLD).astype(np.uint8))
+    _, seg = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")
+    seg.threshold_slider.setValue(20)  # the user's threshold
+    layer = resegment()
+    assert layer.metadata["r2unet"]["threshold"] == 0.2 and np.array_equal(layer.data, (probs[0] >= 0.2).astype(np.uint8))
+    assert "threshold 0.20" in fine.status.text()
+
+
 def test_versions_are_listed_and_loaded_by_name_on_the_command_line(capsys):
     from src_models.cli import main
     from src_models.registry import load_model

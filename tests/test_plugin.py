@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
@@ -64,9 +65,33 @@ def test_writer_and_reader(tmp_path):
     assert np.array_equal(tifffile.imread(tmp_path / "l.tif"), labels)
     ckpt = random_checkpoint(tmp_path / "m.safetensors")
     assert callable(get_checkpoint_reader(str(ckpt)))
-    (tmp_path / "other.safetensors").write_bytes(b"\x00" * 32)
-    assert get_checkpoint_reader(str(tmp_path / "other.safetensors")) is None
     assert get_checkpoint_reader(str(tmp_path / "l.tif")) is None
+
+
+def test_the_reader_refuses_other_safetensors_files_with_one_line(tmp_path, monkeypatch):
+    from napari_r2unet._io import get_checkpoint_reader
+
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    (tmp_path / "zeros.safetensors").write_bytes(b"\x00" * 32)
+    header = b'{"__metadata__": {"format": "pt"}}'
+    (tmp_path / "hf.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    for name in ("zeros.safetensors", "hf.safetensors"):
+        assert get_checkpoint_reader(str(tmp_path / name))(str(tmp_path / name)) == [(None,)]  # claimed: no layer
+    assert [line.split(":")[0] for line in shown] == [f"{n} is not a napari-r2unet checkpoint" for n in ("zeros.safetensors", "hf.safetensors")]
+    assert "format 'pt'" in shown[1] and str(tmp_path) not in shown[0]
+
+
+@pytest.mark.gui
+def test_a_text_file_named_safetensors_dropped_on_the_canvas_gets_our_message(make_napari_viewer, tmp_path, monkeypatch):
+    viewer = make_napari_viewer()
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are my notes, not a model\n" * 20)
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    assert viewer.open(str(text), plugin="napari-r2unet") == []  # napari's open path: no ReaderPluginError
+    assert viewer.open(str(text), plugin=None) == [] and len(viewer.layers) == 0  # as a drop: the one compatible reader
+    assert shown and all(line.startswith("notes.safetensors is not a napari-r2unet checkpoint: ") for line in shown)
 
 
 # -- GUI --------------------------------------------------------------------------------------
@@ -215,12 +240,16 @@ def test_dask_backed_layers(widget, qtbot):
 
 @pytest.mark.gui
 def test_layers_menu_and_dropped_checkpoint(make_napari_viewer, tmp_path, monkeypatch):
+    from napari._app_model import get_app_model
+
     from napari_r2unet._io import get_checkpoint_reader
-    from napari_r2unet._menus import segment_selected_layer
 
     viewer = make_napari_viewer()
     viewer.open_sample("napari-r2unet", "retina")
-    segment_selected_layer(viewer)
+    app = get_app_model()  # napari's own dispatch: arguments are injected by their type annotation
+    assert "napari-r2unet.segment_selected" in [item.command.id for item in app.menus.get_menu("napari/layers/segment")
+                                                 if hasattr(item, "command")]
+    app.commands.execute_command("napari-r2unet.segment_selected").result()
     _, widget = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")  # the one the menu docked
     assert widget.image_combo.currentText() == "retina"
     assert len([name for name in viewer.window.dock_widgets if "Segment" in name]) == 1
@@ -228,6 +257,60 @@ def test_layers_menu_and_dropped_checkpoint(make_napari_viewer, tmp_path, monkey
     ckpt = random_checkpoint(tmp_path / "dropped.safetensors")
     assert get_checkpoint_reader(str(ckpt))(str(ckpt)) == [(None,)]
     assert widget.model_combo.currentText() == "dropped.safetensors"
+
+
+@pytest.mark.gui
+def test_threshold_follows_the_result_layer_not_the_selection(widget, qtbot):
+    from napari_r2unet._layers import add_result_layers, plan_job
+
+    _run(widget, qtbot)
+    viewer = widget.viewer
+    image, layer = viewer.layers["synthetic vessels"], viewer.layers["synthetic vessels [tiny]"]
+    viewer.layers.selection.active = image  # the image selected, as in the bug report
+    assert widget.result_combo.currentText() == layer.name and layer.name in widget.threshold_slider.toolTip()
+    probs = layer.metadata["r2unet"]["probabilities"][0].astype(np.float32)
+    value = int(round(np.median(probs) * 100))
+    widget.threshold_slider.setValue(value)
+    assert np.array_equal(layer.data, (probs >= value / 100).astype(np.uint8))
+    assert layer.metadata["r2unet"]["threshold"] == value / 100 and layer.name in widget.status.text()
+    other = add_result_layers(viewer, image, plan_job(image, (), False), probs[None], 0.3, "other", False)
+    assert widget.result_combo.currentText() == other.name and widget.threshold_label.text() == "0.30"  # the latest result
+    viewer.layers.selection.active = layer  # choosing a result in the layer list chooses it here
+    assert widget.result_combo.currentText() == layer.name and widget.threshold_slider.value() == value
+    for name in (layer.name, other.name):
+        viewer.layers.remove(name)
+    widget.threshold_slider.setValue(40)
+    assert not widget.result_combo.isEnabled() and "next segmentation" in widget.status.text()
+    assert "next segmentation" in widget.threshold_slider.toolTip()
+
+
+@pytest.mark.gui
+def test_tiling_bounds_defaults_and_tooltips_come_from_the_settings(widget):
+    from src_models import settings
+
+    assert widget.overlap_spin.maximum() == settings.MAX_OVERLAP and widget.overlap is None
+    assert f"auto = {settings.AUTO_OVERLAP_PIXELS} pixels" in widget.overlap_spin.toolTip()
+    assert f"else {settings.AUTO_TILE}" in widget.tile_spin.toolTip() and widget.tile is None
+    assert widget.threshold == settings.DEFAULT_THRESHOLD
+    widget.overlap_spin.setValue(settings.MAX_OVERLAP)
+    widget.tile_spin.setValue(settings.MIN_USER_TILE)
+    assert widget.overlap == settings.MAX_OVERLAP and widget.tile == settings.MIN_USER_TILE
+
+
+def test_the_plugin_uses_no_private_napari_window_api():
+    for path in sorted((ROOT / "napari_r2unet").glob("*.py")):
+        nodes = list(ast.walk(ast.parse(path.read_text())))
+        names = {n.attr for n in nodes if isinstance(n, ast.Attribute)} | {n.value for n in nodes if isinstance(n, ast.Constant)}
+        assert not names & {"_qt_window", "_qt_viewer", "_dock_widgets"}, path.name
+
+
+@pytest.mark.gui
+def test_a_floating_dock_still_finds_the_main_window(widget):
+    from qtpy.QtWidgets import QMainWindow
+
+    docked = widget._main_window()
+    widget.parentWidget().setFloating(True)
+    assert isinstance(docked, QMainWindow) and widget._main_window() is docked and widget.window() is not docked
 
 
 @pytest.mark.slow

@@ -1,10 +1,8 @@
-"""What both dock widgets share: one-line notifications and the model menu.
+"""The model menu of both dock widgets.
 
-- :class:`Notifying`: ``_guard(action)`` turns any failure into a napari notification (our
-  :class:`R2UNetError` messages as they are, anything else named as a bug), never a traceback.
-- :class:`ModelMenu`: a combo box of the shipped models, the user's fine-tuned versions and the
-  checkpoint files opened in this widget, plus "Load checkpoint..."; it re-reads the model
-  folders each time it opens, so a version made a moment ago is there.
+:class:`ModelMenu`: a combo box of the shipped models, the user's fine-tuned versions and the
+checkpoint files opened in this widget, plus "Load checkpoint..."; it re-reads the model
+folders each time it opens, so a version made a moment ago is there.
 """
 
 from __future__ import annotations
@@ -13,52 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QFileDialog, QLabel
-
-from src_models.errors import R2UNetError  # torch-free
+from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ._models import ModelChoice, all_choices, file_choice
 
 LOAD_CHECKPOINT = "Load checkpoint..."
-
-
-def user_message(exc: BaseException) -> str:
-    """One line for a notification: our errors as they are, anything else named as a bug."""
-    if isinstance(exc, R2UNetError):
-        return str(exc)
-    return f"internal error ({type(exc).__name__}: {exc}); please report it"
-
-
-class Notifying:
-    """Mixin for widgets with a ``status`` label."""
-
-    status: QLabel
-
-    def _notify_info(self, message: str) -> None:
-        from napari.utils.notifications import show_info
-
-        self.status.setText(message)
-        show_info(message)
-
-    def _notify_error(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(message)
-        show_error(message)
-
-    def _unless_busy(self, busy: str, action: Callable[[], Any]) -> Any:
-        """Run ``action`` guarded, or refuse with ``busy`` while this widget's worker runs (never queue on top)."""
-        if getattr(self, "running", False):
-            self._notify_info(busy)
-            return None
-        return self._guard(action)
-
-    def _guard(self, action: Callable[[], Any]) -> Any:
-        try:
-            return action()
-        except Exception as exc:  # every failure is a notification, never a traceback
-            self._notify_error(user_message(exc))
-            return None
 
 
 class ModelMenu(QComboBox):

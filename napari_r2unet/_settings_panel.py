@@ -1,0 +1,125 @@
+"""The Fine-tune widget's settings panel, built from :class:`~src_models.training.config.TrainConfig`.
+
+Each training setting is one :class:`TrainConfig` field; :func:`setting_editor` turns a field
+into a spin box or a menu: its default from :data:`FINETUNE_DEFAULTS` (else the field's own),
+its range from the field's bounds (``ui_min`` / ``ui_max`` where the config sets none), its
+tooltip from the field's help. Nothing about a setting is written here but how it is shown
+(its label, step and decimals).
+
+The panel holds the base model, the budget (epochs, minutes) and, behind "advanced", the
+learning rate, patch and batch size, steps per epoch, correction weight and what to freeze.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QToolButton, QVBoxLayout, QWidget
+
+from src_models.training.config import FINETUNE_DEFAULTS, TrainConfig, default, setting  # torch-free
+
+from ._finetune import FinetuneRequest
+from ._model_menu import ModelMenu
+
+BUDGET = ("epochs", "minutes")
+ADVANCED = ("lr", "patch_size", "batch_size", "steps_per_epoch", "correction_weight", "freeze")
+LABELS = {"lr": "learning rate", "minutes": "at most (min)"}  # otherwise the field name, spaced
+STEPS = {"lr": 1e-4, "patch_size": 16}
+DECIMALS = {"lr": 5, "minutes": 1}
+UNSET = {"minutes": "no limit"}  # fields whose spin box minimum stands for None (not set)
+
+
+def finetune_default(name: str) -> Any:
+    """What the widget starts with: the fine-tuning default, else the request's, else the field's."""
+    if name in FINETUNE_DEFAULTS:
+        return FINETUNE_DEFAULTS[name]
+    request_defaults = {f.name: f.default for f in dataclasses.fields(FinetuneRequest)}
+    return request_defaults[name] if name in request_defaults else default(name)
+
+
+def _field_type(name: str) -> str:
+    return str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == name))
+
+
+def _bounds(meta: Any) -> tuple[float, float]:
+    low = meta.get("ui_min", meta.get("min"))
+    high = meta.get("ui_max", meta.get("max"))
+    if low is None or high is None:
+        raise ValueError(f"a settings panel needs bounds: give the field min/max or ui_min/ui_max ({meta.get('help')})")
+    return low, high
+
+
+def setting_editor(name: str, value: Any = None) -> QWidget:
+    """A spin box (numbers) or menu (choices) for the :class:`TrainConfig` field ``name``."""
+    meta = setting(name)
+    value = finetune_default(name) if value is None else value
+    if "choices" in meta:
+        editor: Any = QComboBox()
+        editor.addItems([str(c) for c in meta["choices"]])
+        editor.setCurrentText(str(value))
+    else:
+        low, high = _bounds(meta)
+        editor = QSpinBox() if _field_type(name).startswith("int") else QDoubleSpinBox()
+        if isinstance(editor, QDoubleSpinBox):
+            editor.setDecimals(DECIMALS.get(name, 2))
+        editor.setRange(low, high)
+        editor.setSingleStep(STEPS.get(name, 1))
+        if name in UNSET:
+            editor.setSpecialValueText(UNSET[name])
+        editor.setValue(editor.minimum() if value is None else value)
+    tip = meta["help"] + (f"; {editor.minimum():g} = {UNSET[name]}" if name in UNSET else "")
+    editor.setToolTip(tip)
+    return editor
+
+
+def editor_value(name: str, editor: QWidget) -> Any:
+    """The value an editor holds, as :class:`TrainConfig` takes it (None where not set)."""
+    if isinstance(editor, QComboBox):
+        return editor.currentText()
+    value = editor.value()
+    return None if name in UNSET and value == editor.minimum() else value
+
+
+class SettingsPanel(QWidget):
+    """Base model, budget and advanced training settings of a fine-tuning run."""
+
+    def __init__(self, guard: Callable[[Callable[[], Any]], Any]) -> None:
+        super().__init__()
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        form = QFormLayout()
+        self.base_combo = ModelMenu(guard)
+        form.addRow("base model", self.base_combo)
+        self.editors: dict[str, QWidget] = {}
+        self._add_rows(form, BUDGET)
+        layout.addLayout(form)
+        self.advanced_button = QToolButton()
+        self.advanced_button.setText("advanced")
+        self.advanced_button.setCheckable(True)
+        self.advanced_button.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.advanced_button.setArrowType(Qt.RightArrow)
+        self.advanced_button.toggled.connect(self._toggle_advanced)
+        layout.addWidget(self.advanced_button)
+        self.advanced = QWidget()
+        self._add_rows(QFormLayout(self.advanced), ADVANCED)
+        self.advanced.setVisible(False)
+        layout.addWidget(self.advanced)
+
+    def _add_rows(self, form: QFormLayout, names: tuple[str, ...]) -> None:
+        for name in names:
+            self.editors[name] = setting_editor(name)
+            form.addRow(LABELS.get(name, name.replace("_", " ")), self.editors[name])
+
+    def _toggle_advanced(self, shown: bool) -> None:
+        self.advanced.setVisible(shown)
+        self.advanced_button.setArrowType(Qt.DownArrow if shown else Qt.RightArrow)
+
+    def value(self, name: str) -> Any:
+        return editor_value(name, self.editors[name])
+
+    def advanced_settings(self) -> dict[str, Any]:
+        """The advanced settings as :func:`~src_models.training.finetune_config` overrides."""
+        return {name: self.value(name) for name in ADVANCED}
