@@ -36,13 +36,14 @@ def get_checkpoint_reader(path: str | list[str]) -> Any:
     from src_models.catalog import read_metadata
     from src_models.errors import R2UNetError
 
+    name = Path(path).name
     try:
         found = read_metadata(path).get("format")
-        reason = "" if found == CHECKPOINT_FORMAT else f"no napari-r2unet metadata (format {found!r}); it was not saved by napari-r2unet"
-    except R2UNetError as exc:
-        reason = str(exc).removeprefix(f"cannot read checkpoint {path}: ")
-    if reason:
-        return partial(_refuse, f"{Path(path).name} is not a napari-r2unet checkpoint: {reason}")
+    except R2UNetError as exc:  # the core's one line (not a checkpoint, truncated, unreadable), naming the file only
+        return partial(_refuse, str(exc).replace(str(path), name))
+    if found != CHECKPOINT_FORMAT:
+        return partial(_refuse, f"{name} is not a napari-r2unet checkpoint: no napari-r2unet metadata (format {found!r}); "
+                                "it was not saved by napari-r2unet")
     return _register_checkpoint
 
 
