@@ -133,7 +133,7 @@ def main() -> int:
 
     from src_models.cli import main as cli
     from src_models.data import read_image
-    from src_models.registry import load_model
+    from src_models.model_names import load_model
 
     threads = args.threads
     torch.set_num_threads(threads)

@@ -86,7 +86,7 @@ def main() -> int:
     import torch
 
     from src_models.finetune import FinetuneRequest, PairData, build_trainer
-    from src_models.registry import load_model
+    from src_models.model_names import load_model
     from src_models.settings import DEFAULT_THRESHOLD
     from src_models.training import EventKind
 

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import QPushButton, QVBoxLayout
 
 from src_models.errors import R2UNetError  # torch-free
 from src_models.settings import DEFAULT_THRESHOLD
-from src_models.versions import list_versions, new_version_path
+from src_models.user_versions import list_versions, new_version_path
 
 from ._dock import PROGRESS_STEPS, DockWidget
 from ._finetune import FinetuneRequest, PairChoice, corrections, doubtful_regions, finetune, is_output_layer, pair_data

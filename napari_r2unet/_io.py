@@ -10,8 +10,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-CHECKPOINT_FORMAT = "napari-r2unet.checkpoint"  # src_models.checkpoint.FORMAT, whose module imports torch
-
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     """Save a Labels layer as a TIFF (zlib), written to a temp file then renamed."""
@@ -33,7 +31,7 @@ def get_checkpoint_reader(path: str | list[str]) -> Any:
     gets our one-line notification (never napari's generic reader error); other files are declined."""
     if isinstance(path, list) or not str(path).endswith(".safetensors"):
         return None
-    from src_models.catalog import read_metadata
+    from src_models.checkpoint_files import FORMAT, read_metadata
     from src_models.errors import R2UNetError
 
     name = Path(path).name
@@ -41,7 +39,7 @@ def get_checkpoint_reader(path: str | list[str]) -> Any:
         found = read_metadata(path).get("format")
     except R2UNetError as exc:  # the core's one line (not a checkpoint, truncated, unreadable), naming the file only
         return partial(_refuse, str(exc).replace(str(path), name))
-    if found != CHECKPOINT_FORMAT:
+    if found != FORMAT:
         return partial(_refuse, f"{name} is not a napari-r2unet checkpoint: no napari-r2unet metadata (format {found!r}); "
                                 "it was not saved by napari-r2unet")
     return _register_checkpoint

@@ -1,6 +1,6 @@
 """The model choices the widgets offer: shipped pretrained models and checkpoints the user opened.
 
-Torch-free: entries are described from the checkpoints' metadata (:mod:`src_models.catalog`).
+Torch-free: entries are described from the checkpoints' metadata (:mod:`src_models.checkpoint_files`).
 Each viewer's widget keeps its own list (no module-level mutable state).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from src_models.catalog import describe, pretrained_catalog
-from src_models.versions import Version, list_versions
+from src_models.checkpoint_files import describe, pretrained_catalog
+from src_models.user_versions import Version, list_versions
 
 
 @dataclass(frozen=True)

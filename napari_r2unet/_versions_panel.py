@@ -1,7 +1,7 @@
 """The Fine-tune widget's versions: the user's fine-tuned models, renamed, exported, re-used.
 
 :class:`VersionsPanel` lists the versions in the per-user model folder
-(:func:`src_models.versions.list_versions`, newest first, their summary as tooltip), renames and
+(:func:`src_models.user_versions.list_versions`, newest first, their summary as tooltip), renames and
 exports the chosen one (the weights are never rewritten), and holds the "Re-segment other
 images with this version" button, whose work the Fine-tune widget does.
 """
@@ -16,7 +16,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QInputDialog, QPushButton, QVBoxLayout
 
 from src_models.errors import R2UNetError  # torch-free
-from src_models.versions import export_destination, export_version, list_versions, rename_version
+from src_models.user_versions import export_destination, export_version, list_versions, rename_version
 
 
 class VersionsPanel(QGroupBox):

@@ -30,7 +30,7 @@ class SegmenterCache:
         key = (spec, device, tta)
         if key not in self._cache:
             from src_models.inference import Segmenter
-            from src_models.registry import load_model
+            from src_models.model_names import load_model
 
             self._cache.clear()  # keep one model in memory
             self._cache[key] = Segmenter(load_model(spec), device=device, log=log, tta=tta)

@@ -1,14 +1,19 @@
 """napari-r2unet compute core: pure PyTorch, no Qt and no napari.
 
-Sub-modules (import what you need; this package imports nothing heavy itself):
+Sub-modules (import what you need; this package imports nothing heavy itself). Which module
+owns what, and where a new model, setting or widget goes: the README's "Architecture map".
 
-- :mod:`src_models.nets`          U-Net, ResU-Net, RU-Net, R2U-Net and the config/factory
-- :mod:`src_models.checkpoint`    safe ``.safetensors`` checkpoints with metadata
-- :mod:`src_models.preprocessing` channel handling and intensity normalisation
-- :mod:`src_models.inference`     tiled sliding-window inference
-- :mod:`src_models.metrics`       SE, SP, ACC, F1/Dice, Jaccard, ROC AUC
-- :mod:`src_models.data`          image IO and image/mask pairing
-- :mod:`src_models.cli`           the ``r2unet`` command line
+- models: :mod:`~src_models.nets` (networks, config, factory), :mod:`~src_models.checkpoint`
+  (the one file format), :mod:`~src_models.checkpoint_files` (headers, shipped files, torch-free),
+  :mod:`~src_models.model_names` (a name -> a model), :mod:`~src_models.user_versions` (the user's
+  fine-tuned versions)
+- inference: :mod:`~src_models.settings` (defaults and bounds), :mod:`~src_models.preprocessing`,
+  :mod:`~src_models.tiling`, :mod:`~src_models.devices`, :mod:`~src_models.inference` (Segmenter),
+  :mod:`~src_models.labels`, :mod:`~src_models.predict` (files end to end), :mod:`~src_models.export`
+- training: :mod:`src_models.training` (a package), :mod:`~src_models.finetune`,
+  :mod:`~src_models.metrics`
+- files and the rest: :mod:`~src_models.data`, :mod:`~src_models.fileio`, :mod:`~src_models.resources`,
+  :mod:`~src_models.synthetic`, :mod:`~src_models.cli` and :mod:`~src_models.cli_train`
 """
 
 from importlib.metadata import PackageNotFoundError, version

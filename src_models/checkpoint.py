@@ -14,7 +14,7 @@ A checkpoint holds the float tensors of a model's ``state_dict`` and these strin
 :func:`load_checkpoint` checks, before allocating anything: the file exists and is readable,
 the 8-byte header length fits in the file and under 100 MB, the header parses, the metadata is
 ours, every tensor name and shape matches the network its config describes (the first
-checks are :func:`~src_models.catalog.read_header`'s, which also refuses a truncated file). A legacy ``.pt``/
+checks are :func:`~src_models.checkpoint_files.read_header`'s, which also refuses a truncated file). A legacy ``.pt``/
 ``.pth`` file is read only through ``torch.load(weights_only=True)`` and must be a dict with
 ``config`` and ``state_dict``. Every failure is an :class:`~src_models.errors.R2UNetError` whose
 one-line message names the file and the problem. Writes are atomic (temp file + rename).
@@ -35,13 +35,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .catalog import read_header
+from .checkpoint_files import FORMAT, read_header
 from .errors import R2UNetError
 from .fileio import atomic_write
 from .nets import ModelConfig, build_model
 from .preprocessing import PreprocessConfig
 
-FORMAT = "napari-r2unet.checkpoint"
 FORMAT_VERSION = "1"
 LEGACY_SUFFIXES = (".pt", ".pth")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")

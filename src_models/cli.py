@@ -83,7 +83,7 @@ def _output_paths(files: list[Path], out_dir: Path, save_prob: bool) -> list[tup
 
 def _segmenter(args: argparse.Namespace) -> Any:
     from .inference import Segmenter
-    from .registry import load_model
+    from .model_names import load_model
 
     return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend)
 
@@ -105,8 +105,8 @@ def _progress(description: str) -> Iterator[Callable[[float], None]]:
 
 # -- subcommands -------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
+    from .model_names import pretrained_models
     from .nets import ARCHITECTURES, ModelConfig, build_model, count_parameters
-    from .registry import pretrained_models
 
     archs = [
         {"name": name, "description": text, "parameters": count_parameters(build_model(ModelConfig(arch=name)))}
@@ -116,7 +116,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         {"name": p.name, "arch": p.config.arch, "description": p.description, "metrics": p.metrics, "path": str(p.path)}
         for p in pretrained_models().values()
     ]
-    from .versions import list_versions, user_models_dir
+    from .user_versions import list_versions, user_models_dir
 
     versions = [
         {"name": v.name, "id": v.id, "arch": v.arch, "parent": v.parent, "created": v.created, "metrics": v.metrics,
@@ -145,8 +145,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .model_names import resolve_config
     from .nets import ARCHITECTURES, build_model, count_parameters, flops_per_megapixel
-    from .registry import resolve_config
 
     rows = []
     for spec in args.model or list(ARCHITECTURES):
@@ -246,7 +246,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checked
-    from .registry import load_model
+    from .model_names import load_model
 
     checkpoint = load_model(args.model)
     difference = export_checked(checkpoint, args.out, args.format, args.overwrite)

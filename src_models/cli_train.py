@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneRequest, build_trainer, file_pairs
-    from .registry import load_model
+    from .model_names import load_model
 
     _set_threads(args)
     base = load_model(args.model)

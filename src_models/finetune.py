@@ -179,7 +179,7 @@ def _provenance(request: FinetuneRequest, base: Checkpoint) -> dict[str, Any]:
 def load_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
     """The base model of a run: loaded by name or path (read-only), or as given."""
     if isinstance(base, (str, os.PathLike)):
-        from .registry import load_model
+        from .model_names import load_model
 
         return load_model(str(base))
     return base

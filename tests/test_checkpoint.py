@@ -226,7 +226,7 @@ def test_legacy_pt_with_config_loads(tmp_path):
 
 @pytest.mark.parametrize("cut", [1, 100, "half"])
 def test_a_truncated_copy_is_refused_when_it_is_chosen_not_at_segment(good, cut):
-    from src_models import catalog
+    from src_models import checkpoint_files
 
     data = good.read_bytes()
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -234,28 +234,28 @@ def test_a_truncated_copy_is_refused_when_it_is_chosen_not_at_segment(good, cut)
     assert keep > 8 + header_len, "the cut falls in the tensor data: the header alone still reads"
     good.write_bytes(data[:keep])
     message = f"checkpoint {good} is truncated or damaged ({keep} of {len(data)} bytes); copy it again"
-    for read in (catalog.describe, catalog.read_metadata, load_checkpoint):  # the model menu calls describe
+    for read in (checkpoint_files.describe, checkpoint_files.read_metadata, load_checkpoint):  # the model menu calls describe
         with pytest.raises(R2UNetError) as exc:
             read(good)
         assert str(exc.value) == message
 
 
 def test_trailing_bytes_are_damage_too(good):
-    from src_models import catalog
+    from src_models import checkpoint_files
 
     size = good.stat().st_size
     with open(good, "ab") as handle:
         handle.write(b"\0" * 16)
     with pytest.raises(R2UNetError, match=rf"truncated or damaged \({size + 16} of {size} bytes\)"):
-        catalog.describe(good)
+        checkpoint_files.describe(good)
 
 
 def test_a_text_file_named_safetensors_is_not_a_checkpoint(tmp_path):
-    from src_models import catalog
+    from src_models import checkpoint_files
 
     path = tmp_path / "notes.safetensors"
     path.write_text("these are my notes about the models, not weights\n" * 4)
-    for read in (catalog.describe, load_checkpoint):
+    for read in (checkpoint_files.describe, load_checkpoint):
         with pytest.raises(R2UNetError) as exc:
             read(path)
         assert str(exc.value) == f"{path} is not a checkpoint (.safetensors) file; choose a model saved by r2unet or the Fine-tune widget"

@@ -19,8 +19,8 @@ from src_models.metrics import MetricAccumulator
 from src_models.preprocessing import PreprocessConfig
 from src_models.synthetic import vessel_image
 from src_models.training import Trainer, finetune_config, holdout_region, make_sample
-from src_models.versions import export_version, list_versions, new_version_path, rename_version
-from src_models.versions import user_models_dir as models_dir
+from src_models.user_versions import export_version, list_versions, new_version_path, rename_version
+from src_models.user_versions import user_models_dir as models_dir
 
 OTHER_IMAGE = vessel_image((256, 256), n_vessels=10, seed=11, rgb=True)  # "a second synthetic image"
 
@@ -340,7 +340,7 @@ def test_resegmenting_uses_the_segment_widgets_threshold(make_napari_viewer, qtb
 
 def test_versions_are_listed_and_loaded_by_name_on_the_command_line(capsys):
     from src_models.cli import main
-    from src_models.registry import load_model
+    from src_models.model_names import load_model
 
     path = random_checkpoint(new_version_path("r2unet-drive"))
     rename_version(path, "clinic A")

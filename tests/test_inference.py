@@ -113,7 +113,7 @@ def test_default_overlap_keeps_the_shipped_model_seamless_on_a_real_retina():
         retina = data.retina()
     except Exception as exc:  # an install without the bundled images
         pytest.skip(f"skimage's retina image is not available: {exc}")
-    from src_models.registry import load_model
+    from src_models.model_names import load_model
 
     image = np.pad(retina, ((300, 300), (300, 300), (0, 0)), mode="reflect")[:1856, :1856]
     seg = Segmenter(load_model("r2unet-drive"), "cpu")
@@ -148,7 +148,7 @@ def test_cancel_stops_inside_a_single_tile(backend):
     is terminated by a watcher thread. Without that, this run would finish and return."""
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
-    from src_models.registry import load_model
+    from src_models.model_names import load_model
 
     seg = Segmenter(load_model("r2unet-drive"), "cpu", backend=backend)
     polls, done = [], []
@@ -393,7 +393,7 @@ def test_a_new_onnx_graph_replaces_the_stale_ones_of_the_same_weights(trained_ch
 def test_a_failing_stop_callback_cancels_instead_of_running_on():
     pytest.importorskip("onnxruntime")
     from src_models.export import OnnxPredictor
-    from src_models.registry import load_model
+    from src_models.model_names import load_model
 
     predictor = OnnxPredictor(load_model("r2unet-drive"))
     small = np.zeros((1, 1, 64, 64), np.float32)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from conftest import DRIVE, random_checkpoint
 
-from src_models import catalog, registry
+from src_models import checkpoint_files, model_names
 from src_models.checkpoint import load_checkpoint
 from src_models.cli import main
 from src_models.errors import R2UNetError
 
-SHIPPED = sorted(catalog.WEIGHTS_DIR.glob("*.safetensors"))
+SHIPPED = sorted(checkpoint_files.WEIGHTS_DIR.glob("*.safetensors"))
 
 
 def test_catalog_reads_metadata_without_torch(tmp_path):
@@ -21,24 +21,24 @@ def test_catalog_reads_metadata_without_torch(tmp_path):
     import sys
 
     random_checkpoint(tmp_path / "x.safetensors")
-    probe = f"import sys; from src_models.catalog import describe; d = describe({str(tmp_path / 'x.safetensors')!r}); print(d['config']['arch'], 'torch' in sys.modules)"
+    probe = f"import sys; from src_models.checkpoint_files import describe; d = describe({str(tmp_path / 'x.safetensors')!r}); print(d['config']['arch'], 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout.split()
     assert out == ["r2unet", "False"]
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(R2UNetError, match="is not a checkpoint"):  # 0xff... is no JSON header (the fix of issue 12)
-        catalog.read_metadata(tmp_path / "bad.safetensors")
+        checkpoint_files.read_metadata(tmp_path / "bad.safetensors")
 
 
 def test_pretrained_models_come_from_the_weights_folder(tmp_path, monkeypatch, capsys):
     random_checkpoint(tmp_path / "toy-drive.safetensors")
-    monkeypatch.setattr(catalog, "WEIGHTS_DIR", tmp_path)
-    found = registry.pretrained_models()
+    monkeypatch.setattr(checkpoint_files, "WEIGHTS_DIR", tmp_path)
+    found = model_names.pretrained_models()
     assert list(found) == ["toy-drive"] and found["toy-drive"].config.arch == "r2unet"
-    assert registry.load_model("toy-drive").path == tmp_path / "toy-drive.safetensors"
+    assert model_names.load_model("toy-drive").path == tmp_path / "toy-drive.safetensors"
     assert main(["models", "--json"]) == 0
     assert [p["name"] for p in json.loads(capsys.readouterr().out)["pretrained"]] == ["toy-drive"]
     with pytest.raises(R2UNetError, match="use 'toy-drive'"):
-        registry.load_model("r2unet")
+        model_names.load_model("r2unet")
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

@@ -1,8 +1,8 @@
 """Which fine-tuned VERSIONS the user has: a per-user folder of checkpoints, each one a new file.
 
 This module owns where fine-tuned models live and how they are listed, named, exported and
-told apart (shipped models are :mod:`src_models.catalog`'s; turning a name into a loaded model
-is :mod:`src_models.registry`'s). It is torch-free (checkpoint headers only), so the napari
+told apart (shipped models are :mod:`src_models.checkpoint_files`'s; turning a name into a loaded model
+is :mod:`src_models.model_names`'s). It is torch-free (checkpoint headers only), so the napari
 widgets can list versions at start-up.
 
 - The folder is ``$R2UNET_MODELS_DIR`` if set, else the platform's per-user data folder
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalog import describe
+from .checkpoint_files import describe
 from .errors import R2UNetError
 from .fileio import atomic_copy, atomic_write, user_folder
 

@@ -5,8 +5,8 @@ importing torch, so that the napari plugin can list and describe models at start
 :func:`read_header` (the file is whole and is a checkpoint), :func:`read_metadata`,
 :func:`describe` (name, config, provenance) and :func:`pretrained_catalog` (the files shipped
 in ``src_models/weights/``). Loading weights is :mod:`src_models.checkpoint`'s job; turning a
-name a user types into a model is :mod:`src_models.registry`'s; the user's fine-tuned versions
-are :mod:`src_models.versions`'.
+name a user types into a model is :mod:`src_models.model_names`'s; the user's fine-tuned versions
+are :mod:`src_models.user_versions`'.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .errors import R2UNetError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+FORMAT = "napari-r2unet.checkpoint"  # the ``format`` entry of our checkpoints' metadata
 
 
 def _not_a_checkpoint(path: Path) -> R2UNetError:

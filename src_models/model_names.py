@@ -3,8 +3,8 @@
 This module owns resolving a model name (``r2unet``, ``r2unet-drive``, a fine-tuned version's
 name or id, ``~/m.safetensors``) for the CLI and the workers: :func:`load_model`,
 :func:`resolve_config` (``r2unet info``) and :func:`pretrained_models` (``r2unet models``). It
-lists nothing itself: the shipped files come from :mod:`src_models.catalog` (torch-free header
-reading), the user's fine-tuned versions from :mod:`src_models.versions`, and the weights are
+lists nothing itself: the shipped files come from :mod:`src_models.checkpoint_files` (torch-free header
+reading), the user's fine-tuned versions from :mod:`src_models.user_versions`, and the weights are
 loaded by :mod:`src_models.checkpoint`.
 
 Pretrained models are the ``.safetensors`` files in ``src_models/weights/``; their name is the
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import catalog
+from . import checkpoint_files
 from .checkpoint import LEGACY_SUFFIXES, Checkpoint, load_checkpoint
 from .errors import R2UNetError
 from .nets import ARCHITECTURES, ModelConfig
@@ -46,7 +46,7 @@ def pretrained_models(weights_dir: Path | None = None) -> dict[str, PretrainedIn
     """Shipped pretrained models by name (reads only the small JSON headers)."""
     return {
         name: PretrainedInfo(name, entry["path"], ModelConfig.from_dict(entry["config"]), entry["provenance"])
-        for name, entry in catalog.pretrained_catalog(weights_dir).items()
+        for name, entry in checkpoint_files.pretrained_catalog(weights_dir).items()
     }
 
 
@@ -65,7 +65,7 @@ def _unknown(spec: str) -> R2UNetError:
 
 def find_version(spec: str) -> Path | None:
     """A fine-tuned version in the user's model folder, by file stem or display name."""
-    from .versions import list_versions
+    from .user_versions import list_versions
 
     matches = [v.path for v in list_versions() if spec in (v.id, v.name)]
     return matches[-1] if matches else None  # the newest when names repeat
