@@ -22,6 +22,25 @@ def test_core_never_imports_gui_libraries(path):
             assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
 
 
+# what each torch-free module is used for, run in a fresh interpreter ({tmp} is a temporary folder)
+TORCH_FREE_USES = {
+    "tiling and labels": "from src_models import tiling, labels; "
+                         "tiling.sliding_window_inference(np.zeros((1, 40, 40), np.float32), 16, 2, lambda b: b, 0.25); "
+                         "labels.probabilities_to_labels(np.zeros((1, 4, 4)))",
+    "training config and fine-tune assembly": "import src_models.training, src_models.training.config as c, src_models.finetune; "
+                                              "c.finetune_config(); from src_models.training import TrainEvent, make_sample, resume_path",
+    "reading an image and writing a mask": "from src_models.data import read_image, write_tiff; "
+                                           "write_tiff('{tmp}/m.tif', np.ones((4, 4), np.uint8)); read_image('{tmp}/m.tif')",
+}
+
+
+@pytest.mark.parametrize("use", sorted(TORCH_FREE_USES))
+def test_torch_free_modules_never_import_torch_or_napari(use, tmp_path):
+    probe = f"import sys, numpy as np; {TORCH_FREE_USES[use].format(tmp=tmp_path)}; print(sorted(m for m in ('torch', 'napari') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_importing_the_core_package_is_light():
     probe = "import sys, src_models, src_models.errors; print(sorted(m for m in ('torch', 'numpy', 'napari') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout

@@ -262,16 +262,6 @@ def test_freezing(tmp_path):
     assert any(not torch.equal(tuned[k], base.state_dict[k]) for k in tuned if k.startswith("decoder."))
 
 
-def test_train_config_and_the_finetune_assembly_import_without_torch():
-    import subprocess
-    import sys
-
-    probe = ("import sys, src_models.training, src_models.training.config as c, src_models.finetune; c.finetune_config(); "
-             "from src_models.training import TrainEvent, make_sample, resume_path; "
-             "print(sorted(m for m in ('torch', 'napari') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
-    assert out.strip() == "[]"
-
 
 def test_every_setting_has_help_and_its_bounds_are_enforced():
     import dataclasses
