@@ -8,6 +8,9 @@ A checkpoint holds the float tensors of a model's ``state_dict`` and these strin
 - ``class_names``: JSON list, one name per output class (``["vessel"]`` for a binary model);
 - ``provenance``: JSON object (training data summary, epochs, metrics, ``parent_sha256``,
   ``package_version``, ``created``, free-form extras);
+- ``card``: :class:`~src_models.model_card.ModelCard` as JSON (task, modality, data, licence,
+  geometry, threshold, post-processing, metrics); a file without one (older checkpoints, the
+  shipped DRIVE models before cards) gets :func:`~src_models.model_card.derived_card`;
 - ``weights_sha256``: SHA-256 over the tensors (names, dtypes, shapes, bytes), checked on load,
   so a bit flip anywhere in the weights is reported instead of silently giving wrong masks.
 
@@ -38,6 +41,7 @@ from . import __version__
 from .checkpoint_files import FORMAT, read_header
 from .errors import R2UNetError
 from .fileio import atomic_write
+from .model_card import ModelCard, card_from_metadata, derived_card
 from .nets import ModelConfig, build_model
 from .preprocessing import PreprocessConfig
 
@@ -58,6 +62,12 @@ class Checkpoint:
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     sha256: str | None = None
+    card: ModelCard | None = None  # None: derived from the rest (see :attr:`model_card`)
+
+    @property
+    def model_card(self) -> ModelCard:
+        """The card saved with the weights, or the one derived from the class names and provenance."""
+        return self.card or derived_card(self.class_names, self.provenance, self.preprocess.to_dict())
 
     def build(self, device: str | torch.device = "cpu") -> nn.Module:
         """The network with these weights, in eval mode, on ``device``."""
@@ -109,8 +119,13 @@ def save_checkpoint(
     preprocess: PreprocessConfig,
     class_names: tuple[str, ...] | list[str] = ("foreground",),
     provenance: Mapping[str, Any] | None = None,
+    card: ModelCard | None = None,
 ) -> str:
-    """Write a checkpoint atomically; return the SHA-256 of the file written."""
+    """Write a checkpoint atomically; return the SHA-256 of the file written.
+
+    ``card`` is stored under the ``card`` key; without one the card derived from ``class_names``
+    and ``provenance`` is stored, so every checkpoint written from now on carries a card.
+    """
     from safetensors.torch import save_file
 
     raw = model.state_dict() if isinstance(model, nn.Module) else model
@@ -128,6 +143,7 @@ def save_checkpoint(
         "class_names": json.dumps(list(class_names)),
         "provenance": json.dumps(prov, sort_keys=True, default=str),
         "weights_sha256": weights_sha256(tensors),
+        "card": (card or derived_card(class_names, prov, preprocess.to_dict())).to_json(),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), suffix=".safetensors")
     return file_sha256(path)
@@ -137,7 +153,7 @@ def _fail(path: Path, problem: str) -> R2UNetError:
     return R2UNetError(f"cannot load checkpoint {path}: {problem}")
 
 
-def _parse_metadata(path: Path, metadata: Mapping[str, str] | None) -> tuple[ModelConfig, PreprocessConfig, tuple[str, ...], dict[str, Any]]:
+def _parse_metadata(path: Path, metadata: Mapping[str, str] | None) -> tuple[ModelConfig, PreprocessConfig, tuple[str, ...], dict[str, Any], ModelCard]:
     if not metadata or metadata.get("format") != FORMAT:
         raise _fail(path, "no napari-r2unet metadata (format key missing); was it saved by r2unet?")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -153,7 +169,11 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str] | None) -> tuple[Mod
         raise _fail(path, "metadata 'provenance' is not a JSON object")
     if len(class_names) != config.out_channels:
         raise _fail(path, f"{len(class_names)} class names for {config.out_channels} output channels")
-    return config, preprocess, class_names, provenance
+    try:
+        card = card_from_metadata(metadata, class_names, provenance, preprocess.to_dict())
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise _fail(path, f"its model card is invalid ({str(exc)[:200]}); re-save it with a valid card") from exc
+    return config, preprocess, class_names, provenance, card
 
 
 def _check_shapes(path: Path, config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -192,14 +212,14 @@ def _load_safetensors(path: Path) -> Checkpoint:
     read_header(path)  # whole and a checkpoint: the torch-free check the model menus run too
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            config, preprocess, class_names, provenance = _parse_metadata(path, handle.metadata())
+            config, preprocess, class_names, provenance, card = _parse_metadata(path, handle.metadata())
             _check_shapes(path, config, {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
             state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
             expected_sha = (handle.metadata() or {}).get("weights_sha256")
     except SafetensorError as exc:
         raise _fail(path, f"not a valid .safetensors file ({str(exc).splitlines()[0]})") from exc
     _check_values(path, state_dict, expected_sha)
-    return Checkpoint(config, state_dict, preprocess, class_names, provenance, path, file_sha256(path))
+    return Checkpoint(config, state_dict, preprocess, class_names, provenance, path, file_sha256(path), card)
 
 
 def _check_zip(path: Path) -> None:

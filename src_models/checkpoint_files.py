@@ -3,7 +3,7 @@
 This module owns reading and checking a ``.safetensors`` header (8-byte length + JSON) without
 importing torch, so that the napari plugin can list and describe models at start-up for free:
 :func:`read_header` (the file is whole and is a checkpoint), :func:`read_metadata`,
-:func:`describe` (name, config, provenance) and :func:`pretrained_catalog` (the files shipped
+:func:`describe` (name, config, provenance, model card) and :func:`pretrained_catalog` (the files shipped
 in ``src_models/weights/``). Loading weights is :mod:`src_models.checkpoint`'s job; turning a
 name a user types into a model is :mod:`src_models.model_names`'s; the user's fine-tuned versions
 are :mod:`src_models.user_versions`'.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import R2UNetError
+from .model_card import card_from_metadata
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -89,17 +90,29 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{name, path, config, provenance}`` of a checkpoint file, from its metadata only."""
+    """``{name, path, config, provenance, card}`` of a checkpoint file, from its metadata only.
+
+    ``card`` is the :class:`~src_models.model_card.ModelCard` saved with it, or the one derived
+    from its class names and provenance (older checkpoints).
+    """
     meta = read_metadata(path)
     try:
         config = json.loads(meta.get("config", "{}"))
         provenance = json.loads(meta.get("provenance", "{}"))
-    except ValueError as exc:
+        class_names = json.loads(meta.get("class_names", '["foreground"]'))
+        preprocess = json.loads(meta.get("preprocess", "{}"))
+    except (ValueError, RecursionError) as exc:
         raise R2UNetError(f"checkpoint {path} has invalid metadata ({exc})") from exc
-    if not isinstance(config, dict) or not isinstance(provenance, dict):
-        raise R2UNetError(f"checkpoint {path} has invalid metadata (config and provenance must be JSON objects)")
+    if not isinstance(config, dict) or not isinstance(provenance, dict) or not isinstance(preprocess, dict) \
+            or not isinstance(class_names, list):
+        raise R2UNetError(f"checkpoint {path} has invalid metadata (config, provenance and preprocess must be JSON objects)")
+    try:
+        card = card_from_metadata(meta, [str(c) for c in class_names], provenance, preprocess)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise R2UNetError(f"checkpoint {path} has an invalid model card ({str(exc)[:200]}); re-save it with a valid card") from exc
     path = Path(path)
-    return {"name": str(provenance.get("name") or path.stem), "path": path, "config": config, "provenance": provenance}
+    return {"name": str(provenance.get("name") or path.stem), "path": path, "config": config,
+            "provenance": provenance, "card": card}
 
 
 def pretrained_catalog(weights_dir: Path | None = None) -> dict[str, dict[str, Any]]:
