@@ -26,6 +26,7 @@ from qtpy.QtWidgets import QPushButton, QVBoxLayout
 
 from src_models.errors import R2UNetError  # torch-free
 from src_models.settings import DEFAULT_THRESHOLD
+from src_models.training.events import EventKind  # torch-free
 from src_models.user_versions import list_versions, new_version_path
 
 from ._dock import PROGRESS_STEPS, DockWidget
@@ -172,20 +173,20 @@ class FinetuneWidget(DockWidget):
 
     def _on_event(self, event: Any) -> None:
         kind = event.kind
-        if kind == "step":
+        if kind == EventKind.STEP:
             self.plot.add_loss(event.step, event.loss, event.total_steps)
             self.progress.setValue(int(event.fraction * PROGRESS_STEPS))
             if event.step % 5 == 0 or event.step == 1:
                 self.status.setText(f"epoch {event.epoch + 1}/{event.epochs}, step {event.step}/{event.total_steps}, loss {event.loss:.3f}{_eta(event.eta_s)}")
-        elif kind == "start":
+        elif kind == EventKind.START:
             self.plot.total_steps = event.total_steps
             self.status.setText(event.message)
-        elif kind == "baseline" and event.metrics:
+        elif kind == EventKind.BASELINE and event.metrics:
             self.plot.set_base_dice(event.metrics.get("F1", float("nan")))
             self.status.setText(f"base model: validation Dice {event.metrics.get('F1', float('nan')):.3f}; training ...")
-        elif kind == "epoch" and event.metrics:
+        elif kind == EventKind.EPOCH and event.metrics:
             self.plot.add_dice(event.step, event.metrics.get("F1", float("nan")))
-        elif kind in ("done", "cancelled", "early_stop"):
+        elif EventKind(kind).is_final:
             self._finish_message = event.message
 
     def _trained(self, path: str) -> None:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import napari
 
 NEW_LAYER = "new Labels layer"
-AUTO_TILE_VALUE = MIN_USER_TILE - 1  # the tile spin box's minimum stands for "auto"
+AUTO_TILE_VALUE = 0  # the tile spin box's minimum stands for "auto" (0: its steps stay on multiples of TILE_STEP)
 OVERLAP_STEP = 0.05
 AUTO_OVERLAP_VALUE = -OVERLAP_STEP  # the overlap spin box's minimum stands for "auto"
 MAX_TILE = 8192
@@ -118,7 +118,7 @@ class SegmentWidget(DockWidget):
     def tile(self) -> int | None:
         """The tile side asked for (None = automatic)."""
         value = self.tile_spin.value()
-        return value if value >= MIN_USER_TILE else None
+        return value or None  # 1-15 reach the core, which says the tile is too small
 
     @property
     def overlap(self) -> float | None:

@@ -164,8 +164,10 @@ class Segmenter:
         """The tiling ``predict`` uses for a ``height x width`` image: ``overlap`` is a fraction of
         the largest tile, or None for :func:`auto_overlap` pixels whatever the tile."""
         tile = tile or self.auto_tile(height, width)
-        if overlap is None:
-            return tile_grid(height, width, tile, self.size_multiple, overlap_px=auto_overlap(tile))
+        if overlap is None:  # 192 pixels of the largest tile the grid can use (clipped to the image, on the size multiple)
+            m = self.size_multiple
+            largest = max(m, min(tile, padded_size(max(height, width), m)) // m * m)
+            return tile_grid(height, width, tile, m, overlap_px=auto_overlap(largest))
         return tile_grid(height, width, tile, self.size_multiple, overlap=overlap)
 
     def _check_input(self, chw: Any, tile: int | None) -> None:

@@ -439,8 +439,10 @@ def test_tile_layouts_equal_the_former_fraction_based_ones(overlap, multiple):
 
 def test_the_default_overlap_is_192_pixels_of_the_tile_at_most_half(tiny_checkpoint):
     seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu")
-    for tile in (1280, 640, 320, 160, 128):  # the default tile and its out-of-memory halvings
+    # the default tile, its out-of-memory halvings, and tiles off the size multiple (the GUI and --tile allow any)
+    for tile in (1280, 640, 320, 160, 128, 300, 143, 1000):
         grid = seg.tile_grid(3000, 3000, tile)
         former = _former_layout(-(-3000 // seg.size_multiple) * seg.size_multiple, tile, min(0.5, 192 / tile), seg.size_multiple)
-        assert (grid.tile[0], list(grid.ys)) == former
-        assert min(grid.tile[0] - (b - a) for a, b in zip(grid.ys, grid.ys[1:])) >= min(192, tile // 2)
+        assert (grid.tile[0], list(grid.ys)) == former, tile
+        largest = tile // seg.size_multiple * seg.size_multiple
+        assert min(grid.tile[0] - (b - a) for a, b in zip(grid.ys, grid.ys[1:])) >= min(192, largest // 2)
