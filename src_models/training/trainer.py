@@ -34,6 +34,7 @@ from ..errors import CancelledError, R2UNetError
 from ..metrics import MetricAccumulator
 from ..nets import ModelConfig, build_model, logits_to_probabilities
 from ..preprocessing import PreprocessConfig
+from ..settings import DEFAULT_OVERLAP
 from ..tiling import sliding_window_inference
 from .config import TrainConfig
 from .dataset import PatchDataset
@@ -197,7 +198,7 @@ class Trainer:
             return logits_to_probabilities(self.model(torch.from_numpy(batch).to(self.device, self.dtype)).float()).cpu().numpy()
 
         for s in self.val_samples:
-            probs = sliding_window_inference(s.image, self.config.val_tile, 1, predictor, 0.25,
+            probs = sliding_window_inference(s.image, self.config.val_tile, 1, predictor, DEFAULT_OVERLAP,
                                              size_multiple=self.model_config.size_multiple, should_stop=self._should_stop)
             fg = probs[0] if probs.shape[0] == 1 else 1 - probs[0]  # multi-class: any foreground
             target = s.mask > 0
