@@ -27,6 +27,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
         patch_size=args.patch_size, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch, lr=args.lr,
         val_fraction=args.val_fraction, val_ids=tuple(args.val_ids.split(",")) if args.val_ids else None,
         patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None),
+        geometry=getattr(args, "geometry", None), rotate=args.rotate, scale=args.scale, rot90=args.rot90,
     )
 
 
@@ -105,11 +106,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     samples = load_samples(args.images, args.masks, args.fov, preprocess, classes=args.classes)
     fields = {**_train_settings(args), "epochs": args.epochs, "minutes": args.minutes}
     config = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+    card = _card(args, model_config)
     provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{args.arch} trained on {Path(args.images).resolve()}"}
     trainer = Trainer(model_config, preprocess, samples, config, args.out,
-                      class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance,
+                      class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance, card=card,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)
     return _drive_training(trainer)
+
+
+def _card(args: argparse.Namespace, model_config: Any) -> Any:
+    """The model card of a new model: ``--card`` JSON, then the card options over it (None if none given)."""
+    from .model_card import ModelCard, Postprocess
+
+    given = {k: getattr(args, k) for k in ("task", "modality", "data", "licence", "threshold") if getattr(args, k) is not None}
+    if args.card_channels is not None:
+        given["channels"] = args.card_channels
+    if args.keep_components is not None or args.fill_holes:
+        count = args.keep_components or 0
+        kind = "none" if count == 0 else "largest_component" if count == 1 else "largest_components"
+        given["postprocess"] = Postprocess(kind, max(1, count), bool(args.fill_holes))
+    if args.card is None and not given:
+        return None
+    try:
+        card = ModelCard()
+        if args.card is not None:
+            card = ModelCard.from_json(Path(args.card).read_text(encoding="utf-8"))
+        return card.with_(**given)
+    except OSError as exc:
+        raise R2UNetError(f"cannot read the card {args.card}: {exc.strerror or exc}; check the path") from exc
+    except ValueError as exc:
+        raise R2UNetError(f"invalid model card: {exc}") from exc
+
+
+def _add_card_options(p: argparse.ArgumentParser) -> None:
+    card = p.add_argument_group("model card (what the model is for; shown by r2unet models/info and in napari)")
+    card.add_argument("--card", default=None, metavar="JSON", help="a model card JSON file to start from (the options below override it)")
+    card.add_argument("--task", default=None, help="task, e.g. 'skin lesion'")
+    card.add_argument("--modality", default=None, help="imaging modality, e.g. 'dermoscopy (RGB photograph)'")
+    card.add_argument("--data", default=None, help="training data, e.g. 'ISIC 2017 train (2000 images)'")
+    card.add_argument("--licence", default=None, help="licence or terms of the weights and data")
+    card.add_argument("--card-channels", default=None, help="input channels and colour handling, in words")
+    card.add_argument("--threshold", type=float, default=None, help="default threshold of the probability map (default: 0.5)")
+    card.add_argument("--keep-components", type=int, default=None, metavar="N", help="post-processing: keep the N largest connected components (0 = all)")
+    card.add_argument("--fill-holes", action="store_true", help="post-processing: fill holes in the mask")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -155,6 +194,10 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any
     p.add_argument("--val-ids", default=None, help="comma-separated sample IDs to hold out instead")
     p.add_argument("--patience", type=int, default=None, help=_help("patience", defaults, "stop after this many epochs without improvement"))
     p.add_argument("--seed", type=int, default=None, help=_help("seed", defaults))
+    aug = p.add_argument_group("augmentation")
+    aug.add_argument("--rotate", type=float, default=None, help=_help("rotate", defaults))
+    aug.add_argument("--scale", type=float, default=None, help=_help("scale", defaults))
+    aug.add_argument("--no-rot90", dest="rot90", action="store_const", const=False, default=None, help="no 90-degree rotations or vertical flips (upright images such as chest X-rays)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu); under torchrun each process takes its own GPU")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .resume.pt (the same settings; --epochs/--minutes may change)")
@@ -176,7 +219,9 @@ def add_training_parsers(sub: Any) -> None:
     p.add_argument("--channels", default="green", choices=["green", "gray", "rgb", "all"], help="input channels (default: green, for fundus images)")
     p.add_argument("--classes", type=_positive_int, default=1, help="1 = binary (sigmoid), >= 2 = multi-class labels (default: 1)")
     p.add_argument("--class-name", default="vessel", help="name of the foreground class of a binary model (default: vessel)")
+    p.add_argument("--geometry", default=None, choices=["tiled", "resize"], help=_help("geometry", {}))
     _add_training_options(p, {})
+    _add_card_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a model on a few corrected images", description="Fine-tune MODEL on (image, corrected mask) pairs into a NEW checkpoint OUT whose metadata records its parent; the base model file is never modified.")

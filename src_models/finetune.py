@@ -185,12 +185,21 @@ def load_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
     return base
 
 
+def card_geometry(base: Checkpoint, config: TrainConfig) -> TrainConfig:
+    """``config`` training in ``base``'s card geometry: a ``resize`` model is fine-tuned on whole
+    images letterboxed to its size (as it infers), a ``tiled`` one on patches."""
+    geometry = base.model_card.geometry
+    if geometry.kind == "resize":
+        return dataclasses.replace(config, geometry="resize", patch_size=geometry.size)
+    return dataclasses.replace(config, geometry="tiled")
+
+
 def build_trainer(request: FinetuneRequest) -> Trainer:
     """The engine's :class:`Trainer` for a request (the base model is only ever read)."""
     from .training.trainer import Trainer
 
     base = load_base(request.base)
-    config = request.config()
+    config = card_geometry(base, request.config())
     samples, config = build_samples(request, base, config)
     return Trainer(None, None, samples, config, request.out, base=base, provenance=_provenance(request, base),
                    device=request.device, resume=request.resume, overwrite=request.overwrite)

@@ -26,6 +26,7 @@ from typing import Any
 from ..errors import R2UNetError
 
 FREEZE_CHOICES = ("none", "bn", "encoder")
+GEOMETRY_CHOICES = ("tiled", "resize")  # as the model card's Geometry kinds
 OUTSIDE_FOV_WEIGHT = 0.1  # loss weight of the pixels outside a field-of-view mask
 
 
@@ -53,6 +54,10 @@ class TrainConfig:
     seed: int = field(default=0, **_meta("random seed of the weights and the patches", min=0))
     freeze: str = field(default="none", **_meta("what to keep fixed: none, bn (BatchNorm statistics) or encoder (and BN statistics)", choices=FREEZE_CHOICES))
     correction_weight: float = field(default=5.0, **_meta("loss weight of the pixels the user corrected (when a correction map is given)", min=1, ui_max=100))
+    geometry: str = field(default="tiled", **_meta("tiled: random patches at native resolution; resize: each whole image letterboxed to patch_size (aspect kept, padding ignored by the loss), as the model card's resize geometry runs it", choices=GEOMETRY_CHOICES))
+    rotate: float = field(default=15.0, **_meta("largest random rotation of the augmentation, in degrees", min=0, max=180))
+    scale: float = field(default=0.1, **_meta("largest random zoom of the augmentation, as a fraction (0.1: 0.9x to 1.1x)", min=0, max=0.5))
+    rot90: bool = field(default=True, **_meta("augment with 90-degree rotations and vertical flips too (off for upright images such as chest X-rays)"))
     val_tile: int = field(default=1024, **_meta("tile side of the sliding-window validation, in pixels"))
 
     def __post_init__(self) -> None:

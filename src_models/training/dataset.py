@@ -2,7 +2,9 @@
 
 Patch ``i`` of epoch ``e`` comes from its own generator seeded with ``(seed, e, i)``:
 foreground-centred with probability ``foreground_fraction``, then augmented (flips, rot90, small
-rotation and scale, brightness/contrast/gamma, colour jitter for RGB). Because a patch depends
+rotation and scale, brightness/contrast/gamma, colour jitter for RGB). In the ``resize``
+geometry each sample is already letterboxed to ``patch_size`` (see
+:func:`~src_models.training.samples.letterbox_sample`) and is taken whole. Because a patch depends
 only on its index, a DistributedSampler shards a global batch exactly and a resumed run draws
 the same patches.
 """
@@ -34,7 +36,14 @@ class PatchDataset(torch.utils.data.Dataset):
         half = config.patch_size // 2 + 1
         self._padded = []
         self._foreground = []
+        self.whole = config.geometry == "resize"  # samples are letterboxed to patch_size: take them whole
         for s in self.samples:  # pad so that any centre inside the image gives a full patch
+            if self.whole:
+                if s.mask.shape != (config.patch_size, config.patch_size):
+                    raise ValueError(f"sample {s.id} is {s.mask.shape}, not letterboxed to {config.patch_size}")
+                self._padded.append((s.image, s.mask, s.weight))
+                self._foreground.append(np.zeros(0, dtype=np.int64))
+                continue
             pad = ((half, half), (half, half))
             image = np.pad(s.image, ((0, 0), *pad), mode="reflect" if min(s.image.shape[1:]) > half else "edge")
             self._padded.append((image, np.pad(s.mask, pad), np.pad(s.weight, pad)))
@@ -48,8 +57,15 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.config.seed, self.epoch, index])
         k = int(rng.choice(len(self.samples), p=self._sample_p))
-        sample, (image, mask, weight) = self.samples[k], self._padded[k]
-        h, w = sample.mask.shape
+        x, y, m = self._padded[k] if self.whole else self._crop(rng, k)
+        if self.config.augment:
+            x, y, m = _augment(rng, x, y, m, self.config)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y).astype(np.int64)), torch.from_numpy(np.ascontiguousarray(m))
+
+    def _crop(self, rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A ``patch_size`` patch of sample ``k``: centred on foreground with ``foreground_fraction``."""
+        image, mask, weight = self._padded[k]
+        h, w = self.samples[k].mask.shape
         fg = self._foreground[k]
         if fg.size and rng.random() < self.config.foreground_fraction:
             cy, cx = divmod(int(fg[rng.integers(fg.size)]), w)
@@ -57,23 +73,23 @@ class PatchDataset(torch.utils.data.Dataset):
             cy, cx = int(rng.integers(h)), int(rng.integers(w))
         p = self.config.patch_size
         y0, x0 = cy + p // 2 + 1 - p // 2, cx + p // 2 + 1 - p // 2
-        x = image[:, y0 : y0 + p, x0 : x0 + p]
-        y = mask[y0 : y0 + p, x0 : x0 + p]
-        m = weight[y0 : y0 + p, x0 : x0 + p]
-        if self.config.augment:
-            x, y, m = _augment(rng, x, y, m)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y).astype(np.int64)), torch.from_numpy(np.ascontiguousarray(m))
+        return image[:, y0 : y0 + p, x0 : x0 + p], mask[y0 : y0 + p, x0 : x0 + p], weight[y0 : y0 + p, x0 : x0 + p]
 
 
-def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flips, rot90, small rotation/scale, brightness/contrast/gamma, colour jitter (C > 1)."""
+def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarray,
+             config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flips and rot90 (with ``config.rot90``; else left-right flips only), rotation up to
+    ``config.rotate`` degrees and zoom up to ``config.scale``, brightness/contrast/gamma, colour
+    jitter (C > 1)."""
     k = int(rng.integers(4))
     flip = bool(rng.random() < 0.5)
-    x, y, m = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k), np.rot90(m, k)
+    if config.rot90:
+        x, y, m = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k), np.rot90(m, k)
     if flip:
         x, y, m = x[:, :, ::-1], y[:, ::-1], m[:, ::-1]
-    if rng.random() < 0.5:  # small rotation and scale: grid_sample, nearest for labels and weights
-        angle, scale = math.radians(rng.uniform(-15, 15)), rng.uniform(0.9, 1.1)
+    if rng.random() < 0.5 and (config.rotate or config.scale):  # rotation and zoom: grid_sample, nearest for labels and weights
+        angle = math.radians(rng.uniform(-config.rotate, config.rotate))
+        scale = rng.uniform(1 - config.scale, 1 + config.scale)
         theta = torch.tensor([[math.cos(angle) / scale, -math.sin(angle) / scale, 0.0],
                               [math.sin(angle) / scale, math.cos(angle) / scale, 0.0]], dtype=torch.float32)[None]
         size = (1, 1, *y.shape)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import R2UNetError
 from ..fileio import atomic_write
+from .config import TrainConfig
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -100,7 +101,9 @@ def load_resume(trainer: Trainer) -> None:
     if payload["model_config"] != trainer.model_config.to_json():
         raise R2UNetError(f"cannot resume from {path}: it trains a different model ({payload['model_config']})")
     saved = json.loads(payload["train_config"])
-    differs = sorted(k for k, v in trainer.config.to_dict().items() if saved.get(k) != v and k not in BUDGET_FIELDS)
+    # a setting the saved run predates had its default then
+    defaults = TrainConfig().to_dict()
+    differs = sorted(k for k, v in trainer.config.to_dict().items() if saved.get(k, defaults[k]) != v and k not in BUDGET_FIELDS)
     if differs:
         raise R2UNetError(f"cannot resume from {path}: training settings differ ({', '.join(differs)}); only --epochs/--minutes/--patience may change")
     state = dict(payload["state"])

@@ -4,7 +4,8 @@
 of class labels, a loss weight ``(H, W)`` float32 (0 = ignore) and an optional field of view.
 :func:`make_sample` builds one from arrays (the plugin), :func:`load_samples` from paired files
 (the CLI); :func:`emphasize_corrections` weights up the pixels a user corrected;
-:func:`check_samples` checks them against a model; :func:`split_validation` and
+:func:`check_samples` checks them against a model; :func:`letterbox_sample` fits one to the
+``resize`` geometry; :func:`split_validation` and
 :func:`holdout_region` set validation images (or a strip of one image) apart.
 """
 
@@ -173,3 +174,15 @@ def holdout_region(sample: TrainSample, fraction: float) -> tuple[TrainSample, T
                       np.ascontiguousarray(sample.mask[strip]), np.ascontiguousarray(sample.weight[strip]), fov, sample.source)
     return dataclasses.replace(sample, weight=weight), val
 
+
+
+def letterbox_sample(sample: TrainSample, size: int) -> TrainSample:
+    """``sample`` letterboxed to ``size x size`` as the ``resize`` geometry runs it
+    (:mod:`src_models.geometry`): the image bilinear and edge-padded, the mask, weight and field
+    of view nearest, and the padded band weighted 0 (it is cropped away at inference)."""
+    from ..geometry import letterbox, letterbox_mask
+
+    image, _ = letterbox(sample.image, size)
+    fov = letterbox_mask(sample.fov.astype(np.uint8), size).astype(bool) if sample.fov is not None else None
+    return dataclasses.replace(sample, image=image, mask=letterbox_mask(sample.mask, size),
+                               weight=letterbox_mask(sample.weight, size), fov=fov)

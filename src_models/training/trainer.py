@@ -32,6 +32,7 @@ from .. import __version__
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..errors import CancelledError, R2UNetError
 from ..metrics import MetricAccumulator
+from ..model_card import Geometry, ModelCard, derived_card
 from ..nets import ModelConfig, build_model, logits_to_probabilities
 from ..preprocessing import PreprocessConfig
 from ..settings import DEFAULT_OVERLAP
@@ -42,7 +43,7 @@ from .distributed import any_rank, barrier, broadcast_int, global_loss_value, in
 from .events import EventKind, TrainEvent
 from .loss import segmentation_loss
 from .resume import TrainState, load_resume, resume_path, save_resume, write_history
-from .samples import TrainSample, check_samples, split_validation
+from .samples import TrainSample, check_samples, letterbox_sample, split_validation
 
 ShouldStop = Callable[[], bool]
 
@@ -64,6 +65,8 @@ class Trainer:
         out: path of the best checkpoint (``.safetensors``); the resume state and history go beside it.
         base: a checkpoint to fine-tune from; only read, never written.
         class_names, provenance: stored in the checkpoint.
+        card: the model card to store (default: ``base``'s without its metrics, else derived); its
+            geometry is set from ``config`` (``resize`` at ``patch_size``, else ``tiled``).
         device: ``cpu``, ``cuda`` ...; under torchrun each rank uses ``cuda:LOCAL_RANK`` if CUDA.
     """
 
@@ -78,6 +81,7 @@ class Trainer:
         base: Checkpoint | None = None,
         class_names: Sequence[str] | None = None,
         provenance: dict[str, Any] | None = None,
+        card: ModelCard | None = None,
         device: str = "cpu",
         resume: bool = False,
         overwrite: bool = False,
@@ -92,6 +96,7 @@ class Trainer:
         self.class_names = tuple(class_names or (base.class_names if base else _default_class_names(self.model_config)))
         self._split(samples)
         self.provenance = dict(provenance or {})
+        self.card = card if card is not None else base.model_card.with_(metrics={}, metrics_on="") if base is not None else None
         self._place(device)
         self._build_network()
         pixels = sum(s.mask.size for s in self.train_samples)
@@ -118,6 +123,8 @@ class Trainer:
 
     def _split(self, samples: Sequence[TrainSample]) -> None:
         check_samples(samples, self.model_config)
+        if self.config.geometry == "resize":  # train and validate as the card's resize geometry infers
+            samples = [letterbox_sample(s, self.config.patch_size) for s in samples]
         self.train_samples, self.val_samples = split_validation(samples, self.config)
         if not self.train_samples or all(int(s.mask.max()) == 0 for s in self.train_samples):
             raise R2UNetError("no training image with foreground is left after the validation split; hold out fewer images")
@@ -256,7 +263,17 @@ class Trainer:
         self.state.saved_by_this_run = True
         # the checkpoint format holds float32 weights (a model trained in float64 is stored rounded)
         weights = {k: v.float() if v.dtype == torch.float64 else v for k, v in self.model.state_dict().items()}
-        save_checkpoint(self.out, weights, self.model_config, self.preprocess, self.class_names, self._provenance(metrics))
+        save_checkpoint(self.out, weights, self.model_config, self.preprocess, self.class_names, self._provenance(metrics),
+                        card=self._card())
+
+    def _card(self) -> ModelCard | None:
+        """The card to save, its geometry the one this run trained in (None: derived on saving)."""
+        resize = self.config.geometry == "resize"
+        if self.card is None and not resize:
+            return None
+        geometry = Geometry("resize", self.config.patch_size) if resize else Geometry()
+        card = self.card or derived_card(self.class_names, {}, self.preprocess.to_dict())
+        return card.with_(geometry=geometry)
 
     # -- the loop --------------------------------------------------------------------------------
     def _event(self, kind: EventKind, **kwargs: Any) -> TrainEvent:

@@ -1,0 +1,117 @@
+"""Training in the model card's ``resize`` geometry: letterboxed whole images, the card it saves,
+fine-tuning in the base card's geometry, and the augmentation settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from src_models.checkpoint import load_checkpoint, save_checkpoint
+from src_models.errors import R2UNetError
+from src_models.finetune import card_geometry
+from src_models.model_card import Geometry, ModelCard, Postprocess
+from src_models.nets import ModelConfig, build_model
+from src_models.preprocessing import PreprocessConfig
+from src_models.training import PatchDataset, TrainConfig, Trainer, make_sample, resume_path
+from src_models.training.samples import letterbox_sample
+
+PP = PreprocessConfig(channels="gray")
+TINY = ModelConfig(arch="r2unet", in_channels=1, widths=(4, 8, 16))
+
+
+def blob_sample(i: int, shape=(60, 90)) -> object:
+    """A bright ellipse on a darker background, ``shape`` (landscape by default)."""
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cy, cx = shape[0] * rng.uniform(0.3, 0.7), shape[1] * rng.uniform(0.3, 0.7)
+    mask = ((yy - cy) / (shape[0] * 0.25)) ** 2 + ((xx - cx) / (shape[1] * 0.2)) ** 2 < 1
+    image = (mask * 0.6 + 0.2 + rng.normal(0, 0.05, shape)).astype(np.float32)
+    return make_sample(f"s{i}", image, mask.astype(np.uint8), PP)
+
+
+def fast(**overrides) -> TrainConfig:
+    values = {"geometry": "resize", "patch_size": 48, "batch_size": 2, "epochs": 2, "steps_per_epoch": 2,
+              "val_fraction": 0.0, "warmup_steps": 1, **overrides}
+    return TrainConfig(**values)
+
+
+def test_letterboxed_sample_ignores_the_padding():
+    sample = blob_sample(0, (60, 90))
+    boxed = letterbox_sample(sample, 48)
+    assert boxed.image.shape == (1, 48, 48) and boxed.mask.shape == boxed.weight.shape == (48, 48)
+    # a 60x90 image scaled to 32x48: 8 padded rows above and below, weight 0 and background there
+    assert (boxed.weight[:8] == 0).all() and (boxed.weight[-8:] == 0).all() and (boxed.weight[8:40] == 1).all()
+    assert boxed.mask[:8].max() == 0 and boxed.mask[8:40].max() == 1
+    frac = sample.mask.mean()
+    assert abs(boxed.mask[8:40].mean() - frac) < 0.03  # the lesion keeps its share of the image
+
+
+def test_whole_image_items_and_augmentation_settings():
+    samples = [letterbox_sample(blob_sample(i), 48) for i in range(3)]
+    ds = PatchDataset(samples, fast(augment=False), 4)
+    x, y, w = ds[0]
+    assert x.shape == (1, 48, 48) and y.shape == w.shape == (48, 48)
+    k = int(np.random.default_rng([0, 0, 0]).choice(3, p=ds._sample_p))
+    assert torch.equal(y, torch.from_numpy(samples[k].mask.astype(np.int64)))  # the whole image, uncropped
+    with pytest.raises(ValueError, match="not letterboxed"):
+        PatchDataset([blob_sample(0)], fast(), 2)
+    # upright images: no rot90 and no vertical flip, so the padded rows stay on top and bottom
+    upright = PatchDataset(samples, fast(rot90=False, rotate=0.0, scale=0.0), 16)
+    for i in range(16):
+        _, _, w = upright[i]
+        assert (w[:8] == 0).all() and (w[8:40] == 1).all()
+    turned = PatchDataset(samples, fast(rotate=0.0, scale=0.0), 16)
+    assert any((turned[i][2][:, :8] == 0).all() for i in range(16))  # rot90 moves the padding to the sides
+    with pytest.raises(R2UNetError, match="rotate"):
+        TrainConfig(rotate=200)
+    with pytest.raises(R2UNetError, match="geometry"):
+        TrainConfig(geometry="crop")
+
+
+def test_resize_training_saves_its_geometry_in_the_card(tmp_path):
+    out = tmp_path / "m.safetensors"
+    card = ModelCard(task="blob", postprocess=Postprocess("largest_component", 1, True))
+    samples = [blob_sample(i) for i in range(4)]
+    events = list(Trainer(TINY, PP, samples, fast(val_fraction=0.25), out, card=card).run())
+    assert events[-1].kind == "done"
+    ck = load_checkpoint(out)
+    assert ck.model_card.geometry == Geometry("resize", 48)
+    assert ck.model_card.task == "blob" and ck.model_card.postprocess.fill_holes
+    # validation ran on the letterboxed hold-out image, padding excluded
+    assert "F1" in ck.provenance["metrics"]
+    tiled = tmp_path / "t.safetensors"
+    list(Trainer(TINY, PP, samples, fast(geometry="tiled", patch_size=32), tiled, card=card).run())
+    assert load_checkpoint(tiled).model_card.geometry == Geometry()
+
+
+def test_fine_tuning_follows_the_base_card_geometry(tmp_path):
+    path = tmp_path / "base.safetensors"
+    save_checkpoint(path, build_model(TINY), TINY, PP, ("blob",),
+                    card=ModelCard(task="blob", geometry=Geometry("resize", 64), metrics={"F1": 0.9}))
+    base = load_checkpoint(path)
+    config = card_geometry(base, TrainConfig(patch_size=96))
+    assert (config.geometry, config.patch_size) == ("resize", 64)
+    out = tmp_path / "tuned.safetensors"
+    list(Trainer(None, None, [blob_sample(i) for i in range(2)], fast(patch_size=64), out, base=base).run())
+    tuned = load_checkpoint(out).model_card
+    assert tuned.geometry == Geometry("resize", 64) and tuned.task == "blob" and tuned.metrics == {}  # old metrics no longer hold
+    save_checkpoint(path, build_model(TINY), TINY, PP, ("blob",))
+    assert card_geometry(load_checkpoint(path), TrainConfig(geometry="resize", patch_size=64)).geometry == "tiled"
+
+
+def test_resume_accepts_a_run_saved_before_the_augmentation_settings(tmp_path):
+    out = tmp_path / "m.safetensors"
+    samples = [blob_sample(i) for i in range(2)]
+    list(Trainer(TINY, PP, samples, fast(geometry="tiled", patch_size=32), out).run())
+    state = torch.load(resume_path(out), weights_only=True)
+    saved = json.loads(state["train_config"])
+    for key in ("geometry", "rotate", "scale", "rot90"):
+        saved.pop(key)
+    state["train_config"] = json.dumps(saved)
+    torch.save(state, resume_path(out))
+    Trainer(TINY, PP, samples, fast(geometry="tiled", patch_size=32, epochs=3), out, resume=True)
+    with pytest.raises(R2UNetError, match="settings differ.*rotate"):
+        Trainer(TINY, PP, samples, fast(geometry="tiled", patch_size=32, rotate=90.0), out, resume=True)
