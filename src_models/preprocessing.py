@@ -199,3 +199,21 @@ def preprocess(image: Any, config: PreprocessConfig, channel_axis: int | None = 
     chw = to_chw(image, channel_axis)
     check_image(chw)
     return normalize_tile(chw, measure_stats(chw, config), config)
+
+
+def input_notice(image_channels: int, config: PreprocessConfig, task: str = "") -> str | None:
+    """One line saying how an image with ``image_channels`` channels was fitted to a model that
+    preprocesses with ``config`` (None when it fits as it is): a gray image given to an RGB
+    model is repeated to three channels, a colour photo given to a gray model is converted to
+    luminance, an alpha channel is dropped. ``task`` names the model in the line."""
+    model = f"the {task} model" if task else "the model"
+    mode = config.channels
+    if mode == "rgb" and image_channels < 3:
+        return f"{model} expects RGB colour images; this gray image was repeated to 3 channels (results may be poorer)"
+    if mode == "gray" and image_channels >= 3:
+        return f"{model} expects gray images; this colour image was converted to gray (luminance)"
+    if mode == "green" and image_channels < 3:
+        return f"{model} expects colour images (it reads their green channel); this gray image was used as it is"
+    if mode != "all" and image_channels in (2, 4):
+        return f"{model} ignores the alpha channel of this image"
+    return None

@@ -121,3 +121,15 @@ def test_non_numeric_and_empty_images():
         check_image(np.zeros((1, 0, 5)))
     with pytest.raises(R2UNetError, match="not numeric"):
         check_image(np.array([[["a"]]]))
+
+
+def test_input_notice_says_how_an_image_was_fitted():
+    from src_models.preprocessing import PreprocessConfig, input_notice
+
+    rgb, gray, green = PreprocessConfig(channels="rgb"), PreprocessConfig(channels="gray"), PreprocessConfig(channels="green")
+    assert "repeated to 3 channels" in input_notice(1, rgb, "skin lesion") and "skin lesion model" in input_notice(1, rgb, "skin lesion")
+    assert "converted to gray" in input_notice(3, gray)
+    assert "green channel" in input_notice(1, green)
+    assert "alpha" in input_notice(4, rgb) and "alpha" in input_notice(2, gray)
+    assert input_notice(3, rgb) is None and input_notice(1, gray) is None and input_notice(3, green) is None
+    assert input_notice(5, PreprocessConfig(channels="all")) is None
