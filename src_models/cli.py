@@ -68,8 +68,16 @@ def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def _output_paths(files: list[Path], out_dir: Path, save_prob: bool) -> list[tuple[Path, Path | None]]:
-    """``(mask, prob)`` paths per input; refuses any that would overwrite an input or each other."""
-    outputs = [(out_dir / f"{f.stem}.tif", out_dir / f"{f.stem}_prob.tif" if save_prob else None) for f in files]
+    """``(mask, prob)`` paths per input (a NIfTI input's mask is ``<stem>.nii.gz``, the rest TIFF);
+    refuses any that would overwrite an input or each other."""
+    from .data import image_stem
+    from .medical_io import medical_kind
+
+    def mask_suffix(f: Path) -> str:
+        return ".nii.gz" if medical_kind(f, sniff=False) == "nifti" else ".tif"
+
+    outputs = [(out_dir / f"{image_stem(f)}{mask_suffix(f)}", out_dir / f"{image_stem(f)}_prob.tif" if save_prob else None)
+               for f in files]
     written = [p for pair in outputs for p in pair if p is not None]
     resolved = [p.resolve() for p in written]
     inputs = {f.resolve() for f in files}
@@ -201,15 +209,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     options = _predict_options(args)
     for i, (path, (mask_path, prob_path)) in enumerate(zip(files, outputs), 1):
         with _progress(f"[{i}/{len(files)}] {path.name}") as bar:
-            fraction = predict_file(segmenter, path, mask_path, prob_path, options, bar)
+            fraction = predict_file(segmenter, path, mask_path, prob_path, options, bar, log=_log)
         print(f"{path} -> {mask_path}  ({fraction:.1%} foreground)")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import pair_files, read_image, read_mask
+    from .data import pair_files, read_image_with_meta, read_mask
     from .metrics import METRIC_NAMES, MetricAccumulator
-    from .predict import predict_array
+    from .predict import options_for, predict_array
 
     samples = pair_files(args.images, args.masks, args.fov)
     segmenter = _segmenter(args)
@@ -219,14 +227,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     per_image = []
     options = _predict_options(args)
     for i, sample in enumerate(samples, 1):
-        image = read_image(sample.image)
+        image, meta = read_image_with_meta(sample.image)
         mask = read_mask(sample.mask)
         fov = read_mask(sample.fov) if sample.fov else None
         with _progress(f"[{i}/{len(samples)}] {sample.image.name}") as bar:
-            probs = predict_array(segmenter, image, options, sample.image.name, bar)
-        if probs.ndim != 3 or probs.shape[-2:] != mask.shape:
-            raise R2UNetError(f"image {sample.image.name} is {tuple(probs.shape[-2:])} pixels but its mask {sample.mask.name} is {mask.shape}; masks must match their images")
-        probs = probs[0]
+            probs = predict_array(segmenter, image, options_for(options, meta), sample.image.name, bar)
+        probs = probs[..., 0, :, :]  # P(foreground): (H, W), or (Z, H, W) for a volume (metrics over all its voxels)
+        if probs.shape != mask.shape:
+            raise R2UNetError(f"image {sample.image.name} is {tuple(probs.shape)} pixels but its mask {sample.mask.name} is {mask.shape}; masks must match their images")
         metrics = pooled.add(probs, mask, fov)
         per_image.append({"id": sample.id, "image": str(sample.image), "metrics": metrics})
         if not args.json:
@@ -304,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("predict", help="segment image files", description="Segment images; write OUT/<stem>.tif (uint8 mask 0/255, or class labels) and optionally OUT/<stem>_prob.tif (float32).")
+    p = sub.add_parser("predict", help="segment image files", description="Segment images; write OUT/<stem>.tif (uint8 mask 0/255, or class labels; for a NIfTI input OUT/<stem>.nii.gz, a label volume with its affine) and optionally OUT/<stem>_prob.tif (float32).")
     p.add_argument("model", metavar="MODEL", help="pretrained name or checkpoint path")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     p.add_argument("--out", required=True, help="output folder (created if missing)")

@@ -3,7 +3,10 @@
 This module owns the file side of the engine:
 
 - :func:`read_image`: TIFF through tifffile (LZW/deflate need ``imagecodecs``, a dependency),
-  PNG/JPEG/GIF/BMP through Pillow (palette images become gray); one-line errors naming the file.
+  PNG/JPEG/GIF/BMP through Pillow (palette images become gray), DICOM (``*.dcm``, ``*.dicom``,
+  or any file with the DICM marker) and NIfTI (``*.nii``, ``*.nii.gz``) through
+  :mod:`src_models.medical_io`; one-line errors naming the file. :func:`read_image_with_meta`
+  also gives the file's :class:`~src_models.medical_io.ImageMeta` (spacing, window, affine).
 - :func:`read_mask`: a binary mask from 0/1, 0/255 (or 0/max, or near-black/near-white palette)
   files; refuses other values.
 - :func:`write_tiff`: atomic (temp file + rename) TIFF writing.
@@ -24,8 +27,10 @@ import numpy as np
 
 from .errors import R2UNetError
 from .fileio import atomic_write
+from .medical_io import DICOM_SUFFIXES, NIFTI_SUFFIXES, ImageMeta, has_dicom_magic, medical_kind
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
+PLAIN_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp")
+IMAGE_SUFFIXES = PLAIN_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
 # role words that name what a file is rather than which sample it shows (matched at the end of the stem)
 _ROLE_WORDS = re.compile(
     r"([_\-. ](training|train|test|val|validation|image|img|mask|masks|manual\d*|label|labels|"
@@ -34,50 +39,82 @@ _ROLE_WORDS = re.compile(
 )
 
 
+def _image_suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
+
+
+def image_stem(path: str | os.PathLike[str]) -> str:
+    """The name without its image suffix (``x.nii.gz`` -> ``x``); a file without one (a DICOM
+    named by its UID, ``1.2.840.113619.2.5``) keeps its whole name."""
+    path = Path(path)
+    suffix = _image_suffix(path)
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+
+
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """Image files (by suffix) directly inside ``folder``, sorted; an error if there are none."""
+    """Image files directly inside ``folder`` (by suffix, or by the DICM marker for DICOM files
+    without one), sorted; an error if there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise R2UNetError(f"folder {folder} does not exist or is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and (_image_suffix(p) or has_dicom_magic(p)))
     if not files:
-        raise R2UNetError(f"folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise R2UNetError(f"folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}, or DICOM files without a suffix)")
     return files
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """The pixels of an image file: ``(H, W)`` or ``(H, W, C)`` (TIFF may hold stacks)."""
+    """The pixels of an image file: ``(H, W)`` or ``(H, W, C)`` (TIFF may hold stacks; a
+    multi-frame DICOM is ``(F, H, W)``, a NIfTI volume ``(Z, Y, X)``: see :mod:`.medical_io`)."""
+    return read_image_with_meta(path)[0]
+
+
+def read_image_with_meta(path: str | os.PathLike[str]) -> tuple[np.ndarray, ImageMeta]:
+    """The pixels and the :class:`~src_models.medical_io.ImageMeta` of an image file (for TIFF, PNG
+    and the like only its path: ``format="image"``, no spacing)."""
     path = Path(path)
     if not path.is_file():
         raise R2UNetError(f"image {path} does not exist or is not a file")
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+        kind = None if path.name.lower().endswith(PLAIN_SUFFIXES) else medical_kind(path)
+        if kind is not None:
+            from .medical_io import read_dicom, read_nifti
 
-            try:
-                return np.asarray(tifffile.imread(path))
-            except ValueError as exc:
-                if "imagecodecs" in str(exc):
-                    raise R2UNetError(f"cannot read {path}: it is compressed; install imagecodecs (pip install imagecodecs)") from exc
-                raise
-        from PIL import Image
-
-        with Image.open(path) as img:
-            if img.mode in ("P", "PA"):
-                img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
-                arr = np.asarray(img)
-                if arr.ndim == 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]):
-                    arr = arr[..., 0]  # a gray palette (DRIVE's GIF masks)
-                return np.array(arr)
-            if img.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(img).astype(np.uint16)
-            return np.array(img)
+            return (read_dicom if kind == "dicom" else read_nifti)(path)
+        return _read_plain(path), ImageMeta(str(path))
     except R2UNetError:
         raise
     except PermissionError as exc:
         raise R2UNetError(f"cannot read {path}: permission denied") from exc
     except Exception as exc:  # Pillow/tifffile raise many types for broken files
         raise R2UNetError(f"cannot read {path} as an image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from exc
+
+
+def _read_plain(path: Path) -> np.ndarray:
+    """TIFF through tifffile, the other formats through Pillow."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            return np.asarray(tifffile.imread(path))
+        except ValueError as exc:
+            if "imagecodecs" in str(exc):
+                raise R2UNetError(f"cannot read {path}: it is compressed; install imagecodecs (pip install imagecodecs)") from exc
+            raise
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode in ("P", "PA"):
+            img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
+            arr = np.asarray(img)
+            if arr.ndim == 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]):
+                arr = arr[..., 0]  # a gray palette (DRIVE's GIF masks)
+            return np.array(arr)
+        if img.mode in ("I;16", "I;16B", "I;16L"):
+            return np.asarray(img).astype(np.uint16)
+        return np.array(img)
 
 
 def binarize_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
@@ -102,8 +139,12 @@ def binarize_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """A binary mask file -> bool ``(H, W)``."""
-    return binarize_mask(read_image(path), name=f"mask {path}")
+    """A binary mask file -> bool ``(H, W)``; a NIfTI or multi-frame DICOM mask -> bool ``(Z, H, W)``
+    (the same rule over the whole volume)."""
+    mask, meta = read_image_with_meta(path)
+    if meta.stack:
+        return binarize_mask(mask.reshape(-1, mask.shape[-1]), name=f"mask {path}").reshape(mask.shape)
+    return binarize_mask(mask, name=f"mask {path}")
 
 
 def write_tiff(path: str | os.PathLike[str], array: np.ndarray, **kwargs: object) -> None:
@@ -115,8 +156,8 @@ def write_tiff(path: str | os.PathLike[str], array: np.ndarray, **kwargs: object
 
 
 def sample_id(path: Path) -> str:
-    """``21_training.tif`` -> ``21``, ``21_manual1.gif`` -> ``21``, ``a.png`` -> ``a``."""
-    stem = path.stem
+    """``21_training.tif`` -> ``21``, ``21_manual1.gif`` -> ``21``, ``a.png`` -> ``a``, ``ct_01.nii.gz`` -> ``ct_01``."""
+    stem = image_stem(path)
     if stem.lower().endswith((".ome",)):
         stem = stem[:-4]
     stripped = _ROLE_WORDS.sub("", stem)
@@ -136,7 +177,7 @@ class Sample:
 def _index(files: list[Path], key: str) -> tuple[dict[str, Path], list[str]]:
     by_key: dict[str, list[Path]] = {}
     for f in files:
-        by_key.setdefault(sample_id(f) if key == "id" else f.stem.lower(), []).append(f)
+        by_key.setdefault(sample_id(f) if key == "id" else image_stem(f).lower(), []).append(f)
     clashes = [f"{k}: {', '.join(p.name for p in v)}" for k, v in by_key.items() if len(v) > 1]
     return {k: v[0] for k, v in by_key.items()}, clashes
 

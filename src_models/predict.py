@@ -6,12 +6,15 @@ file, apart from parsing and printing (that is :mod:`src_models.cli`'s job):
 - :func:`predict_array` decides how an array's axes are read (one 2D image, a colour image, a
   stack of slices) and runs the :class:`~src_models.inference.Segmenter` on it;
 - :func:`predict_file` reads a file, predicts it and writes the mask (and the probabilities);
-  ``make bench`` times exactly this.
+  ``make bench`` times exactly this. A NIfTI volume is segmented slice by slice (never read as
+  colour channels, whatever its depth) and, when the mask path ends with ``.nii``/``.nii.gz``,
+  written as a NIfTI label volume with the input's affine; a multi-frame DICOM is a stack too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,28 +71,41 @@ def predict_array(segmenter: Any, image: Any, options: PredictOptions, name: str
     return segmenter.predict_stack(image, channel_axis=-1 if colour else None, **run)
 
 
+def options_for(options: PredictOptions, meta: Any) -> PredictOptions:
+    """``options`` for a file with this :class:`~src_models.medical_io.ImageMeta`: a volume or a
+    multi-frame file is a stack of slices, even with 4 slices or fewer."""
+    return replace(options, stack=True) if meta.stack and not options.stack else options
+
+
 def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | None, options: PredictOptions,
-                 progress: Progress | None = None) -> float:
+                 progress: Progress | None = None, log: Callable[[str], None] | None = None) -> float:
     """One file through the whole pipeline (read, preprocess, tile, infer, blend, threshold, write);
     returns the foreground fraction. ``make bench`` times exactly this.
 
-    The mask is uint8, 0/255 for a binary model (class labels otherwise); ``prob_path`` gets the
-    float32 probabilities (P(foreground) for a binary model).
+    The mask is uint8: a TIFF with 0/255 for a binary model (class labels otherwise), or, for a
+    ``mask_path`` ending with ``.nii``/``.nii.gz``, a NIfTI label volume (0/1, or class labels)
+    with the input's affine. ``prob_path`` gets the float32 probabilities (P(foreground) for a
+    binary model) as a TIFF. ``log`` gets one line describing a DICOM or NIfTI input (spacing).
     """
     import numpy as np
 
-    from .data import read_image, write_tiff
+    from .data import read_image_with_meta, write_tiff
     from .labels import LabelSink, probabilities_to_labels
+    from .medical_io import NIFTI_SUFFIXES, write_nifti_labels
 
-    image = read_image(path)
+    image, meta = read_image_with_meta(path)
+    if log is not None and meta.format != "image":
+        log(f"{Path(path).name}: {meta.summary()}")
+    options = options_for(options, meta)
     binary = segmenter.checkpoint.config.out_channels == 1
     # probabilities not written: a 2D image is thresholded band by band (never held whole)
     labels_at = None if prob_path else options.threshold
     probs = predict_array(segmenter, image, options, Path(path).name, progress, labels_at=labels_at)
     labels = probs.labels if isinstance(probs, LabelSink) else probabilities_to_labels(probs, options.threshold)
-    if binary:
-        labels *= 255
-    write_tiff(mask_path, labels)
+    if Path(mask_path).name.lower().endswith(NIFTI_SUFFIXES):
+        write_nifti_labels(mask_path, labels, meta.affine if meta.affine is not None else np.eye(4), meta.header)
+    else:
+        write_tiff(mask_path, labels * 255 if binary else labels)
     if prob_path is not None:
         write_tiff(prob_path, np.squeeze(probs, axis=-3) if binary else probs)
     return float((labels > 0).mean())

@@ -31,6 +31,9 @@ TORCH_FREE_USES = {
                                               "c.finetune_config(); from src_models.training import TrainEvent, make_sample, resume_path",
     "reading an image and writing a mask": "from src_models.data import read_image, write_tiff; "
                                            "write_tiff('{tmp}/m.tif', np.ones((4, 4), np.uint8)); read_image('{tmp}/m.tif')",
+    "reading NIfTI and writing labels (DICOM: the same module)": "from src_models.medical_io import read_nifti, write_nifti_labels; "
+                                                                 "write_nifti_labels('{tmp}/l.nii.gz', np.ones((2, 4, 4), np.uint8), np.eye(4)); "
+                                                                 "read_nifti('{tmp}/l.nii.gz'); import pydicom.pixels",
 }
 
 
