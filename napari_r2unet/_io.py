@@ -1,4 +1,5 @@
-"""Writer for Labels layers (TIFF, atomic) and a reader that turns a dropped checkpoint into a model choice.
+"""Writer for Labels layers (TIFF, atomic), a reader that turns a dropped checkpoint into a model choice, and
+:func:`refuse`, how every reader of ours declines a file it cannot read (DICOM and NIfTI: ``_medical_reader.py``).
 
 The reader claims every ``.safetensors`` file: napari-r2unet checkpoints are offered in the
 Segment widget, any other one is refused with one line naming the file and why.
@@ -38,14 +39,14 @@ def get_checkpoint_reader(path: str | list[str]) -> Any:
     try:
         found = read_metadata(path).get("format")
     except R2UNetError as exc:  # the core's one line (not a checkpoint, truncated, unreadable), naming the file only
-        return partial(_refuse, str(exc).replace(str(path), name))
+        return partial(refuse, str(exc).replace(str(path), name))
     if found != FORMAT:
-        return partial(_refuse, f"{name} is not a napari-r2unet checkpoint: no napari-r2unet metadata (format {found!r}); "
+        return partial(refuse, f"{name} is not a napari-r2unet checkpoint: no napari-r2unet metadata (format {found!r}); "
                                 "it was not saved by napari-r2unet")
     return _register_checkpoint
 
 
-def _refuse(message: str, path: str) -> list[tuple]:
+def refuse(message: str, path: str) -> list[tuple]:
     """Say why the file is not ours; adds no layer (napari's "nothing to add" sentinel)."""
     from napari.utils.notifications import show_error
 

@@ -5,7 +5,7 @@ This module owns the layer rules of the plugin:
 - :func:`plan_job` decides what part of an Image layer to predict: a 2D (gray or RGB) image
   whole, or for stacks and time series the current 2D slice or every slice;
 - :func:`add_result_layers` adds a new Labels layer named after the image and the model, with the
-  image's scale, translate and metadata (and optionally a probability Image layer); the
+  image's scale, translate, affine and metadata (and optionally a probability Image layer); the
   probabilities and the model's own prediction are kept in ``layer.metadata["r2unet"]``, so the
   threshold can be changed later without running the network again and corrections can be found;
 - :func:`fill_unlabelled` writes a result into an existing Labels layer through its undo history,
@@ -72,7 +72,8 @@ def result_bytes(job: Job, classes: int, add_probability: bool, add_uncertainty:
 
 
 def _spatial_kwargs(image: Any) -> dict[str, Any]:
-    return {"scale": tuple(image.scale), "translate": tuple(image.translate)}
+    # the affine too: a NIfTI volume's rotation and origin (the DICOM/NIfTI reader) must carry over
+    return {"scale": tuple(image.scale), "translate": tuple(image.translate), "affine": image.affine.affine_matrix}
 
 
 def label_colors() -> Any:

@@ -1,5 +1,5 @@
 """Clinical inputs: DICOM and NIfTI reading (values, geometry, refusals), NIfTI labels written back
-over their volume, and the CLI on them. All files are synthetic, made here."""
+over their volume, and the CLI and the napari reader on them. All files are synthetic, made here."""
 
 from __future__ import annotations
 
@@ -115,6 +115,10 @@ def test_colour_dicom_is_rgb(tmp_path):
                        SamplesPerPixel=3, PlanarConfiguration=0, BitsAllocated=8, BitsStored=8, HighBit=7, PixelData=rgb.tobytes())
     pixels, meta = read_dicom(path)
     assert np.array_equal(pixels, rgb) and meta.rgb and not meta.stack and meta.window is None
+    from napari_r2unet._medical_reader import layer_kwargs
+
+    kwargs = layer_kwargs(pixels, meta, "derm")
+    assert kwargs["rgb"] and "contrast_limits" not in kwargs and "scale" not in kwargs
 
 
 # -- refusals: one line each, naming the fix ----------------------------------------------------------
@@ -338,3 +342,45 @@ def test_evaluate_reads_dicom_and_nifti(tmp_path, tiny_checkpoint, capsys):
     report = json.loads(captured.out)
     assert [r["id"] for r in report["images"]] == ["a", "v"]
     assert sum(report["confusion"].values()) == 40 * 48 + 3 * 40 * 48  # every voxel of the volume counts
+
+
+# -- the napari reader ----------------------------------------------------------------------------------
+def test_napari_reader_gives_the_spacing_window_and_metadata(tmp_path):
+    pytest.importorskip("napari")
+    from napari_r2unet._medical_reader import get_medical_reader
+
+    path = write_dicom(tmp_path / "cxr.dcm", twelve_bit(), "MONOCHROME1", PixelSpacing=[0.2, 0.1], WindowCenter=1000, WindowWidth=800)
+    for other in (str(tmp_path / "x.tif"), [str(path)], str(tmp_path)):
+        assert get_medical_reader(other) is None
+    [(data, kwargs, kind)] = get_medical_reader(str(path))(str(path))
+    assert kind == "image" and data.shape == (24, 32) and kwargs["name"] == "cxr"
+    assert kwargs["scale"] == (0.2, 0.1) and kwargs["contrast_limits"] == (2695.0, 3495.0)  # window 3095/800 after inversion
+    assert kwargs["metadata"]["medical"]["modality"] == "CR" and not kwargs["rgb"]
+
+
+def test_napari_opens_a_nifti_volume_in_world_millimetres(tmp_path):
+    pytest.importorskip("napari")
+    from napari.components import ViewerModel
+    from npe2 import PluginManager
+
+    from napari_r2unet._layers import _spatial_kwargs
+
+    PluginManager.instance().discover()  # what napari.Viewer does at start-up (ViewerModel does not)
+    path = write_volume(tmp_path / "ct.nii.gz", np.zeros((20, 16, 5), np.int16))
+    [layer] = ViewerModel().open(str(path), plugin="napari-r2unet")  # napari's own open path, our manifest entry
+    assert np.allclose(layer.scale, (2.5, 0.9, 0.8))
+    for i, j, k in [(0, 0, 0), (19, 0, 0), (3, 7, 2), (19, 15, 4)]:
+        world = oblique_affine() @ (i, j, k, 1)
+        assert np.allclose(layer.data_to_world((k, j, i)), world[:3][::-1])  # napari's axis order: z, y, x
+    assert np.allclose(_spatial_kwargs(layer)["affine"], layer.affine.affine_matrix)  # result layers overlay it
+
+
+def test_napari_reader_refuses_a_bad_file_with_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("napari")
+    from napari_r2unet._medical_reader import get_medical_reader
+
+    shown: list[str] = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    path = _nifti_4d(tmp_path)
+    assert get_medical_reader(str(path))(str(path)) == [(None,)]
+    assert len(shown) == 1 and shown[0].startswith("fmri.nii.gz is 4D") and str(tmp_path) not in shown[0]
