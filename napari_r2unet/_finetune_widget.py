@@ -144,13 +144,13 @@ class FinetuneWidget(DockWidget):
         pairs = self.checked_pairs()
         if not pairs:
             raise R2UNetError("no training pair ticked: tick a corrected Labels layer (or press 'All layers with corrections')")
-        base = self.base_combo.currentData()
-        if not base:
+        choice = self.base_combo.current_choice()
+        if choice is None:
             raise R2UNetError("no base model chosen: pick a pretrained model, a version or a checkpoint file")
+        base = choice.spec
         data = [piece for p in pairs for piece in pair_data(self.viewer, p)]
-        base_label = self.base_combo.currentText().removesuffix(" (fine-tuned)")
         out = new_version_path(Path(base).stem if base.endswith(".safetensors") else base)
-        return FinetuneRequest(base=base, pairs=data, out=out, name=f"{base_label} + {len(data)} corrected",
+        return FinetuneRequest(base=base, pairs=data, out=out, name=f"{choice.name} + {len(data)} corrected",
                                epochs=self.settings.value("epochs"), minutes=self.settings.value("minutes"),
                                validation=self.pairs.validation(), settings=self.settings.advanced_settings())
 
