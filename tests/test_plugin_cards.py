@@ -1,4 +1,5 @@
-"""The napari widgets follow the model card: menu labels and tooltips.
+"""The napari widgets follow the model card: menu labels and tooltips, the threshold, the
+post-processing checkbox and the channel notice.
 
 Every checkpoint here is a tiny random network saved with a card made in the test; results are
 compared with the probabilities the same widget run stored, never with fixed values, so the
@@ -12,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_checkpoint
+from conftest import random_checkpoint, run_to_end
 from scipy import ndimage
 
 from src_models import checkpoint_files
 from src_models.checkpoint import save_checkpoint
 from src_models.model_card import Geometry, ModelCard, Postprocess
 from src_models.nets import ModelConfig, build_model
-from src_models.preprocessing import PreprocessConfig
+from src_models.postprocess import apply_postprocess
+from src_models.preprocessing import PreprocessConfig, input_notice
 from src_models.user_versions import new_version_path
 
 LESION = ModelCard(task="skin lesion", modality="dermoscopy", data="ISIC 2017 Challenge (synthetic stand-in made in the test)",
@@ -105,3 +107,90 @@ def test_the_menu_shows_each_card_as_tooltip_and_chooses_by_name(make_napari_vie
     assert menu.currentText() == "U-Net: lung fields (chest X-ray)"
     widget._guard(lambda: menu.choose("no-such-model"))
     assert "is not in the menu" in widget.status.text()
+
+
+# -- threshold, post-processing, channel notice ---------------------------------------------------
+@pytest.fixture
+def lesion_widget(make_napari_viewer, weights_dir):
+    viewer = make_napari_viewer(show=True)
+    image, _ = lesion_image(64)
+    viewer.add_image(image, name="skin", rgb=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")
+    widget.model_combo.choose("r2unet-skin")
+    widget.image_combo.setCurrentText("skin")
+    return widget
+
+
+@pytest.mark.gui
+def test_choosing_a_model_sets_the_threshold_and_the_post_process_box_from_its_card(lesion_widget, qtbot):
+    widget = lesion_widget
+    assert widget.threshold == LESION.threshold and widget.threshold_label.text() == "0.30"
+    assert widget.post_check.isEnabled() and widget.post_check.isChecked()
+    assert widget.post_check.text() == "post-process: largest component, holes filled"
+    assert "largest component, holes filled" in widget.post_check.toolTip()
+    widget.model_combo.choose("toy")  # a card without post-processing
+    assert widget.threshold == 0.5 and not widget.post_check.isEnabled() and not widget.post_check.isChecked()
+    widget.model_combo.choose("unet-lung")
+    assert widget.threshold == LUNG.threshold and widget.post_check.text() == "post-process: 2 largest components"
+    widget.model_combo.choose("r2unet-skin")
+    run_to_end(widget, qtbot)
+    layer = widget.viewer.layers["skin [r2unet-skin]"]
+    assert layer.metadata["r2unet"]["threshold"] == LESION.threshold
+
+
+@pytest.mark.gui
+def test_the_post_process_box_removes_a_second_component_and_unticking_restores_it(lesion_widget, qtbot):
+    widget = lesion_widget
+    run_to_end(widget, qtbot)
+    layer = widget.viewer.layers["skin [r2unet-skin]"]
+    probs = layer.metadata["r2unet"]["probabilities"][0].astype(np.float32)
+    value = next(v for v in range(5, 96) if components(probs >= v / 100) >= 2)  # a threshold with several components
+    widget.threshold_slider.setValue(value)  # a slider move re-applies the post-processing
+    raw = (probs >= value / 100).astype(np.uint8)
+    assert components(raw) >= 2 and components(layer.data) == 1
+    assert np.array_equal(layer.data, apply_postprocess(raw, LESION.postprocess))
+    widget.post_check.setChecked(False)
+    assert np.array_equal(layer.data, raw) and "removed from" in widget.status.text()
+    far = np.nonzero(layer.data == 0)
+    painted = (far[0][:5], far[1][:5])
+    layer.data_setitem(painted, 2)  # the user's brush: kept whatever the box says
+    widget.post_check.setChecked(True)
+    assert (layer.data[painted] == 2).all()
+    kept = layer.data != 2
+    assert np.array_equal(layer.data[kept], apply_postprocess(raw, LESION.postprocess)[kept])
+    widget.post_check.setChecked(False)  # unticking gives the thresholded mask back (edits still kept)
+    assert np.array_equal(layer.data[kept], raw[kept]) and (layer.data[painted] == 2).all()
+
+
+@pytest.mark.gui
+def test_unticked_post_processing_is_the_next_segmentations_too(lesion_widget, qtbot):
+    widget = lesion_widget
+    widget.threshold_slider.setValue(40)  # no result layer yet: for the next segmentation
+    widget.post_check.setChecked(False)
+    assert "for the next segmentation" in widget.status.text()
+    run_to_end(widget, qtbot)
+    layer = widget.viewer.layers["skin [r2unet-skin]"]
+    probs = layer.metadata["r2unet"]["probabilities"][0].astype(np.float32)
+    assert np.array_equal(layer.data, (probs >= widget.threshold).astype(np.uint8))
+    assert layer.metadata["r2unet"]["postprocessed"] is False and not widget.post_check.isChecked()
+
+
+@pytest.mark.gui
+def test_a_gray_image_on_an_rgb_model_segments_with_one_notice(lesion_widget, qtbot, monkeypatch):
+    widget, viewer = lesion_widget, lesion_widget.viewer
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", shown.append)
+    run_to_end(widget, qtbot)  # an RGB image on an RGB model: nothing to say
+    assert not shown and "Note:" not in widget.status.text()
+    viewer.add_image(lesion_image(64, seed=1)[0][..., 0], name="gray")
+    widget.image_combo.setCurrentText("gray")
+    run_to_end(widget, qtbot)
+    expected = input_notice(1, PreprocessConfig(channels="rgb"), "skin lesion")
+    assert shown == [expected] and "gray image was repeated to 3 channels" in expected
+    assert expected in widget.status.text()
+    layer = viewer.layers["gray [r2unet-skin]"]
+    probs = layer.metadata["r2unet"]["probabilities"][0].astype(np.float32)
+    assert layer.data.shape == (64, 64)
+    assert np.array_equal(layer.data, apply_postprocess((probs >= widget.threshold).astype(np.uint8), LESION.postprocess))
+    run_to_end(widget, qtbot)  # the same image and model again: the status says it, no second notification
+    assert shown == [expected] and expected in widget.status.text()
