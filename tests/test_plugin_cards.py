@@ -1,5 +1,5 @@
 """The napari widgets follow the model card: menu labels and tooltips, the threshold, the
-post-processing checkbox and the channel notice.
+post-processing checkbox, the channel notice, and fine-tuning a resize-geometry model.
 
 Every checkpoint here is a tiny random network saved with a card made in the test; results are
 compared with the probabilities the same widget run stored, never with fixed values, so the
@@ -194,3 +194,71 @@ def test_a_gray_image_on_an_rgb_model_segments_with_one_notice(lesion_widget, qt
     assert np.array_equal(layer.data, apply_postprocess((probs >= widget.threshold).astype(np.uint8), LESION.postprocess))
     run_to_end(widget, qtbot)  # the same image and model again: the status says it, no second notification
     assert shown == [expected] and expected in widget.status.text()
+
+
+# -- fine-tuning a resize-geometry model ---------------------------------------------------------
+@pytest.mark.gui
+def test_the_settings_panel_leaves_geometry_to_the_card(qtbot, weights_dir):
+    from napari_r2unet._settings_panel import SettingsPanel
+    from src_models.training.config import setting
+
+    panel = SettingsPanel(lambda action: action())
+    qtbot.addWidget(panel)
+    assert not {"geometry", "rotate", "scale", "rot90"} & set(panel.editors)
+    patch = panel.editors["patch_size"]
+    assert panel.base_combo.currentText() == "R2U-Net: skin lesion (ISIC 2017)" and not patch.isEnabled()  # the first model
+    panel.base_combo.choose("toy")
+    assert patch.isEnabled()
+    patch.setValue(80)
+    panel.base_combo.choose("r2unet-skin")
+    assert not patch.isEnabled() and patch.value() == 32 and "card fixes the training size" in patch.toolTip()
+    assert "patch_size" not in panel.advanced_settings()
+    panel.base_combo.choose("toy")  # a tiled model trains on patches again, of the size the user chose
+    assert patch.isEnabled() and patch.value() == 80 and patch.toolTip() == setting("patch_size")["help"]
+    assert panel.advanced_settings()["patch_size"] == 80
+
+
+@pytest.mark.gui
+def test_fine_tuning_a_resize_card_model_runs_to_a_new_version(make_napari_viewer, weights_dir, qtbot):
+    from src_models.user_versions import list_versions
+
+    viewer = make_napari_viewer()
+    image, mask = lesion_image(64)
+    viewer.add_image(image, name="skin", rgb=True)
+    viewer.add_labels(mask, name="skin lesion drawn")
+    _, fine = viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
+    fine.base_combo.choose("r2unet-skin")
+    fine.refresh_pairs()
+    fine.set_checked(["skin lesion drawn"])
+    fine.validation_combo.setCurrentIndex(fine.validation_combo.findData("none"))
+    fine.epochs_spin.setValue(1)
+    fine.steps_spin.setValue(2)
+    fine.minutes_spin.setValue(0)
+    assert not fine.patch_spin.isEnabled()
+    events = []
+    fine._bridge.event.connect(events.append)
+    fine.start()
+    qtbot.waitUntil(lambda: not fine.running, timeout=120_000)
+    assert events and events[-1].kind == "done", fine.status.text()
+    (version,) = list_versions()
+    entry = checkpoint_files.describe(version.path)
+    assert entry["card"].geometry == Geometry("resize", 32) and entry["card"].postprocess == LESION.postprocess
+    assert version.name == "r2unet-skin + 1 corrected"
+    assert fine.base_combo.findText("r2unet-skin + 1 corrected (fine-tuned, skin lesion)") >= 0
+
+
+@pytest.mark.gui
+def test_resegmenting_applies_the_versions_card(make_napari_viewer, weights_dir, qtbot, monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="other")
+    card_checkpoint(new_version_path("unet-lung"), LUNG, channels="gray", arch="unet")
+    _, fine = viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
+    probs = np.zeros((1, 32, 32), np.float32)
+    probs[0, 2:12, 2:12], probs[0, 2:12, 20:30], probs[0, 25:27, 5:7] = 0.9, 0.8, 0.7  # two lungs and a speck
+    monkeypatch.setattr("napari_r2unet._worker.segment", lambda cache, spec, device, job, *rest: (probs, "v"))
+    fine.resegment()
+    qtbot.waitUntil(lambda: not fine.running, timeout=10_000)
+    layer = [layer for layer in viewer.layers if "r2unet" in layer.metadata][-1]
+    assert layer.metadata["r2unet"]["threshold"] == LUNG.threshold  # no Segment widget: the card's threshold
+    raw = (probs[0] >= LUNG.threshold).astype(np.uint8)
+    assert components(raw) == 3 and components(layer.data) == 2 and layer.data[25:27, 5:7].max() == 0
