@@ -37,7 +37,7 @@ def main() -> None:
     if args.model and args.model.endswith(".safetensors"):
         widget.add_model(args.model)
     elif args.model:
-        widget.model_combo.setCurrentText(args.model)
+        widget.model_combo.choose(args.model)  # a name ("r2unet-drive") or a menu label
     app = napari.qt.get_qapp()
     if args.finetune:
         import os

@@ -41,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.screenshot:
         napari.run()
         return 0
-    if args.model:
-        widget.add_model(args.model) if args.model.endswith(".safetensors") else widget.model_combo.setCurrentText(args.model)
+    if args.model:  # a checkpoint file, or a menu entry by name or label ("r2unet-drive")
+        chosen = widget._guard(lambda: widget.add_model(args.model) if args.model.endswith(".safetensors")
+                               else widget.model_combo.choose(args.model))
+        if chosen is None:
+            print(f"segmentation failed: {widget.status.text()}", file=sys.stderr)
+            viewer.close()
+            return 1
     outcome = {"code": 1}
 
     def finish() -> None:

@@ -13,7 +13,8 @@ The widget composes three panels (:mod:`~napari_r2unet._pairs_panel`,
 :mod:`~napari_r2unet._settings_panel`, built from ``TrainConfig``, and
 :mod:`~napari_r2unet._versions_panel`) on the :class:`~napari_r2unet._dock.DockWidget` base
 (buttons, progress, worker lifecycle, errors); re-segmenting runs
-:func:`~napari_r2unet._worker.segment_all` at the Segment widget's threshold.
+:func:`~napari_r2unet._worker.segment_all` at the Segment widget's threshold (without one docked,
+the version's card threshold) and applies the version's card post-processing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from qtpy.QtWidgets import QPushButton, QVBoxLayout
 
 from src_models.errors import R2UNetError  # torch-free
+from src_models.model_card import ModelCard
 from src_models.settings import DEFAULT_THRESHOLD
 from src_models.training.events import EventKind  # torch-free
 from src_models.user_versions import list_versions, new_version_path
@@ -32,7 +34,7 @@ from src_models.user_versions import list_versions, new_version_path
 from ._dock import PROGRESS_STEPS, DockWidget
 from ._finetune import FinetuneRequest, PairChoice, corrections, doubtful_regions, finetune, is_output_layer, pair_data
 from ._layers import META_KEY, add_result_layers, plan_job
-from ._models import ModelChoice
+from ._models import ModelChoice, model_card
 from ._pairs_panel import PairsPanel
 from ._plot import CurvePlot
 from ._settings_panel import SettingsPanel
@@ -144,13 +146,13 @@ class FinetuneWidget(DockWidget):
         pairs = self.checked_pairs()
         if not pairs:
             raise R2UNetError("no training pair ticked: tick a corrected Labels layer (or press 'All layers with corrections')")
-        base = self.base_combo.currentData()
-        if not base:
+        choice = self.base_combo.current_choice()
+        if choice is None:
             raise R2UNetError("no base model chosen: pick a pretrained model, a version or a checkpoint file")
+        base = choice.spec
         data = [piece for p in pairs for piece in pair_data(self.viewer, p)]
-        base_label = self.base_combo.currentText().removesuffix(" (fine-tuned)")
         out = new_version_path(Path(base).stem if base.endswith(".safetensors") else base)
-        return FinetuneRequest(base=base, pairs=data, out=out, name=f"{base_label} + {len(data)} corrected",
+        return FinetuneRequest(base=base, pairs=data, out=out, name=f"{choice.name} + {len(data)} corrected",
                                epochs=self.settings.value("epochs"), minutes=self.settings.value("minutes"),
                                validation=self.pairs.validation(), settings=self.settings.advanced_settings())
 
@@ -229,20 +231,22 @@ class FinetuneWidget(DockWidget):
                      on_result=lambda results: self._add_resegmented(targets, jobs, results, spec, version_name),
                      status=f"re-segmenting {len(jobs)} image(s) with {version_name} ...")
 
-    def segment_threshold(self) -> float:
-        """The Segment widget's threshold when one is docked in this viewer, else the default."""
+    def segment_threshold(self, card: ModelCard | None = None) -> float:
+        """The Segment widget's threshold when one is docked in this viewer, else the card's (or the default)."""
         from ._segment_widget import SegmentWidget
 
         for widget in list(self.viewer.window.dock_widgets.values()):
             if isinstance(widget, SegmentWidget):
                 return widget.threshold
-        return DEFAULT_THRESHOLD
+        return card.threshold if card is not None else DEFAULT_THRESHOLD
 
     def _add_resegmented(self, layers: list[Any], jobs: list[Any], results: list[tuple[Any, str]], spec: str, name: str) -> None:
-        threshold = self.segment_threshold()
+        card = model_card(spec)  # its post-processing is applied, as the Segment widget does by default
+        threshold = self.segment_threshold(card)
         for layer, job, (probs, _) in zip(layers, jobs, results):
             if layer.name in self.viewer.layers:
-                add_result_layers(self.viewer, layer, job, probs, threshold, name, add_probability=False, add_uncertainty=True, spec=spec)
+                add_result_layers(self.viewer, layer, job, probs, threshold, name, add_probability=False, add_uncertainty=True, spec=spec,
+                                  postprocess=card.postprocess, postprocessed=card.postprocess.active)
         self.status.setText(f"re-segmented {len(results)} image(s) with {name} (threshold {threshold:.2f}): "
                             "new layers added, your edited layers are unchanged")
 

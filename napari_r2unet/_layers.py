@@ -10,17 +10,24 @@ This module owns the layer rules of the plugin:
   threshold can be changed later without running the network again and corrections can be found;
 - :func:`fill_unlabelled` writes a result into an existing Labels layer through its undo history,
   only where it is 0: pixels a user painted are never overwritten;
-- :func:`rethreshold` re-derives labels from the stored probabilities, keeping user edits.
+- :func:`rethreshold` re-derives labels from the stored probabilities, keeping user edits, and
+  applies or removes the model card's post-processing (``metadata["r2unet"]["postprocess"]``,
+  applied when ``"postprocessed"`` is true) on the thresholded mask, plane by plane.
+
+The stored ``prediction`` is always what the plugin last showed (thresholded, post-processed
+when that is on): a pixel that differs from it is the user's edit and keeps its value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from src_models.labels import foreground_probability
+from src_models.model_card import Postprocess
 
 META_KEY = "r2unet"
 OUTPUT_KEY = "r2unet_output"  # marks the Image layers we add (probability, uncertainty)
@@ -42,6 +49,11 @@ class Job:
     tile: int | None = None  # largest tile side in pixels; None = automatic
     overlap: float | None = None  # overlap of neighbouring tiles, a fraction of the tile; None = automatic
     tta: bool = False  # average the predictions of the 4 flipped images
+
+    @property
+    def channels(self) -> int:
+        """Channels of each predicted image (1 for gray; RGB(A) layers have theirs last)."""
+        return int(self.data.shape[self.channel_axis]) if self.channel_axis is not None else 1
 
 
 def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool, *,
@@ -87,10 +99,21 @@ def result_name(image_name: str, model_name: str) -> str:
     return f"{image_name} [{model_name}]"
 
 
-def labels_from(probs: np.ndarray, threshold: float) -> np.ndarray:
+def labels_from(probs: np.ndarray, threshold: float, post: Postprocess | None = None) -> np.ndarray:
+    """Labels ``(..., H, W)`` of ``probs`` ``(..., K, H, W)`` at ``threshold``, post-processed by ``post`` (per plane)."""
     from src_models.labels import probabilities_to_labels
 
-    return probabilities_to_labels(probs, threshold)
+    labels = probabilities_to_labels(probs, threshold)
+    if post is None or not post.active:
+        return labels
+    from src_models.postprocess import apply_postprocess
+
+    return apply_postprocess(labels, post)
+
+
+def layer_postprocess(meta: dict[str, Any]) -> Postprocess:
+    """The card post-processing a result layer was made with (none for layers made before cards)."""
+    return Postprocess(**meta["postprocess"]) if meta.get("postprocess") else Postprocess()
 
 
 def _full_volume(job: Job, values: np.ndarray, dtype: Any) -> np.ndarray:
@@ -103,9 +126,15 @@ def _full_volume(job: Job, values: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, threshold: float,
-                      model_name: str, add_probability: bool, add_uncertainty: bool = False, spec: str = "") -> Any:
-    """New Labels layer (and optional probability and uncertainty layers) for ``probs`` ``(..., K, H, W)``."""
-    labels = labels_from(probs, threshold)
+                      model_name: str, add_probability: bool, add_uncertainty: bool = False, spec: str = "",
+                      postprocess: Postprocess | None = None, postprocessed: bool = False) -> Any:
+    """New Labels layer (and optional probability and uncertainty layers) for ``probs`` ``(..., K, H, W)``.
+
+    ``postprocess``: the model card's post-processing, applied when ``postprocessed``; both are
+    kept so that the threshold slider and the post-process checkbox can re-derive the labels.
+    """
+    post = postprocess or Postprocess()
+    labels = labels_from(probs, threshold, post if postprocessed else None)
     meta = {
         "model": model_name,
         "spec": spec,
@@ -114,6 +143,8 @@ def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, thre
         "index": job.index,
         "probabilities": probs.astype(np.float16),
         "prediction": labels.copy(),
+        "postprocess": dataclasses.asdict(post),
+        "postprocessed": bool(postprocessed and post.active),
     }
     layer = viewer.add_labels(
         _full_volume(job, labels, np.uint8),
@@ -155,15 +186,18 @@ def fill_unlabelled(target: Any, job: Job, labels: np.ndarray) -> int:
     return int(where[0].size)
 
 
-def rethreshold(layer: Any, threshold: float) -> int:
+def rethreshold(layer: Any, threshold: float, postprocessed: bool | None = None) -> int:
     """New labels from the stored probabilities; pixels the user changed keep their value.
 
-    Returns how many pixels changed.
+    ``postprocessed``: apply (True) or remove (False) the layer's card post-processing; None
+    keeps its current state. Returns how many pixels changed.
     """
     meta = layer.metadata.get(META_KEY)
     if not meta or "probabilities" not in meta:
         return 0
-    new = labels_from(meta["probabilities"].astype(np.float32), threshold)
+    post = layer_postprocess(meta)
+    applied = bool(meta.get("postprocessed")) if postprocessed is None else postprocessed and post.active
+    new = labels_from(meta["probabilities"].astype(np.float32), threshold, post if applied else None)
     index = tuple(meta.get("index", ()))
     current = np.asarray(layer.data[index]) if index else np.asarray(layer.data)
     edited = current != meta["prediction"]
@@ -175,5 +209,6 @@ def rethreshold(layer: Any, threshold: float) -> int:
         layer.data[...] = updated
     meta["prediction"] = new
     meta["threshold"] = threshold
+    meta["postprocessed"] = applied
     layer.refresh()
     return changed

@@ -1,58 +1,101 @@
 """The model choices the widgets offer: shipped pretrained models and checkpoints the user opened.
 
-Torch-free: entries are described from the checkpoints' metadata (:mod:`src_models.checkpoint_files`).
-Each viewer's widget keeps its own list (no module-level mutable state).
+Torch-free: entries are described from the checkpoints' metadata (:mod:`src_models.checkpoint_files`),
+model card included. Each viewer's widget keeps its own list (no module-level mutable state).
+
+Labels come from the card, not from a table of names: a shipped model reads
+"<architecture>: <task> (<short data name>)", e.g. "R2U-Net: retinal vessels (DRIVE)"
+(:func:`task_label`; the short name is :attr:`ModelCard.short_data`). A fine-tuned version reads
+"<name> (fine-tuned, <task>)" and a file "<file name>: <task>"; a checkpoint whose card names no
+task of its own (a card derived from the class names, as older files get) keeps its name alone.
+Each entry's tooltip is its card (``card.lines()``), after a version's history.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from src_models.architectures import display_name
 from src_models.checkpoint_files import describe, pretrained_catalog
+from src_models.errors import R2UNetError
+from src_models.model_card import ModelCard
+from src_models.preprocessing import PreprocessConfig
 from src_models.user_versions import Version, list_versions
 
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """One entry of the model menu: what to show and what to load (a name or a path)."""
+    """One entry of the model menu: what to show, what to load (a name or a path) and its card.
+
+    ``name`` is the model's own short name (a pretrained name, a version's name, a file's name):
+    a version fine-tuned from it is named after it.
+    """
 
     label: str
     spec: str
     arch: str
-    metrics: tuple[tuple[str, float], ...] = ()
-    summary: str = ""
+    name: str = ""
+    card: ModelCard = field(default_factory=ModelCard)
+    preprocess: PreprocessConfig | None = None  # None: unknown until the weights load
+    history: str = ""  # a fine-tuned version's summary
 
     @property
     def tooltip(self) -> str:
-        if self.summary:
-            return self.summary
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics)
-        return f"{self.arch}: {scores}" if scores else self.arch
+        return "\n".join(([self.history] if self.history else []) + self.card.lines()) or self.arch
 
 
-def _choice(label: str, spec: str, entry: dict) -> ModelChoice:
-    metrics = entry["provenance"].get("metrics", {})
-    kept = tuple((k, float(metrics[k])) for k in ("F1", "AUC") if isinstance(metrics.get(k), (int, float)))
-    return ModelChoice(label, spec, str(entry["config"].get("arch", "?")), kept)
+def card_task(entry: dict[str, Any]) -> str:
+    """The task a checkpoint's card names ("" when the card only repeats the class names, as a derived one does)."""
+    card = entry["card"]
+    derived = ", ".join(entry.get("class_names", ()))
+    return card.task if card.task and card.task != derived else ""
+
+
+def task_label(arch: str, card: ModelCard) -> str:
+    """"R2U-Net: skin lesion (ISIC 2017)": the architecture's name, the card's task and its short data name."""
+    short = card.short_data
+    return f"{display_name(arch)}: {card.task}" + (f" ({short})" if short else "")
+
+
+def _preprocess(entry: dict[str, Any]) -> PreprocessConfig | None:
+    try:
+        return PreprocessConfig.from_dict(entry.get("preprocess") or {})
+    except (ValueError, TypeError):
+        return None  # loading the weights says what is wrong
+
+
+def _choice(label: str, spec: str, entry: dict[str, Any], name: str, history: str = "") -> ModelChoice:
+    return ModelChoice(label, spec, str(entry["config"].get("arch", "?")), name, entry["card"], _preprocess(entry), history)
 
 
 def builtin_choices() -> list[ModelChoice]:
     """Shipped pretrained models, R2U-Net first (the paper's model)."""
     entries = pretrained_catalog()
     order = sorted(entries, key=lambda n: (not n.startswith("r2unet"), n))
-    return [_choice(name, name, entries[name]) for name in order]
+    return [_choice(_pretrained_label(name, entries[name]), name, entries[name], name) for name in order]
+
+
+def _pretrained_label(name: str, entry: dict[str, Any]) -> str:
+    return task_label(str(entry["config"].get("arch", "?")), entry["card"]) if card_task(entry) else name
 
 
 def file_choice(path: str | Path) -> ModelChoice:
     """A checkpoint file as a model choice (validated by its metadata; weights load later)."""
-    entry = describe(path)
-    return _choice(f"{Path(path).name}", str(Path(path).resolve()), entry)
+    entry, name = describe(path), Path(path).name
+    task = card_task(entry)
+    return _choice(f"{name}: {task}" if task else name, str(Path(path).resolve()), entry, name)
 
 
 def version_choice(version: Version) -> ModelChoice:
-    return ModelChoice(f"{version.name} (fine-tuned)", str(version.path.resolve()), version.arch,
-                       tuple((k, version.metrics[k]) for k in ("F1",) if k in version.metrics), version.summary)
+    try:
+        entry = describe(version.path)
+    except R2UNetError:  # gone or damaged since it was listed: loading it will say so
+        entry = {"config": {"arch": version.arch}, "card": ModelCard()}
+    task = card_task(entry)
+    label = f"{version.name} (fine-tuned, {task})" if task else f"{version.name} (fine-tuned)"
+    return _choice(label, str(version.path.resolve()), entry, version.name, version.summary)
 
 
 def version_choices(folder: Path | None = None) -> list[ModelChoice]:
@@ -67,11 +110,22 @@ def all_choices(extra: list[ModelChoice]) -> list[ModelChoice]:
     return listed + [c for c in extra if c.spec not in specs]
 
 
+def model_entry(spec: str) -> dict[str, Any]:
+    """What a model's header says (:func:`~src_models.checkpoint_files.describe`), by name or path."""
+    return pretrained_catalog().get(spec) or describe(spec)
+
+
+def model_card(spec: str) -> ModelCard:
+    """A model's card from its header (the default card if it cannot be read now; loading will say why)."""
+    try:
+        return model_entry(spec)["card"]
+    except Exception:  # a missing or broken file is reported when the worker loads it
+        return ModelCard()
+
+
 def model_classes(spec: str) -> int:
     """Output channels of a model from its header (1 if it cannot be read now; loading will say why)."""
     try:
-        entry = pretrained_catalog().get(spec) or describe(spec)
-        return max(1, int(entry["config"].get("out_channels", 1)))
+        return max(1, int(model_entry(spec)["config"].get("out_channels", 1)))
     except Exception:  # a missing or broken file is reported when the worker loads it
         return 1
-

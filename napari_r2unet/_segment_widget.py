@@ -4,7 +4,10 @@ The network runs in a napari worker thread (torch is imported there, not at napa
 progress shows in the widget and in napari's activity dock (a busy bar while the first or only
 tile runs); Cancel stops within a fraction of a second, even inside a tile; the
 threshold slider re-derives the chosen result layer's labels from its stored probabilities
-without running the network again (:mod:`napari_r2unet._threshold`). Tiling defaults and bounds
+without running the network again (:mod:`napari_r2unet._threshold`). Choosing a model sets the
+threshold and the "post-process" checkbox from its model card; an image whose channels do not
+fit the model (a gray image for an RGB model, say) is still segmented, with a one-line notice
+(a notification the first time for that image and model, and the status line). Tiling defaults and bounds
 come from :mod:`src_models.settings`. Buttons, worker and errors: :class:`~napari_r2unet._dock.DockWidget`.
 """
 
@@ -16,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QVBoxLayout
 
 from src_models.errors import R2UNetError  # torch-free
+from src_models.model_card import Postprocess
+from src_models.preprocessing import input_notice
 from src_models.resources import require_memory
 from src_models.settings import AUTO_OVERLAP_PIXELS, AUTO_TILE, AUTO_WHOLE_IMAGE_PIXELS, MAX_OVERLAP, MIN_USER_TILE
 
@@ -56,6 +61,7 @@ class SegmentWidget(DockWidget):
         super().__init__(napari_viewer)
         self._cache = SegmenterCache()
         self._progress_bar: Any = None
+        self._noticed: set[tuple[str, str]] = set()  # (image, model) pairs whose input notice was shown
         self._build()
         self._refresh_layers()
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed, self.viewer.layers.events.reordered):
@@ -69,6 +75,7 @@ class SegmentWidget(DockWidget):
         self.image_combo.setToolTip("the Image layer to segment")
         form.addRow("image", self.image_combo)
         self.model_combo = ModelMenu(self._guard)
+        self.model_combo.chosen.connect(self._on_model_chosen)
         form.addRow("model", self.model_combo)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu"])
@@ -81,6 +88,11 @@ class SegmentWidget(DockWidget):
         self.threshold_label = self.threshold_control.label
         form.addRow("result", self.result_combo)
         form.addRow("threshold", self.threshold_control)
+        self.post_check = self.threshold_control.post_check
+        form.addRow("", self.post_check)
+        choice = self.model_combo.current_choice()
+        if choice is not None:
+            self.threshold_control.set_model(choice.card)
         self.target_combo = QComboBox()
         self.target_combo.setToolTip("write into a new layer, or fill only the unlabelled (0) pixels of an existing one")
         form.addRow("output", self.target_combo)
@@ -125,6 +137,14 @@ class SegmentWidget(DockWidget):
         """The overlap asked for, a fraction of the tile (None = automatic)."""
         value = self.overlap_spin.value()
         return value if value >= 0 else None
+
+    def _on_model_chosen(self, choice: ModelChoice) -> None:
+        """The card of the chosen model sets the threshold and post-processing of the next segmentation."""
+        self.threshold_control.set_model(choice.card)
+        post = choice.card.postprocess
+        self.status.setText(f"{choice.label}: threshold {self.threshold:.2f}"
+                            + (f", post-processing ({post.describe()})" if post.active else "")
+                            + " from its model card, for the next segmentation")
 
     def refresh_models(self, select: str | None = None) -> None:
         """Re-list pretrained models, fine-tuned versions and opened files; ``select`` a spec."""
@@ -180,9 +200,10 @@ class SegmentWidget(DockWidget):
         from napari.utils import progress
 
         image = self._image_layer()
-        spec = self.model_combo.currentData()
-        if spec is None:
+        choice = self.model_combo.current_choice()
+        if choice is None:
             raise R2UNetError("no model chosen: pick a pretrained model or load a checkpoint")
+        spec = choice.spec
         job = plan_job(image, tuple(self.viewer.dims.current_step), self.all_slices.isChecked(),
                        tile=self.tile, overlap=self.overlap, tta=self.tta.isChecked())
         require_memory(result_bytes(job, model_classes(spec), self.add_probability.isChecked(), self.add_uncertainty.isChecked()),
@@ -192,11 +213,25 @@ class SegmentWidget(DockWidget):
         if target is not None and tuple(target.data.shape) != job.spatial_shape:
             raise R2UNetError(f"labels layer {target.name!r} has shape {tuple(target.data.shape)} but the image {job.spatial_shape}; choose a new layer")
         device = self.device_combo.currentText()
+        notice = self._input_notice(image.name, job, choice)
+        post, card_post = self.threshold_control.postprocess(), choice.card.postprocess
         self._progress_bar = progress(total=1000, desc=f"Segmenting {image.name}")
         self._launch(segment, self._cache, spec, device, job, self._bridge.progress.emit, self._stop.is_set, self._bridge.message.emit,
-                     on_result=lambda result: self._apply(image, job, target, spec, result),
+                     on_result=lambda result: self._apply(image, job, target, spec, result, (card_post, post), notice),
                      status=f"segmenting {image.name} with {self.model_combo.currentText()} ...")
         self.progress.setRange(0, 0)  # busy until the first tile is done: an image that runs whole has one
+
+    def _input_notice(self, image: str, job: Any, choice: ModelChoice) -> str | None:
+        """How the image was fitted to the model's channels (None if it fits); a notification the first time."""
+        if choice.preprocess is None:
+            return None
+        notice = input_notice(job.channels, choice.preprocess, choice.card.task)
+        if notice and (image, choice.spec) not in self._noticed:
+            from napari.utils.notifications import show_info
+
+            self._noticed.add((image, choice.spec))
+            show_info(notice)
+        return notice
 
     def _target_layer(self) -> Any:
         text = self.target_combo.currentText()
@@ -210,17 +245,20 @@ class SegmentWidget(DockWidget):
             value = self.progress.value()
             self._progress_bar.update(max(0, value - self._progress_bar.n))
 
-    def _apply(self, image: Any, job: Any, target: Any, spec: str, result: tuple[Any, str]) -> None:
+    def _apply(self, image: Any, job: Any, target: Any, spec: str, result: tuple[Any, str],
+               posts: tuple[Postprocess, Postprocess | None], notice: str | None) -> None:
+        """Add the result (or fill the target's unlabelled pixels); ``posts``: the card's post-processing and the one applied."""
         probs, model_name = result
-        threshold = self.threshold
+        threshold, (card_post, post) = self.threshold, posts
         if target is None:
             layer = add_result_layers(self.viewer, image, job, probs, threshold, model_name, self.add_probability.isChecked(),
-                                      self.add_uncertainty.isChecked(), spec)
+                                      self.add_uncertainty.isChecked(), spec, postprocess=card_post, postprocessed=post is not None)
             fraction = float((layer.metadata[META_KEY]["prediction"] > 0).mean())
-            self.status.setText(f"done: {layer.name} ({fraction:.1%} foreground). Correct it with the brush, then save or fine-tune.")
+            line = f"done: {layer.name} ({fraction:.1%} foreground). Correct it with the brush, then save or fine-tune."
         else:
-            filled = fill_unlabelled(target, job, labels_from(probs, threshold))
-            self.status.setText(f"done: filled {filled} unlabelled pixels of {target.name}; painted pixels kept (Ctrl+Z undoes)")
+            filled = fill_unlabelled(target, job, labels_from(probs, threshold, post))
+            line = f"done: filled {filled} unlabelled pixels of {target.name}; painted pixels kept (Ctrl+Z undoes)"
+        self.status.setText(f"{line} Note: {notice}." if notice else line)
 
     def _set_running(self, running: bool) -> None:
         super()._set_running(running)

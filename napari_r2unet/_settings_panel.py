@@ -8,6 +8,11 @@ tooltip from the field's help. Nothing about a setting is written here but how i
 
 The panel holds the base model, the budget (epochs, minutes) and, behind "advanced", the
 learning rate, patch and batch size, steps per epoch, correction weight and what to freeze.
+Settings that come from the base model's card are not offered: ``geometry`` never is (a
+``resize`` model is fine-tuned on whole images letterboxed to its card's size, a ``tiled`` one on
+patches, see :func:`src_models.finetune.card_geometry`), and the patch size is shown but disabled
+for a ``resize`` base (its card fixes the training size). The augmentation fields (``rotate``,
+``scale``, ``rot90``) keep their ``TrainConfig`` defaults.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Any
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QToolButton, QVBoxLayout, QWidget
 
+from src_models.model_card import ModelCard
 from src_models.training.config import FINETUNE_DEFAULTS, TrainConfig, default, setting  # torch-free
 
 from ._finetune import FinetuneRequest
 from ._model_menu import ModelMenu
+from ._models import ModelChoice
 
 BUDGET = ("epochs", "minutes")
 ADVANCED = ("lr", "patch_size", "batch_size", "steps_per_epoch", "correction_weight", "freeze")
@@ -94,6 +101,7 @@ class SettingsPanel(QWidget):
         self.base_combo = ModelMenu(guard)
         form.addRow("base model", self.base_combo)
         self.editors: dict[str, QWidget] = {}
+        self._patch_size: int | None = None  # the user's patch size while a resize card fixes it
         self._add_rows(form, BUDGET)
         layout.addLayout(form)
         self.advanced_button = QToolButton()
@@ -107,6 +115,31 @@ class SettingsPanel(QWidget):
         self._add_rows(QFormLayout(self.advanced), ADVANCED)
         self.advanced.setVisible(False)
         layout.addWidget(self.advanced)
+        self.base_combo.chosen.connect(self._on_base_chosen)
+        choice = self.base_combo.current_choice()
+        if choice is not None:
+            self.follow_card(choice.card)
+
+    def _on_base_chosen(self, choice: ModelChoice) -> None:
+        self.follow_card(choice.card)
+
+    def follow_card(self, card: ModelCard) -> None:
+        """Offer the patch size only when the base model trains on patches (a ``tiled`` card)."""
+        editor: Any = self.editors["patch_size"]
+        size = card.geometry.size if card.geometry.kind == "resize" else None
+        if size is not None:
+            if self._patch_size is None:
+                self._patch_size = editor.value()
+            editor.setRange(min(editor.minimum(), size), max(editor.maximum(), size))
+            editor.setValue(size)
+            editor.setToolTip(f"the model's card fixes the training size: whole images letterboxed to {size} x {size} "
+                              "(as it segments), not patches")
+        elif self._patch_size is not None:
+            editor.setRange(*_bounds(setting("patch_size")))
+            editor.setValue(self._patch_size)
+            editor.setToolTip(setting("patch_size")["help"])
+            self._patch_size = None
+        editor.setEnabled(size is None)
 
     def _add_rows(self, form: QFormLayout, names: tuple[str, ...]) -> None:
         for name in names:
@@ -121,5 +154,6 @@ class SettingsPanel(QWidget):
         return editor_value(name, self.editors[name])
 
     def advanced_settings(self) -> dict[str, Any]:
-        """The advanced settings as :func:`~src_models.training.finetune_config` overrides."""
-        return {name: self.value(name) for name in ADVANCED}
+        """The advanced settings as :func:`~src_models.training.finetune_config` overrides (not those the card fixes)."""
+        fixed = {"patch_size"} if self._patch_size is not None else set()
+        return {name: self.value(name) for name in ADVANCED if name not in fixed}

@@ -1,16 +1,23 @@
 """The Segment widget's threshold: which result layer it acts on, and what it shows.
 
 :class:`ThresholdControl` is a "result" menu of the Labels layers the plugin made (those that
-keep their probabilities, see :mod:`napari_r2unet._layers`) and a slider with its value:
+keep their probabilities, see :mod:`napari_r2unet._layers`), a slider with its value and a
+"post-process" checkbox (``post_check``):
 
 - the menu follows the viewer: a new result layer, or selecting one of ours in the layer list,
   becomes the chosen one; selecting any other layer (the image, say) keeps the choice;
 - choosing a result shows its current threshold on the slider;
 - moving the slider re-thresholds the chosen result from its stored probabilities (no new run,
   user edits kept) and says so in the status line; without a result layer it says that the
-  value is for the next segmentation. It never does nothing silently.
+  value is for the next segmentation. It never does nothing silently;
+- choosing a model (:meth:`ThresholdControl.set_model`) puts the slider at its card's threshold
+  and sets the checkbox from its card's post-processing (enabled and ticked when the card asks
+  for some), without touching any existing layer;
+- the checkbox applies or removes the chosen result's post-processing (largest component(s),
+  holes filled) on its thresholded labels; every slider move re-applies it (user edits kept).
 
-The slider's value is also the threshold of the next segmentation.
+The slider's value, and the checkbox where the model's card has post-processing, are also
+those of the next segmentation.
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ from collections.abc import Callable
 from typing import Any
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSlider, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QSlider, QWidget
 
+from src_models.model_card import ModelCard, Postprocess
 from src_models.settings import DEFAULT_THRESHOLD, THRESHOLD_RANGE
 
-from ._layers import META_KEY, rethreshold
+from ._layers import META_KEY, layer_postprocess, rethreshold
 
 SLIDER_STEPS = 100  # the slider moves in steps of 0.01
 NO_RESULT = "none yet: the threshold is for the next segmentation"
@@ -51,6 +59,10 @@ class ThresholdControl(QWidget):
         self.slider.setValue(round(DEFAULT_THRESHOLD * SLIDER_STEPS))
         self.label = QLabel(self._text(self.value))
         self.slider.valueChanged.connect(self._on_slider)
+        self.model_post = Postprocess()  # the chosen model's card post-processing
+        self.post_check = QCheckBox()
+        self._show_post(self.model_post, False)
+        self.post_check.toggled.connect(self._on_post_toggled)
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.slider)
@@ -65,6 +77,36 @@ class ThresholdControl(QWidget):
     @staticmethod
     def _text(value: float) -> str:
         return f"{value:.2f}"
+
+    def postprocess(self) -> Postprocess | None:
+        """The post-processing of the next segmentation: the model card's, unless the user unticked it."""
+        if not self.model_post.active:
+            return None
+        return self.model_post if self.post_check.isChecked() or not self.post_check.isEnabled() else None
+
+    def set_model(self, card: ModelCard) -> None:
+        """A model was chosen: its card's threshold and post-processing, for the next segmentation."""
+        self._set_slider(card.threshold)
+        self.model_post = card.postprocess
+        self._show_post(card.postprocess, card.postprocess.active)
+
+    def _set_slider(self, threshold: float) -> None:
+        self.slider.blockSignals(True)
+        self.slider.setValue(round(threshold * SLIDER_STEPS))
+        self.slider.blockSignals(False)
+        self.label.setText(self._text(self.value))
+
+    def _show_post(self, post: Postprocess, checked: bool) -> None:
+        """The checkbox for ``post``: its label and tooltip say what it does; off when there is nothing to do."""
+        self.post_check.blockSignals(True)
+        self.post_check.setText(f"post-process: {post.describe()}")
+        self.post_check.setEnabled(post.active)
+        self.post_check.setChecked(checked and post.active)
+        self.post_check.blockSignals(False)
+        self.post_check.setToolTip(
+            f"the model card's post-processing ({post.describe()}), applied to the labels after each threshold, "
+            "slice by slice; untick to see the thresholded mask as it is (your edits are kept)" if post.active else
+            "the model's card asks for no post-processing")
 
     def chosen_layer(self) -> Any:
         """The result layer the slider acts on (None when there is none)."""
@@ -107,10 +149,9 @@ class ThresholdControl(QWidget):
     def _on_result_changed(self, index: int = -1) -> None:
         layer = self.chosen_layer()
         if layer is not None:
-            self.slider.blockSignals(True)
-            self.slider.setValue(round(float(layer.metadata[META_KEY].get("threshold", DEFAULT_THRESHOLD)) * SLIDER_STEPS))
-            self.slider.blockSignals(False)
-            self.label.setText(self._text(self.value))
+            meta = layer.metadata[META_KEY]
+            self._set_slider(float(meta.get("threshold", DEFAULT_THRESHOLD)))
+            self._show_post(layer_postprocess(meta), bool(meta.get("postprocessed")))
         self._update_tooltips(layer)
 
     def _update_tooltips(self, layer: Any) -> None:
@@ -135,3 +176,14 @@ class ThresholdControl(QWidget):
         changed = self._guard(lambda: rethreshold(layer, threshold))
         if changed is not None:
             self._say(f"threshold {threshold:.2f} applied to {layer.name}: {changed:,} pixels changed (your edits kept)")
+
+    def _on_post_toggled(self, checked: bool) -> None:
+        layer = self.chosen_layer()
+        if layer is None:
+            self._say(f"post-processing {'on' if checked else 'off'} for the next segmentation")
+            return
+        threshold = float(layer.metadata[META_KEY].get("threshold", self.value))
+        changed = self._guard(lambda: rethreshold(layer, threshold, postprocessed=checked))
+        if changed is not None:
+            self._say(f"post-processing {'applied to' if checked else 'removed from'} {layer.name}: "
+                      f"{changed:,} pixels changed (your edits kept)")

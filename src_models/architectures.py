@@ -6,3 +6,11 @@ ARCHITECTURES: dict[str, str] = {
     "runet": "RU-Net: two recurrent conv layers (t steps, shared weights) per level",
     "r2unet": "R2U-Net: recurrent residual units, y = conv1x1(x); y + R(R(y))",
 }
+
+
+def display_name(arch: str) -> str:
+    """How menus name an architecture: its description up to the first ':' or ' (' ("R2U-Net", "U-Net")."""
+    text = ARCHITECTURES.get(arch)
+    if not text:
+        return arch
+    return text.split(":")[0].split(" (")[0].strip()

@@ -90,7 +90,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{name, path, config, provenance, card}`` of a checkpoint file, from its metadata only.
+    """``{name, path, config, provenance, card, class_names, preprocess}`` of a checkpoint file, from its metadata only.
 
     ``card`` is the :class:`~src_models.model_card.ModelCard` saved with it, or the one derived
     from its class names and provenance (older checkpoints).
@@ -112,7 +112,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise R2UNetError(f"checkpoint {path} has an invalid model card ({str(exc)[:200]}); re-save it with a valid card") from exc
     path = Path(path)
     return {"name": str(provenance.get("name") or path.stem), "path": path, "config": config,
-            "provenance": provenance, "card": card}
+            "provenance": provenance, "card": card, "class_names": [str(c) for c in class_names], "preprocess": preprocess}
 
 
 def pretrained_catalog(weights_dir: Path | None = None) -> dict[str, dict[str, Any]]:

@@ -5,7 +5,9 @@ metadata for the task, data and numbers) is the only place that says: the task a
 modality, the training data and its licence or terms, how input channels and colour are handled,
 the inference :class:`Geometry` (``tiled``: native resolution in tiles; ``resize``: the whole
 image letterboxed to the training ``size``, probabilities resized back), the default threshold,
-the :class:`Postprocess` applied to the mask, and the test metrics.
+the :class:`Postprocess` applied to the mask, and the test metrics. ``data_short`` (optional)
+names the data in a few words for menus; without it :attr:`ModelCard.short_data` takes ``data``
+up to its first ':', '(', ',' or ';'.
 
 A card is DATA: a new task is a new card, not a new code path. It is stored as JSON under the
 ``card`` metadata key of a checkpoint (:func:`card_to_json`, :func:`card_from_json`); a checkpoint
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,9 +98,10 @@ class ModelCard:
     postprocess: Postprocess = field(default_factory=Postprocess)
     metrics: Mapping[str, float] = field(default_factory=dict)
     metrics_on: str = ""  # which test set and protocol the metrics come from
+    data_short: str = ""  # the data in a few words for menus ("ISIC 2017"); empty: see short_data
 
     def __post_init__(self) -> None:
-        for name in ("task", "modality", "data", "licence", "channels", "metrics_on"):
+        for name in ("task", "modality", "data", "licence", "channels", "metrics_on", "data_short"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"card {name} must be text, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.geometry, Geometry) or not isinstance(self.postprocess, Postprocess):
@@ -135,6 +139,12 @@ class ModelCard:
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
         return cls.from_dict(json.loads(text))
+
+    @property
+    def short_data(self) -> str:
+        """The training data in a few words, for menus: ``data_short``, else ``data`` up to its first
+        ':', '(', ',' or ';' ("DRIVE: 20 training fundus photographs ..." -> "DRIVE")."""
+        return self.data_short.strip() or re.split(r"[:(,;]", self.data, maxsplit=1)[0].strip()
 
     def with_(self, **changes: Any) -> ModelCard:
         """A copy with some fields replaced (checked again)."""

@@ -25,6 +25,12 @@ def random_checkpoint(path: Path, seed: int = 0, **config_kwargs) -> Path:
     return path
 
 
+def run_to_end(widget, qtbot, timeout_ms: int = 120_000) -> None:
+    """Press a dock widget's run button (``start``) and wait until its worker is done."""
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)
+
+
 @pytest.fixture(autouse=True)
 def user_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Fine-tuned versions go to a temporary folder, never to the real per-user one."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import random_checkpoint
+from conftest import random_checkpoint, run_to_end
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = yaml.safe_load((ROOT / "napari.yaml").read_text())
@@ -107,17 +107,12 @@ def widget(make_napari_viewer, tmp_path, qtbot):
     return w
 
 
-def _run(widget, qtbot):
-    widget.start()
-    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
-
-
 @pytest.mark.gui
 def test_segmenting_the_sample_gives_a_labels_layer(widget, qtbot):
     from napari.layers import Labels
 
     viewer = widget.viewer
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     layer = viewer.layers["synthetic vessels [tiny]"]
     assert isinstance(layer, Labels)
     assert layer.data.shape == (256, 256) and layer.data.dtype == np.uint8
@@ -157,7 +152,7 @@ def test_cancel_stops_the_worker_and_adds_nothing(widget, qtbot, monkeypatch):
 
 @pytest.mark.gui
 def test_rethreshold_without_running_the_network_again(widget, qtbot, monkeypatch):
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     layer = widget.viewer.layers["synthetic vessels [tiny]"]
     widget.viewer.layers.selection.active = layer
     calls = []
@@ -172,7 +167,7 @@ def test_rethreshold_without_running_the_network_again(widget, qtbot, monkeypatc
 @pytest.mark.gui
 def test_painted_pixels_survive_a_second_segmentation(widget, qtbot):
     widget.threshold_slider.setValue(1)  # a random model: keep plenty of foreground to erase and refill
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     layer = widget.viewer.layers["synthetic vessels [tiny]"]
     painted = np.zeros(layer.data.shape, bool)
     painted[10:40, 10:40] = True
@@ -183,7 +178,7 @@ def test_painted_pixels_survive_a_second_segmentation(widget, qtbot):
     snapshot = layer.data.copy()
     widget._refresh_layers()
     widget.target_combo.setCurrentText(f"fill {layer.name}")
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     assert "filled" in widget.status.text() and not np.array_equal(layer.data, snapshot)
     assert (layer.data[painted] == 7).all()
     kept = snapshot != 0
@@ -205,7 +200,7 @@ def test_errors_become_notifications_not_tracebacks(widget, qtbot, tmp_path):
 
 @pytest.mark.gui
 def test_window_screenshot_has_content(widget, qtbot):
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     shot = widget.viewer.screenshot(canvas_only=False, flash=False)
     assert shot.ndim == 3 and shot.shape[0] > 200 and shot[..., :3].std() > 10
     canvas = widget.viewer.screenshot(canvas_only=True, flash=False)
@@ -219,12 +214,12 @@ def test_stacks_current_slice_and_all_slices(widget, qtbot):
     viewer.add_image(stack, name="stack", scale=(5.0, 1.0, 1.0))
     widget.image_combo.setCurrentText("stack")
     viewer.dims.set_current_step(0, 1)
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     layer = viewer.layers["stack [tiny]"]
     assert layer.data.shape == (3, 96, 80) and tuple(layer.scale) == (5.0, 1.0, 1.0)
     assert layer.data[0].max() == 0 and layer.data[2].max() == 0  # only the current slice
     widget.all_slices.setChecked(True)
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     assert viewer.layers[-2].data.shape == (3, 96, 80)
 
 
@@ -235,7 +230,7 @@ def test_dask_backed_layers(widget, qtbot):
     image = viewer.layers["synthetic vessels"].data
     viewer.add_image(da.from_array(image, chunks=(64, 64, 3)), name="lazy", rgb=True)
     widget.image_combo.setCurrentText("lazy")
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     assert viewer.layers["lazy [tiny]"].data.shape == (256, 256)
 
 
@@ -264,7 +259,7 @@ def test_layers_menu_and_dropped_checkpoint(make_napari_viewer, tmp_path, monkey
 def test_threshold_follows_the_result_layer_not_the_selection(widget, qtbot):
     from napari_r2unet._layers import add_result_layers, plan_job
 
-    _run(widget, qtbot)
+    run_to_end(widget, qtbot)
     viewer = widget.viewer
     image, layer = viewer.layers["synthetic vessels"], viewer.layers["synthetic vessels [tiny]"]
     viewer.layers.selection.active = image  # the image selected, as in the bug report
