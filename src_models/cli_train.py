@@ -118,7 +118,7 @@ def _card(args: argparse.Namespace, model_config: Any) -> Any:
     """The model card of a new model: ``--card`` JSON, then the card options over it (None if none given)."""
     from .model_card import ModelCard, Postprocess
 
-    given = {k: getattr(args, k) for k in ("task", "modality", "data", "licence", "threshold") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("task", "modality", "data", "data_short", "licence", "threshold") if getattr(args, k) is not None}
     if args.card_channels is not None:
         given["channels"] = args.card_channels
     if args.keep_components is not None or args.fill_holes:
@@ -144,6 +144,7 @@ def _add_card_options(p: argparse.ArgumentParser) -> None:
     card.add_argument("--task", default=None, help="task, e.g. 'skin lesion'")
     card.add_argument("--modality", default=None, help="imaging modality, e.g. 'dermoscopy (RGB photograph)'")
     card.add_argument("--data", default=None, help="training data, e.g. 'ISIC 2017 train (2000 images)'")
+    card.add_argument("--data-short", default=None, help="a short name of the data for menus, e.g. 'ISIC 2017' (default: --data up to its first '(' or ',')")
     card.add_argument("--licence", default=None, help="licence or terms of the weights and data")
     card.add_argument("--card-channels", default=None, help="input channels and colour handling, in words")
     card.add_argument("--threshold", type=float, default=None, help="default threshold of the probability map (default: 0.5)")

@@ -115,3 +115,31 @@ def test_resume_accepts_a_run_saved_before_the_augmentation_settings(tmp_path):
     Trainer(TINY, PP, samples, fast(geometry="tiled", patch_size=32, epochs=3), out, resume=True)
     with pytest.raises(R2UNetError, match="settings differ.*rotate"):
         Trainer(TINY, PP, samples, fast(geometry="tiled", patch_size=32, rotate=90.0), out, resume=True)
+
+
+def test_train_command_writes_the_card_options(tmp_path):
+    from PIL import Image
+
+    from src_models.cli import main
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(3):
+        s = blob_sample(i, (40, 56))
+        Image.fromarray((s.image[0].clip(0, 1) * 255).astype(np.uint8)).save(tmp_path / "images" / f"c{i}.png")
+        Image.fromarray(s.mask * 255).save(tmp_path / "masks" / f"c{i}.png")
+    out = tmp_path / "m.safetensors"
+    rc = main(["train", "r2unet", "--channels", "gray", "--widths", "4,8,16", "--geometry", "resize", "--patch-size", "32",
+               "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--images", str(tmp_path / "images"),
+               "--masks", str(tmp_path / "masks"), "--out", str(out), "--task", "blob", "--data", "three blobs (synthetic)",
+               "--data-short", "blobs", "--keep-components", "2", "--fill-holes", "--threshold", "0.4", "--no-rot90"])
+    assert rc == 0
+    card = load_checkpoint(out).model_card
+    assert (card.task, card.short_data, card.threshold) == ("blob", "blobs", 0.4)
+    assert card.postprocess == Postprocess("largest_components", 2, True) and card.geometry == Geometry("resize", 32)
+    assert load_checkpoint(out).provenance["train_config"]["rot90"] is False
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"geometry": {"kind": "round"}}')
+    with pytest.raises(R2UNetError, match="invalid model card"):
+        main(["train", "r2unet", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+              "--out", str(tmp_path / "b.safetensors"), "--card", str(bad)])
