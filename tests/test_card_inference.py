@@ -1,0 +1,133 @@
+"""Card-driven inference: the Segmenter in the card's resize geometry. Small synthetic checkpoints made here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src_models.checkpoint import load_checkpoint, save_checkpoint
+from src_models.errors import CancelledError, R2UNetError
+from src_models.geometry import letterbox, unletterbox
+from src_models.inference import Segmenter
+from src_models.labels import LabelSink, probabilities_to_labels
+from src_models.model_card import Geometry, ModelCard, Postprocess
+from src_models.nets import ModelConfig, build_model
+from src_models.preprocessing import PreprocessConfig, preprocess
+
+SIZE = 64  # the letterbox side of the resize cards here
+
+
+def card_checkpoint(path: Path, card: ModelCard | None, channels: str = "rgb", seed: int = 0) -> Path:
+    """A random tiny R2U-Net (widths 4-8-16) with ``card`` (None: saved without one, derived)."""
+    torch.manual_seed(seed)
+    config = ModelConfig(arch="r2unet", widths=(4, 8, 16), in_channels=3 if channels == "rgb" else 1)
+    save_checkpoint(path, build_model(config), config, PreprocessConfig(channels=channels), ["lesion"], card=card)
+    return path
+
+
+def resize_card(**changes) -> ModelCard:
+    return ModelCard(task="skin lesion", modality="dermoscopy", geometry=Geometry("resize", SIZE), **changes)
+
+
+def manual_resize(seg: Segmenter, image: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """letterbox -> network -> unletterbox by hand, as training's samples see the image."""
+    x = preprocess(image, seg.checkpoint.preprocess, channel_axis=channel_axis)
+    boxed, box = letterbox(x, SIZE)
+    with torch.inference_mode():
+        probs = torch.sigmoid(seg.model(torch.from_numpy(boxed)[None]))[0].numpy()
+    return unletterbox(probs, box)
+
+
+@pytest.fixture
+def resize_segmenter(tmp_path) -> Segmenter:
+    return Segmenter(load_checkpoint(card_checkpoint(tmp_path / "skin.safetensors", resize_card())), "cpu", backend="torch")
+
+
+@pytest.mark.parametrize(("shape", "channel_axis"), [((1024, 768, 3), -1), ((300, 900, 3), -1), ((3, 5, 7), 0), ((2, 3, 3), -1), ((1, 1), None)])
+def test_resize_geometry_is_letterbox_forward_unletterbox(resize_segmenter, shape, channel_axis):
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    probs = resize_segmenter.predict(image, channel_axis=channel_axis)
+    height, width = (image.shape[:2] if channel_axis == -1 else image.shape[-2:])
+    assert probs.shape == (1, height, width) and probs.dtype == np.float32
+    # the same torch ops on the same input (the network's own edge padding is done outside it): equal
+    np.testing.assert_allclose(probs, manual_resize(resize_segmenter, image, channel_axis), atol=1e-6)
+
+
+def test_resize_geometry_with_onnxruntime_and_tta(tmp_path):
+    pytest.importorskip("onnxruntime")
+    ck = load_checkpoint(card_checkpoint(tmp_path / "skin.safetensors", resize_card()))
+    torch_seg, onnx_seg = Segmenter(ck, "cpu", backend="torch"), Segmenter(ck, "cpu", backend="onnxruntime")
+    image = np.random.default_rng(1).integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    reference = manual_resize(torch_seg, image, -1)
+    assert np.abs(onnx_seg.predict(image) - reference).max() < 1e-5  # kernels' summation order only
+    x, box = letterbox(preprocess(image, ck.preprocess), SIZE)
+    with torch.inference_mode():
+        flips = [torch.sigmoid(torch_seg.model(torch.from_numpy(x)[None].flip(f)).flip(f)) if f else
+                 torch.sigmoid(torch_seg.model(torch.from_numpy(x)[None])) for f in ((), (-1,), (-2,), (-2, -1))]
+    tta = unletterbox((sum(flips) / 4)[0].numpy(), box)
+    np.testing.assert_allclose(Segmenter(ck, "cpu", backend="torch", tta=True).predict(image), tta, atol=1e-6)
+
+
+def test_resize_label_sink_progress_tiles_and_cancel(resize_segmenter):
+    image = np.random.default_rng(2).integers(0, 256, (150, 110, 3), dtype=np.uint8)
+    seen: list[float] = []
+    probs = resize_segmenter.predict(image, progress=seen.append)
+    assert seen == [0.0, 1.0]
+    threshold = float(np.median(probs))  # half the pixels on each side: a sink that ignored it would differ
+    sink = resize_segmenter.predict(image, out=LabelSink(1, 150, 110, threshold=threshold))
+    assert isinstance(sink, LabelSink) and 0 < sink.labels.mean() < 1
+    np.testing.assert_array_equal(sink.labels, probabilities_to_labels(probs, threshold))
+    # tile, overlap and batch size have no effect in this geometry (a 3-pixel tile would be refused when tiled)
+    np.testing.assert_array_equal(resize_segmenter.predict(image, tile=3, overlap=0.9, batch_size=7), probs)
+    with pytest.raises(CancelledError):
+        resize_segmenter.predict(image, should_stop=lambda: True)
+    polls: list[int] = []  # torch polls before every conv: a stop raised inside the network cancels too
+    with pytest.raises(CancelledError):
+        resize_segmenter.predict(image, should_stop=lambda: polls.append(1) or len(polls) > 3)
+    assert len(polls) == 4 and resize_segmenter._should_stop is None
+
+
+def test_resize_out_of_memory_moves_to_the_cpu_then_says_so(resize_segmenter):
+    image = np.random.default_rng(6).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    reference, real, messages = resize_segmenter.predict(image), resize_segmenter._predict_batch, []
+    calls: list[int] = []
+
+    def once_short(batch: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch)
+
+    resize_segmenter._predict_batch, resize_segmenter.log = once_short, messages.append
+    resize_segmenter.device = torch.device("cuda")  # as if on an accelerator: the retry moves to the CPU
+    np.testing.assert_array_equal(resize_segmenter.predict(image), reference)
+    assert messages == ["out of memory on the accelerator: retrying on the CPU"] and resize_segmenter.device.type == "cpu"
+    resize_segmenter._predict_batch = lambda batch: (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    with pytest.raises(R2UNetError, match=f"out of memory even with one {SIZE} x {SIZE} input on the CPU"):
+        resize_segmenter.predict(image)
+
+
+def test_resize_stacks_go_slice_by_slice(resize_segmenter):
+    stack = np.random.default_rng(3).integers(0, 256, (3, 90, 60, 3), dtype=np.uint8)
+    fractions: list[float] = []
+    probs = resize_segmenter.predict_stack(stack, channel_axis=-1, progress=fractions.append)
+    assert probs.shape == (3, 1, 90, 60) and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    for i in range(3):
+        np.testing.assert_array_equal(probs[i], resize_segmenter.predict(stack[i]))
+
+
+def test_tiled_cards_run_exactly_as_before(tmp_path):
+    plain = Segmenter(load_checkpoint(card_checkpoint(tmp_path / "a.safetensors", None, "green")), "cpu", backend="torch")
+    card = ModelCard(task="retinal vessels", threshold=0.3, postprocess=Postprocess("largest_component"))
+    tiled = Segmenter(load_checkpoint(card_checkpoint(tmp_path / "b.safetensors", card, "green")), "cpu", backend="torch")
+    assert plain.geometry.kind == tiled.geometry.kind == "tiled"
+    image = np.random.default_rng(4).integers(0, 256, (100, 140, 3), dtype=np.uint8)
+    for run in ({}, {"tile": 48, "overlap": 0.25, "batch_size": 2}):
+        np.testing.assert_array_equal(tiled.predict(image, **run), plain.predict(image, **run))
+    x = torch.from_numpy(preprocess(image, tiled.checkpoint.preprocess))[None]
+    with torch.inference_mode():
+        whole = torch.sigmoid(tiled.model(x))[0].numpy()
+    np.testing.assert_array_equal(tiled.predict(image), whole)  # one tile: the network on the whole image
