@@ -1,14 +1,19 @@
-"""Card-driven inference: the Segmenter in the card's resize geometry. Small synthetic checkpoints made here."""
+"""Card-driven inference: the resize geometry, and the card's threshold and post-processing in
+the CLI. Small synthetic checkpoints made here."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
+from PIL import Image
 
 from src_models.checkpoint import load_checkpoint, save_checkpoint
+from src_models.cli import main
 from src_models.errors import CancelledError, R2UNetError
 from src_models.geometry import letterbox, unletterbox
 from src_models.inference import Segmenter
@@ -131,3 +136,101 @@ def test_tiled_cards_run_exactly_as_before(tmp_path):
     with torch.inference_mode():
         whole = torch.sigmoid(tiled.model(x))[0].numpy()
     np.testing.assert_array_equal(tiled.predict(image), whole)  # one tile: the network on the whole image
+
+
+# -- the command line ----------------------------------------------------------------------------
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_uses_the_card_threshold_unless_given(capsys, tmp_path):
+    image = np.random.default_rng(5).integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "lesion.tif", image)
+    probe = card_checkpoint(tmp_path / "probe.safetensors", resize_card())
+    assert run(capsys, "predict", str(probe), str(tmp_path / "lesion.tif"), "--out", str(tmp_path / "p"), "--save-prob", "--backend", "torch")[0] == 0
+    prob = tifffile.imread(tmp_path / "p" / "lesion_prob.tif")
+    low, high = (float(np.quantile(prob, q)) for q in (0.3, 0.7))
+    model = card_checkpoint(tmp_path / "skin.safetensors", resize_card(threshold=round(high, 6)))  # same weights (seed)
+    code, out, _ = run(capsys, "predict", str(model), str(tmp_path / "lesion.tif"), "--out", str(tmp_path / "card"), "--backend", "torch")
+    assert code == 0 and out.startswith(f"threshold {round(high, 6):g} (the model card);")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "card" / "lesion.tif") > 0, prob >= round(high, 6))
+    code, out, _ = run(capsys, "predict", str(model), str(tmp_path / "lesion.tif"), "--out", str(tmp_path / "given"),
+                       "--threshold", f"{low}", "--backend", "torch")
+    assert code == 0 and out.startswith(f"threshold {low:g} (--threshold);")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "given" / "lesion.tif") > 0, prob >= low)
+
+
+def two_blobs(shape: tuple[int, int], big: tuple[int, int, int], small: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dark gray image with a big and a small bright disc; the masks of both discs."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    discs = [(yy - y) ** 2 + (xx - x) ** 2 <= r * r for y, x, r in (big, small)]
+    return np.where(discs[0] | discs[1], 255, 0).astype(np.uint8), discs[0], discs[1]
+
+
+@pytest.fixture
+def pointwise_network(monkeypatch):
+    """The network replaced by P = the normalised intensity (0 or 1 on these images), so the
+    masks are exactly the bright discs and only the post-processing changes them."""
+    monkeypatch.setattr(Segmenter, "_predict_batch", lambda self, batch: np.clip(batch[:, :1], 0.0, 1.0))
+
+
+def test_predict_applies_the_card_post_processing_unless_told_not_to(capsys, tmp_path, pointwise_network):
+    image, big, small = two_blobs((70, 90), (30, 30, 15), (50, 75, 5))
+    Image.fromarray(image).save(tmp_path / "two.png")
+    card = ModelCard(task="lesion", postprocess=Postprocess("largest_component"))
+    model = card_checkpoint(tmp_path / "m.safetensors", card, "gray")
+    code, out, _ = run(capsys, "predict", str(model), str(tmp_path / "two.png"), "--out", str(tmp_path / "o"), "--backend", "torch")
+    assert code == 0 and "; post-processing: largest component (the model card)" in out.splitlines()[0]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "o" / "two.tif"), big.astype(np.uint8) * 255)
+    code, out, _ = run(capsys, "predict", str(model), str(tmp_path / "two.png"), "--out", str(tmp_path / "n"),
+                       "--no-postprocess", "--backend", "torch")
+    assert code == 0 and "; post-processing: none (--no-postprocess)" in out.splitlines()[0]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "n" / "two.tif"), (big | small).astype(np.uint8) * 255)
+
+
+def test_evaluate_uses_the_post_processed_mask_and_prints_the_means(capsys, tmp_path, pointwise_network):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    truths = {}
+    for name, (big, small) in {"a": ((30, 30, 15), (55, 75, 6)), "b": ((20, 60, 10), (55, 10, 7))}.items():
+        image, disc, _ = two_blobs((70, 90), big, small)
+        Image.fromarray(image).save(images / f"{name}.png")
+        Image.fromarray(disc.astype(np.uint8) * 255).save(masks / f"{name}.png")
+        truths[name] = image
+    model = card_checkpoint(tmp_path / "m.safetensors", ModelCard(postprocess=Postprocess("largest_component")), "gray")
+    argv = ["evaluate", str(model), "--images", str(images), "--masks", str(masks), "--backend", "torch"]
+    code, out, err = run(capsys, *argv, "--json")
+    kept = json.loads(out)
+    assert code == 0, err
+    assert kept["postprocess"]["kind"] == "largest_component" and kept["threshold"] == 0.5
+    assert kept["pooled"]["F1"] == kept["pooled"]["JS"] == 1.0 and kept["mean"]["JS"] == 1.0  # the small disc removed
+    code, out, _ = run(capsys, *argv, "--json", "--no-postprocess")
+    raw = json.loads(out)
+    per_image = [i["metrics"] for i in raw["images"]]
+    assert [i["id"] for i in raw["images"]] == ["a", "b"] and all(m["JS"] < 1 for m in per_image)
+    assert raw["mean"]["JS"] == pytest.approx(np.mean([m["JS"] for m in per_image]))
+    assert raw["mean"]["F1"] == pytest.approx(np.mean([m["F1"] for m in per_image]))
+    assert raw["mean"]["JS"] != pytest.approx(raw["pooled"]["JS"])  # images weigh alike, not by pixels
+    assert raw["pooled"]["AUC"] == kept["pooled"]["AUC"]  # AUC from the probabilities, not the mask
+    code, out, _ = run(capsys, *argv, "--threshold", "0.7")
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "threshold 0.7 (--threshold); post-processing: largest component (the model card)"
+    assert lines[-2].startswith("mean") and f"JS {kept['mean']['JS']:.4f}" in lines[-2] and lines[-1].startswith("pooled")
+
+
+def test_channel_notice_is_said_once_per_run(capsys, tmp_path):
+    folder, masks = tmp_path / "gray", tmp_path / "masks"
+    folder.mkdir()
+    masks.mkdir()
+    for seed in range(2):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 50), dtype=np.uint8)).save(folder / f"{seed}.png")
+        Image.fromarray(np.eye(40, 50, dtype=np.uint8) * 255).save(masks / f"{seed}.png")
+    model = card_checkpoint(tmp_path / "skin.safetensors", resize_card())
+    notice = "the skin lesion model expects RGB colour images; this gray image was repeated to 3 channels"
+    code, out, err = run(capsys, "predict", str(model), str(folder), "--out", str(tmp_path / "o"), "--backend", "torch")
+    assert code == 0 and out.count(" -> ") == 2 and err.count(notice) == 1
+    code, out, err = run(capsys, "evaluate", str(model), "--images", str(folder), "--masks", str(masks), "--backend", "torch")
+    assert code == 0 and out.splitlines()[-1].startswith("pooled") and err.count(notice) == 1
