@@ -134,14 +134,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         for name, text in ARCHITECTURES.items()
     ]
     pretrained = [
-        {"name": p.name, "arch": p.config.arch, "description": p.description, "metrics": p.metrics, "path": str(p.path)}
+        {"name": p.name, "arch": p.config.arch, "task": p.card.task, "description": p.description, "metrics": p.metrics,
+         "path": str(p.path), "card": p.card.to_dict()}
         for p in pretrained_models().values()
     ]
     from .user_versions import list_versions, user_models_dir
 
     versions = [
-        {"name": v.name, "id": v.id, "arch": v.arch, "parent": v.parent, "created": v.created, "metrics": v.metrics,
-         "metrics_before": v.metrics_before, "path": str(v.path)}
+        {"name": v.name, "id": v.id, "arch": v.arch, "task": v.card.task, "parent": v.parent, "created": v.created,
+         "metrics": v.metrics, "metrics_before": v.metrics_before, "path": str(v.path), "card": v.card.to_dict()}
         for v in list_versions()
     ]
     if args.json:
@@ -150,22 +151,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("Architectures (default widths 16-256, t=2; untrained, for 'r2unet train'):")
     for a in archs:
         print(f"  {a['name']:<9} {a['parameters']:>9,} params  {a['description']}")
-    print("\nPretrained models (use as MODEL in predict/evaluate):")
+    print("\nPretrained models (use as MODEL in predict/evaluate; 'r2unet info MODEL' shows its card):")
     if not pretrained:
         print("  none shipped in this version yet; give a checkpoint path (.safetensors) instead")
     for p in pretrained:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items() if isinstance(v, (int, float)))
-        print(f"  {p['name']:<16} {p['arch']:<8} {scores}  {p['description']}")
+        print(f"  {p['name']:<16} {p['arch']:<8} {p['task'] or '-':<16} {scores}  {p['description']}")
     print(f"\nFine-tuned versions in {user_models_dir()} (use the name or the id as MODEL):")
     if not versions:
         print("  none yet (the napari Fine-tune widget writes them here; set R2UNET_MODELS_DIR to move the folder)")
     for v in versions:
         f1 = f"val F1 {v['metrics_before']['F1']:.4f} -> {v['metrics']['F1']:.4f}" if "F1" in v["metrics"] and "F1" in v["metrics_before"] else ""
-        print(f"  {v['name']:<28} {v['id']:<36} {v['arch']:<8} from {v['parent'] or '?'}  {v['created'][:16]}  {f1}")
+        print(f"  {v['name']:<28} {v['id']:<36} {v['arch']:<8} {v['task'] or '-':<16} from {v['parent'] or '?'}  {v['created'][:16]}  {f1}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .model_card import ModelCard
     from .model_names import resolve_config
     from .nets import ARCHITECTURES, build_model, count_parameters, flops_per_megapixel
 
@@ -189,7 +191,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         }
         if checkpoint is not None:
             row.update(preprocess=checkpoint.preprocess.to_dict(), class_names=list(checkpoint.class_names),
-                       provenance=checkpoint.provenance, sha256=checkpoint.sha256)
+                       provenance=checkpoint.provenance, sha256=checkpoint.sha256, card=checkpoint.model_card.to_dict())
         rows.append(row)
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
@@ -203,8 +205,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     for r in rows:
         if "provenance" in r:
             print(f"\n{r['model']}: preprocess {r['preprocess']}, classes {r['class_names']}, sha256 {r['sha256'][:16]}...")
+            print("  model card:")
+            for line in ModelCard.from_dict(r["card"]).lines():
+                print(f"    {line}")
+            print("  provenance:")
             for k, v in sorted(r["provenance"].items()):
-                print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+                print(f"    {k}: {json.dumps(v) if not isinstance(v, str) else v}")
     return 0
 
 

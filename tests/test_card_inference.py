@@ -1,5 +1,5 @@
-"""Card-driven inference: the resize geometry, and the card's threshold and post-processing in
-the CLI. Small synthetic checkpoints made here."""
+"""Card-driven inference: the resize geometry, the card's threshold and post-processing in the
+CLI, and the card shown by ``r2unet models`` / ``info``. Small synthetic checkpoints made here."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import tifffile
 import torch
 from PIL import Image
 
+from src_models import checkpoint_files
 from src_models.checkpoint import load_checkpoint, save_checkpoint
 from src_models.cli import main
 from src_models.errors import CancelledError, R2UNetError
@@ -234,3 +235,26 @@ def test_channel_notice_is_said_once_per_run(capsys, tmp_path):
     assert code == 0 and out.count(" -> ") == 2 and err.count(notice) == 1
     code, out, err = run(capsys, "evaluate", str(model), "--images", str(folder), "--masks", str(masks), "--backend", "torch")
     assert code == 0 and out.splitlines()[-1].startswith("pooled") and err.count(notice) == 1
+
+
+def test_models_and_info_show_the_card(capsys, tmp_path, monkeypatch, user_models_dir):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    card_checkpoint(weights / "toy-skin.safetensors", resize_card(data="synthetic", licence="CC0"))
+    monkeypatch.setattr(checkpoint_files, "WEIGHTS_DIR", weights)
+    user_models_dir.mkdir()
+    card_checkpoint(user_models_dir / "toy-lung.safetensors", ModelCard(task="lung fields"), "gray")
+    code, out, _ = run(capsys, "models", "--json")
+    data = json.loads(out)
+    assert code == 0 and [(p["name"], p["task"]) for p in data["pretrained"]] == [("toy-skin", "skin lesion")]
+    assert data["pretrained"][0]["card"]["geometry"] == {"kind": "resize", "size": SIZE}
+    assert [v["task"] for v in data["versions"]] == ["lung fields"]
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and any("toy-skin" in line and "skin lesion" in line for line in out.splitlines())
+    assert any("toy-lung" in line and "lung fields" in line for line in out.splitlines())
+    code, out, _ = run(capsys, "info", "toy-skin")
+    card = load_checkpoint(weights / "toy-skin.safetensors").model_card
+    assert code == 0 and all(f"    {line}" in out.splitlines() for line in card.lines())
+    assert "    geometry: resize to 64x64 (aspect kept, padded; probabilities resized back)" in out.splitlines()
+    code, out, _ = run(capsys, "info", "toy-skin", "--json")
+    assert ModelCard.from_dict(json.loads(out)["card"]) == card
