@@ -8,7 +8,8 @@ DRIVE test images against ``1st_manual`` inside the FOV masks, all pixels pooled
 the DRIVE README), threshold 0.5; measure the second human observer the same way; write
 docs/RESULTS.md and, if matplotlib is installed, docs/training_curves.png from each run's
 ``.history.json``. With ``--install`` the checkpoints are copied into ``src_models/weights/``
-with the test-set metrics added to their provenance (the validation metrics are kept).
+with the test-set metrics added to their provenance (the validation metrics are kept) and to their
+model card (the rest of the card is kept).
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def main() -> None:
             installed["metrics"] = {k: round(v, 4) for k, v in metrics.items()}
             installed["metrics_on"] = "DRIVE test set, 20 images, 1st_manual, inside FOV, pooled, threshold 0.5"
             installed["license"] = "weights: BSD-3-Clause (this project); trained on DRIVE (research use)"
-            save_checkpoint(weights, ck.state_dict, ck.config, ck.preprocess, ck.class_names, installed)
+            # the card travels with the weights (task, geometry, threshold, ...), with the test-set numbers
+            card = ck.model_card.with_(metrics=installed["metrics"], metrics_on=installed["metrics_on"],
+                                       licence=ck.model_card.licence or installed["license"])
+            save_checkpoint(weights, ck.state_dict, ck.config, ck.preprocess, ck.class_names, installed, card=card)
             print(f"installed {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
     human = second_observer(args.drive)
     curves = plot_curves(runs, ROOT / "docs" / "training_curves.png") if runs else False

@@ -96,10 +96,31 @@ def _segmenter(args: argparse.Namespace) -> Any:
     return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend)
 
 
-def _predict_options(args: argparse.Namespace) -> Any:
-    from .predict import PredictOptions
+def _predict_options(args: argparse.Namespace, checkpoint: Any) -> Any:
+    """The run's options: the card's threshold and post-processing unless --threshold / --no-postprocess."""
+    from .predict import card_options
 
-    return PredictOptions(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, threshold=args.threshold, stack=args.stack)
+    return card_options(checkpoint, args.threshold, not args.no_postprocess, tile=args.tile, overlap=args.overlap,
+                        batch_size=args.batch_size, stack=args.stack)
+
+
+def _options_line(args: argparse.Namespace, options: Any) -> str:
+    """Which threshold and post-processing a run uses, and where they come from."""
+    threshold = "--threshold" if args.threshold is not None else "the model card"
+    post = "--no-postprocess" if args.no_postprocess else "the model card"
+    return f"threshold {options.threshold:g} ({threshold}); post-processing: {options.postprocess.describe()} ({post})"
+
+
+def _log_once() -> Callable[[str], None]:
+    """A :func:`_log` that says each distinct line once per run (a notice shared by many images)."""
+    said: set[str] = set()
+
+    def log(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            _log(message)
+
+    return log
 
 
 @contextlib.contextmanager
@@ -121,14 +142,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         for name, text in ARCHITECTURES.items()
     ]
     pretrained = [
-        {"name": p.name, "arch": p.config.arch, "description": p.description, "metrics": p.metrics, "path": str(p.path)}
+        {"name": p.name, "arch": p.config.arch, "task": p.card.task, "description": p.description, "metrics": p.metrics,
+         "path": str(p.path), "card": p.card.to_dict()}
         for p in pretrained_models().values()
     ]
     from .user_versions import list_versions, user_models_dir
 
     versions = [
-        {"name": v.name, "id": v.id, "arch": v.arch, "parent": v.parent, "created": v.created, "metrics": v.metrics,
-         "metrics_before": v.metrics_before, "path": str(v.path)}
+        {"name": v.name, "id": v.id, "arch": v.arch, "task": v.card.task, "parent": v.parent, "created": v.created,
+         "metrics": v.metrics, "metrics_before": v.metrics_before, "path": str(v.path), "card": v.card.to_dict()}
         for v in list_versions()
     ]
     if args.json:
@@ -137,22 +159,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("Architectures (default widths 16-256, t=2; untrained, for 'r2unet train'):")
     for a in archs:
         print(f"  {a['name']:<9} {a['parameters']:>9,} params  {a['description']}")
-    print("\nPretrained models (use as MODEL in predict/evaluate):")
+    print("\nPretrained models (use as MODEL in predict/evaluate; 'r2unet info MODEL' shows its card):")
     if not pretrained:
         print("  none shipped in this version yet; give a checkpoint path (.safetensors) instead")
     for p in pretrained:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items() if isinstance(v, (int, float)))
-        print(f"  {p['name']:<16} {p['arch']:<8} {scores}  {p['description']}")
+        print(f"  {p['name']:<16} {p['arch']:<8} {p['task'] or '-':<16} {scores}  {p['description']}")
     print(f"\nFine-tuned versions in {user_models_dir()} (use the name or the id as MODEL):")
     if not versions:
         print("  none yet (the napari Fine-tune widget writes them here; set R2UNET_MODELS_DIR to move the folder)")
     for v in versions:
         f1 = f"val F1 {v['metrics_before']['F1']:.4f} -> {v['metrics']['F1']:.4f}" if "F1" in v["metrics"] and "F1" in v["metrics_before"] else ""
-        print(f"  {v['name']:<28} {v['id']:<36} {v['arch']:<8} from {v['parent'] or '?'}  {v['created'][:16]}  {f1}")
+        print(f"  {v['name']:<28} {v['id']:<36} {v['arch']:<8} {v['task'] or '-':<16} from {v['parent'] or '?'}  {v['created'][:16]}  {f1}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .model_card import ModelCard
     from .model_names import resolve_config
     from .nets import ARCHITECTURES, build_model, count_parameters, flops_per_megapixel
 
@@ -176,7 +199,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         }
         if checkpoint is not None:
             row.update(preprocess=checkpoint.preprocess.to_dict(), class_names=list(checkpoint.class_names),
-                       provenance=checkpoint.provenance, sha256=checkpoint.sha256)
+                       provenance=checkpoint.provenance, sha256=checkpoint.sha256, card=checkpoint.model_card.to_dict())
         rows.append(row)
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
@@ -190,8 +213,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     for r in rows:
         if "provenance" in r:
             print(f"\n{r['model']}: preprocess {r['preprocess']}, classes {r['class_names']}, sha256 {r['sha256'][:16]}...")
+            print("  model card:")
+            for line in ModelCard.from_dict(r["card"]).lines():
+                print(f"    {line}")
+            print("  provenance:")
             for k, v in sorted(r["provenance"].items()):
-                print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+                print(f"    {k}: {json.dumps(v) if not isinstance(v, str) else v}")
     return 0
 
 
@@ -206,49 +233,69 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise R2UNetError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
     from .predict import predict_file
 
-    options = _predict_options(args)
+    options = _predict_options(args, segmenter.checkpoint)
+    print(_options_line(args, options), flush=True)  # stdout: stderr keeps one line per error
+    notice = _log_once()
     for i, (path, (mask_path, prob_path)) in enumerate(zip(files, outputs), 1):
         with _progress(f"[{i}/{len(files)}] {path.name}") as bar:
-            fraction = predict_file(segmenter, path, mask_path, prob_path, options, bar, log=_log)
+            fraction = predict_file(segmenter, path, mask_path, prob_path, options, bar, notice=notice, log=_log)
         print(f"{path} -> {mask_path}  ({fraction:.1%} foreground)")
     return 0
 
 
+def _evaluate_image(segmenter: Any, sample: Any, options: Any, pooled: Any, notice: Callable[[str], None],
+                    progress: Callable[[float], None]) -> tuple[dict[str, float], Any]:
+    """One image's metrics (AUC from the probabilities, the rest from the post-processed mask),
+    added to ``pooled``; and its ground truth inside the field of view."""
+    from .data import read_image_with_meta, read_mask
+    from .predict import channel_notice, final_labels, options_for, predict_array
+
+    image, meta = read_image_with_meta(sample.image)
+    options = options_for(options, meta)
+    mask = read_mask(sample.mask)
+    fov = read_mask(sample.fov) if sample.fov else None
+    probs = predict_array(segmenter, image, options, sample.image.name, progress)
+    foreground = probs[..., 0, :, :]  # P(foreground): (H, W), or (Z, H, W) for a volume (metrics over all its voxels)
+    if foreground.shape != mask.shape:
+        raise R2UNetError(f"image {sample.image.name} is {tuple(foreground.shape)} pixels but its mask {sample.mask.name} is {mask.shape}; masks must match their images")
+    metrics = pooled.add(foreground, mask, fov, predicted=final_labels(probs, options, binary=True))
+    line = channel_notice(segmenter, image, options)
+    if line:
+        notice(line)
+    return metrics, (mask[fov > 0] if fov is not None else mask)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import pair_files, read_image_with_meta, read_mask
-    from .metrics import METRIC_NAMES, MetricAccumulator
-    from .predict import options_for, predict_array
+    from .data import pair_files
+    from .metrics import METRIC_NAMES, MetricAccumulator, mean_metrics
 
     samples = pair_files(args.images, args.masks, args.fov)
     segmenter = _segmenter(args)
     if segmenter.checkpoint.config.out_channels != 1:
         raise R2UNetError("evaluate computes binary metrics; this model is multi-class")
-    pooled = MetricAccumulator(threshold=args.threshold)
-    per_image = []
-    options = _predict_options(args)
+    options = _predict_options(args, segmenter.checkpoint)
+    pooled = MetricAccumulator(threshold=options.threshold)
+    per_image, notice = [], _log_once()
+    if not args.json:
+        print(_options_line(args, options), flush=True)
     for i, sample in enumerate(samples, 1):
-        image, meta = read_image_with_meta(sample.image)
-        mask = read_mask(sample.mask)
-        fov = read_mask(sample.fov) if sample.fov else None
         with _progress(f"[{i}/{len(samples)}] {sample.image.name}") as bar:
-            probs = predict_array(segmenter, image, options_for(options, meta), sample.image.name, bar)
-        probs = probs[..., 0, :, :]  # P(foreground): (H, W), or (Z, H, W) for a volume (metrics over all its voxels)
-        if probs.shape != mask.shape:
-            raise R2UNetError(f"image {sample.image.name} is {tuple(probs.shape)} pixels but its mask {sample.mask.name} is {mask.shape}; masks must match their images")
-        metrics = pooled.add(probs, mask, fov)
+            metrics, inside = _evaluate_image(segmenter, sample, options, pooled, notice, bar)
         per_image.append({"id": sample.id, "image": str(sample.image), "metrics": metrics})
         if not args.json:
             print(f"{sample.id:<12} " + "  ".join(f"{k} {_fmt(metrics[k])}" for k in METRIC_NAMES), flush=True)
-            inside = mask[fov > 0] if fov is not None else mask
             if inside.size and (inside.min() == inside.max()):
                 kind = "foreground" if inside.min() > 0 else "background"
                 _log(f"note: the mask of {sample.id} is all {kind}, so some of its metrics are undefined (nan); the pooled ones still count its pixels")
-    result = pooled.pooled()
+    result, mean = pooled.pooled(), mean_metrics([p["metrics"] for p in per_image])
     if args.json:
-        print(json.dumps({"model": args.model, "threshold": args.threshold, "fov": args.fov is not None,
-                          "images": per_image, "pooled": result, "confusion": pooled.confusion_dict()}, indent=2))
+        post = options.postprocess
+        print(json.dumps({"model": args.model, "threshold": options.threshold, "fov": args.fov is not None,
+                          "postprocess": {"kind": post.kind, "count": post.count, "fill_holes": post.fill_holes},
+                          "images": per_image, "mean": mean, "pooled": result, "confusion": pooled.confusion_dict()}, indent=2))
     else:
-        print(f"{'pooled':<12} " + "  ".join(f"{k} {_fmt(result[k])}" for k in METRIC_NAMES))
+        print(f"{'mean':<12} " + "  ".join(f"{k} {_fmt(mean[k])}" for k in METRIC_NAMES) + "  (per image, nan left out)")
+        print(f"{'pooled':<12} " + "  ".join(f"{k} {_fmt(result[k])}" for k in METRIC_NAMES) + "  (all pixels)")
     return 0
 
 
@@ -285,7 +332,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=None, help=f"overlap of neighbouring tiles, as a fraction of the largest tile, at most {MAX_OVERLAP:g} "
                    f"(default: {AUTO_OVERLAP_PIXELS} pixels, {AUTO_OVERLAP_PIXELS / AUTO_TILE:g} of {AUTO_TILE})")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help=f"probability threshold for the mask (default: {DEFAULT_THRESHOLD:g})")
+    p.add_argument("--threshold", type=float, default=None, help=f"probability threshold for the mask (default: the model card's; {DEFAULT_THRESHOLD:g} for models without one)")
+    p.add_argument("--no-postprocess", action="store_true", help="keep the thresholded mask as it is (default: the model card's post-processing, e.g. keep the largest component, fill holes)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto: onnxruntime on the CPU when installed (about 2x faster, same results), else PyTorch")
@@ -312,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("predict", help="segment image files", description="Segment images; write OUT/<stem>.tif (uint8 mask 0/255, or class labels; for a NIfTI input OUT/<stem>.nii.gz, a label volume with its affine) and optionally OUT/<stem>_prob.tif (float32).")
+    p = sub.add_parser("predict", help="segment image files", description="Segment images; write OUT/<stem>.tif (uint8 mask 0/255, or class labels; thresholded and post-processed as the model card says; for a NIfTI input OUT/<stem>.nii.gz, a label volume with its affine) and optionally OUT/<stem>_prob.tif (float32). A model whose card's geometry is 'resize' sees each whole image letterboxed to its training size: --tile, --overlap and --batch-size have no effect there.")
     p.add_argument("model", metavar="MODEL", help="pretrained name or checkpoint path")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
@@ -320,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="metrics against ground-truth masks", description="Predict every image and report SE, SP, ACC, F1, Jaccard and AUC per image and pooled over all (FOV) pixels.")
+    p = sub.add_parser("evaluate", help="metrics against ground-truth masks", description="Predict every image and report SE, SP, ACC, F1 (Dice), Jaccard and AUC per image, their mean over images and pooled over all (FOV) pixels. AUC comes from the probabilities, the rest from the mask thresholded and post-processed as the model card says (see --threshold, --no-postprocess).")
     p.add_argument("model", metavar="MODEL", help="pretrained name or checkpoint path")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of ground-truth masks (paired by sample ID)")

@@ -14,6 +14,10 @@ This module owns running a model over images of any size (the tiling itself is
 - The default tiling: images up to :data:`~src_models.settings.AUTO_WHOLE_IMAGE_PIXELS` run
   whole (if memory allows), larger ones in tiles of at most :data:`~src_models.settings.AUTO_TILE`
   pixels overlapping by :data:`~src_models.settings.AUTO_OVERLAP_PIXELS` pixels.
+- The checkpoint's model card decides the geometry: ``tiled`` runs the tiler above at native
+  resolution; ``resize`` normalises the whole image, letterboxes it to the card's size
+  (:mod:`src_models.geometry`, exactly as training's samples were), runs ONE forward pass and
+  resizes the probabilities back, so ``tile`` and ``overlap`` have no effect there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from .checkpoint import Checkpoint
 from .devices import is_out_of_memory, select_device
 from .errors import CancelledError, R2UNetError
+from .geometry import letterbox, unletterbox
 from .nets import logits_to_probabilities
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
 from .resources import HEADROOM, available_memory, require_memory
@@ -70,6 +75,7 @@ class Segmenter:
             torch.backends.cudnn.benchmark = True  # tiles share one shape: let cuDNN pick its fastest kernels once
         self.in_channels = checkpoint.config.in_channels
         self.size_multiple = checkpoint.config.size_multiple
+        self.geometry = checkpoint.model_card.geometry  # tiled (native resolution) or resize (letterboxed)
 
     def _choose_backend(self, backend: str) -> str:
         """torch, or onnxruntime on the CPU (about 2x faster, same results to ~1e-6); auto = the fastest that works."""
@@ -201,14 +207,16 @@ class Segmenter:
         elif tile > MIN_TILE:
             tile = max(MIN_TILE, tile // 2)
             self.log(f"out of memory: retrying with {tile}-pixel tiles")
-        elif self.device.type != "cpu":
-            self._move_to_cpu()
-            self.log("out of memory on the accelerator: retrying on the CPU")
         else:
-            raise R2UNetError(
-                f"out of memory even with batch 1 and {tile}-pixel tiles on the CPU; close other programs or use a smaller image"
-            ) from exc
+            self._retry_on_cpu(exc, f"batch 1 and {tile}-pixel tiles")
         return batch_size, tile
+
+    def _retry_on_cpu(self, exc: BaseException, what: str) -> None:
+        """The last out-of-memory resort: move to the CPU, or say what already ran out there."""
+        if self.device.type == "cpu":
+            raise R2UNetError(f"out of memory even with {what} on the CPU; close other programs or use a smaller image") from exc
+        self._move_to_cpu()
+        self.log("out of memory on the accelerator: retrying on the CPU")
 
     # -- one 2D image -------------------------------------------------------------------
     def predict(
@@ -229,10 +237,14 @@ class Segmenter:
         at most AUTO_TILE pixels, evened out; ``overlap=None`` is AUTO_OVERLAP_PIXELS of whatever
         tile the run ends up using; ``out`` may be a :class:`~src_models.labels.LabelSink`;
         ``batch_size=None`` is 1 on the CPU (batching gains nothing there and costs memory), 4 on
-        accelerators.
+        accelerators. A model whose card's geometry is ``resize`` ignores ``tile``, ``overlap``
+        and ``batch_size`` (:meth:`_predict_resized`: one letterboxed input per image).
         """
-        batch_size = batch_size or (1 if self.device.type == "cpu" else 4)
         chw = to_chw(image, channel_axis)
+        if self.geometry.kind == "resize":
+            self._check_input(chw, None)
+            return self._predict_resized(chw, progress, should_stop, out)
+        batch_size = batch_size or (1 if self.device.type == "cpu" else 4)
         self._check_input(chw, tile)
         tile = tile or self.auto_tile(*chw.shape[1:])
         self._require_memory(chw, tile, batch_size, whole_result=out is None)
@@ -253,6 +265,50 @@ class Segmenter:
                     batch_size, tile = self._after_out_of_memory(exc, batch_size, tile)
         finally:
             self._should_stop = None
+
+    def _predict_resized(self, chw: Any, progress: Progress | None, should_stop: ShouldStop | None, out: Any) -> Any:
+        """The ``resize`` geometry: ``(C, H, W)`` -> ``(K, H, W)`` through ONE ``size x size`` input.
+
+        The statistics are measured on the whole native image and applied to it (as training's
+        ``make_sample``), the result is letterboxed to the card's size (as ``letterbox_sample``),
+        edge-padded to the network's size multiple (what the network does itself, done here so
+        that onnxruntime gets a shape it takes), run through :meth:`_predict_batch` (TTA, backend,
+        Cancel inside the network) and resized back (:func:`~src_models.geometry.unletterbox`).
+        """
+        size, m = self.geometry.size, self.size_multiple
+        assert size is not None
+        k, (c, h, w) = self.checkpoint.config.out_channels, chw.shape
+        side = padded_size(size, m)
+        # the raw and normalised image (and skimage's float64 planes), the result, the network on one input
+        require_memory(4 * (2 * c + k + 4) * h * w + (ACTIVATION_BYTES_PER_PIXEL + 4 * (c + k)) * side * side,
+                       f"segmenting a {h} x {w} image", "close other programs, downsample the image, or use a machine with more memory")
+        if progress is not None:
+            progress(0.0)
+        config = self.checkpoint.preprocess
+        boxed, box = letterbox(normalize_tile(chw, measure_stats(chw, config), config), size)
+        batch = np.pad(boxed, ((0, 0), (0, side - size), (0, side - size)), mode="edge")[None]
+        self._should_stop = should_stop  # polled inside the network too (_predict_batch)
+        try:
+            while True:
+                if should_stop is not None and should_stop():
+                    raise CancelledError()
+                try:
+                    probs = self._predict_batch(batch)[0, :, :size, :size]
+                    break
+                except (RuntimeError, MemoryError) as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    self._retry_on_cpu(exc, f"one {size} x {size} input")
+        finally:
+            self._should_stop = None
+        result = unletterbox(np.ascontiguousarray(probs), box)
+        if out is None:
+            out = result
+        else:
+            out[:, 0:h] = result  # a LabelSink thresholds it as one band of rows
+        if progress is not None:
+            progress(1.0)
+        return out
 
     # -- stacks and time series -----------------------------------------------------------
     def predict_stack(
@@ -277,7 +333,8 @@ class Segmenter:
                        f"segmenting a stack of {int(np.prod(leading or (1,)))} slices of {h} x {w}",
                        "segment fewer slices at a time, or run it on a machine with more memory")
         slices = list(np.ndindex(*leading)) or [()]
-        if kwargs.get("tile") is None:  # decided once: every slice tiled alike, whatever memory does meanwhile
+        if kwargs.get("tile") is None and self.geometry.kind == "tiled":
+            # decided once: every slice tiled alike, whatever memory does meanwhile
             kwargs["tile"] = self.auto_tile(h, w)
         result: np.ndarray | None = None
         for i, index in enumerate(slices):

@@ -68,11 +68,16 @@ def _flatten(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None) -> tu
     return prob.ravel().astype(np.float64, copy=False), target.ravel().astype(bool)
 
 
+def _count(predicted: np.ndarray, target: np.ndarray) -> Confusion:
+    """Confusion counts of flat boolean ``predicted`` against flat boolean ``target``."""
+    counts = np.bincount(predicted.astype(np.int64) * 2 + target, minlength=4)
+    return Confusion(tp=int(counts[3]), fp=int(counts[2]), tn=int(counts[0]), fn=int(counts[1]))
+
+
 def confusion(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None, threshold: float = DEFAULT_THRESHOLD) -> Confusion:
     """Confusion counts of ``prob >= threshold`` against the binary ``target`` inside ``fov``."""
     p, t = _flatten(prob, target, fov)
-    counts = np.bincount((p >= threshold).astype(np.int64) * 2 + t, minlength=4)
-    return Confusion(tp=int(counts[3]), fp=int(counts[2]), tn=int(counts[0]), fn=int(counts[1]))
+    return _count(p >= threshold, t)
 
 
 def roc_auc(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None) -> float:
@@ -112,13 +117,20 @@ class MetricAccumulator:
     _probs: list[np.ndarray] = field(default_factory=list, repr=False)
     _targets: list[np.ndarray] = field(default_factory=list, repr=False)
 
-    def add(self, prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None) -> dict[str, float]:
-        """Add one image; returns its own metrics."""
+    def add(self, prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None,
+            predicted: np.ndarray | None = None) -> dict[str, float]:
+        """Add one image; returns its own metrics.
+
+        ``predicted``, a 0/1 mask of ``target``'s shape (e.g. thresholded and post-processed),
+        replaces ``prob >= threshold`` for the thresholded metrics; AUC always comes from ``prob``.
+        """
         p, t = _flatten(prob, target, fov)
-        self.counts = self.counts + confusion(p, t, None, self.threshold)
+        hits = p >= self.threshold if predicted is None else _flatten(predicted, target, fov)[0] > 0
+        counts = _count(hits, t)
+        self.counts = self.counts + counts
         self._probs.append(p)
         self._targets.append(t)
-        one = confusion(p, t, None, self.threshold).metrics()
+        one = counts.metrics()
         one["AUC"] = roc_auc(p, t)
         return one
 
@@ -131,3 +143,14 @@ class MetricAccumulator:
 
     def confusion_dict(self) -> dict[str, int]:
         return asdict(self.counts)
+
+
+def mean_metrics(per_image: list[dict[str, float]]) -> dict[str, float]:
+    """The mean over images of each of :data:`METRIC_NAMES`, leaving out an image's NaN (undefined)
+    values; NaN where no image has one (ISIC 2017's lesion segmentation ranks by the mean per-image
+    Jaccard, where the pooled figures weigh large images more)."""
+    means = {}
+    for name in METRIC_NAMES:
+        values = [m[name] for m in per_image if name in m and not np.isnan(m[name])]
+        means[name] = float(np.mean(values)) if values else float("nan")
+    return means

@@ -14,24 +14,26 @@ file's own metadata, so there is no second list to keep in sync and nothing to d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint_files
 from .checkpoint import LEGACY_SUFFIXES, Checkpoint, load_checkpoint
 from .errors import R2UNetError
+from .model_card import ModelCard
 from .nets import ARCHITECTURES, ModelConfig
 
 
 @dataclass(frozen=True)
 class PretrainedInfo:
-    """What ``r2unet models`` shows for one shipped checkpoint (read from its metadata)."""
+    """What ``r2unet models`` shows for one shipped checkpoint (read from its metadata, its card included)."""
 
     name: str
     path: Path
     config: ModelConfig
     provenance: dict[str, Any]
+    card: ModelCard = field(default_factory=ModelCard)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -45,7 +47,7 @@ class PretrainedInfo:
 def pretrained_models(weights_dir: Path | None = None) -> dict[str, PretrainedInfo]:
     """Shipped pretrained models by name (reads only the small JSON headers)."""
     return {
-        name: PretrainedInfo(name, entry["path"], ModelConfig.from_dict(entry["config"]), entry["provenance"])
+        name: PretrainedInfo(name, entry["path"], ModelConfig.from_dict(entry["config"]), entry["provenance"], entry["card"])
         for name, entry in checkpoint_files.pretrained_catalog(weights_dir).items()
     }
 

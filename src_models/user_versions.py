@@ -28,6 +28,7 @@ from typing import Any
 from .checkpoint_files import describe
 from .errors import R2UNetError
 from .fileio import atomic_copy, atomic_write, user_folder
+from .model_card import ModelCard
 
 MODELS_ENV = "R2UNET_MODELS_DIR"
 NAMES_FILE = "names.json"
@@ -61,6 +62,7 @@ class Version:
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_before: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    card: ModelCard = field(default_factory=ModelCard)  # from the checkpoint (task, geometry, threshold, ...)
 
     @property
     def id(self) -> str:
@@ -119,6 +121,7 @@ def list_versions(folder: Path | None = None) -> list[Version]:
             metrics=_numbers(prov.get("metrics")),
             metrics_before=_numbers(prov.get("metrics_before")),
             provenance=prov,
+            card=entry["card"],
         ))
     return sorted(versions, key=lambda v: (v.created, v.id))
 
