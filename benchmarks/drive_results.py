@@ -29,6 +29,7 @@ from src_models.training import history_path
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_HEADING = "## Fine-tuning on a new kind of image"
+OTHER_HEADINGS = (FINETUNE_HEADING, "## Skin lesions (ISIC 2017) and lung fields (chest X-ray)")  # benchmarks/task_results.py
 PAPER = {  # Alom et al. 2018, as quoted in ../shared/datasets/DRIVE/README.md
     "U-Net (paper)": {"F1": 0.8142, "SE": 0.7537, "SP": 0.9820, "ACC": 0.9531, "AUC": 0.9755},
     "ResU-Net (paper)": {"F1": 0.8149, "SE": 0.7726, "SP": 0.9820, "ACC": 0.9553, "AUC": 0.9779},
@@ -189,9 +190,11 @@ def main() -> None:
         lines += ["## Training curves", "", "![training curves](training_curves.png)", ""]
     (ROOT / "docs").mkdir(exist_ok=True)
     results = ROOT / "docs" / "RESULTS.md"
-    kept = ""  # sections written by other benchmarks (fine-tuning) stay as they are
-    if results.exists() and FINETUNE_HEADING in results.read_text():
-        kept = results.read_text()[results.read_text().index(FINETUNE_HEADING):]
+    kept = ""  # sections written by other benchmarks (fine-tuning, the other tasks) stay as they are
+    old = results.read_text() if results.exists() else ""
+    starts = [old.index(h) for h in OTHER_HEADINGS if h in old]
+    if starts:
+        kept = old[min(starts):]
     results.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
     print("wrote docs/RESULTS.md")
 

@@ -1,0 +1,150 @@
+"""Skin-lesion and lung-field results of the ``resize``-geometry models, their installation and
+their section of docs/RESULTS.md.
+
+Usage:
+    .venv/bin/python benchmarks/task_results.py [--runs runs] [--install] [--datasets ../shared/datasets]
+
+For each ``RUNS/{r2unet,unet}-{skin,lung}.safetensors`` (written by ``r2unet train --geometry
+resize``): run ``r2unet evaluate --json`` on the task's test split (ISIC 2017 val/, 150 pairs;
+CXR-Lungs test/, 55 pairs), once with the card's threshold and post-processing and once with
+``--no-postprocess``; write the section of docs/RESULTS.md headed :data:`HEADING` (the DRIVE and
+fine-tuning sections are kept). With ``--install`` each checkpoint is copied into
+``src_models/weights/`` with the test metrics (post-processed, pooled and per-image means) and a
+short data name in its model card, so ``r2unet models`` and the napari menu show them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADING = "## Skin lesions (ISIC 2017) and lung fields (chest X-ray)"
+TASKS = {  # task -> test split, short data name for menus, reference figures, targets (must, aim)
+    "skin": {"images": "ISIC2017/val/images", "masks": "ISIC2017/val/masks", "short": "ISIC 2017",
+             "split": "ISIC 2017 val (150 images, the challenge's validation set)",
+             "references": ["R2U-Net as reported for the paper's skin test set: Dice 0.8920 (another split)",
+                            "ISIC 2017 winner (Yuan et al.) on its test set: Dice about 0.849, mean Jaccard 0.765"],
+             "targets": [("pooled Dice", "pooled", "F1", 0.85, 0.89), ("mean per-image Jaccard", "mean", "JS", 0.765, 0.80)]},
+    "lung": {"images": "CXR-Lungs/test/images", "masks": "CXR-Lungs/test/masks", "short": "chest X-ray",
+             "split": "CXR-Lungs test (55 images, every 5th by name)",
+             "references": ["U-Net-type networks on public chest X-ray sets (JSRT, Montgomery): Dice about 0.97-0.98"],
+             "targets": [("pooled Dice", "pooled", "F1", 0.965, 0.975)]},
+}
+ARCHS = ("r2unet", "unet")
+
+
+def evaluate(model: Path, images: Path, masks: Path, postprocess: bool = True) -> tuple[dict, float]:
+    """``r2unet evaluate --json`` on one split: its JSON result and the seconds per image."""
+    command = [sys.executable, "-m", "src_models.cli", "evaluate", str(model), "--images", str(images),
+               "--masks", str(masks), "--device", "cpu", "--json"] + ([] if postprocess else ["--no-postprocess"])
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"evaluate failed for {model}: {done.stderr.strip()[-500:]}")
+    result = json.loads(done.stdout)
+    return result, (time.perf_counter() - start) / max(1, len(result["images"]))
+
+
+def _row(name: str, result: dict, seconds: float) -> str:
+    pooled, mean = result["pooled"], result["mean"]
+    cells = [pooled["F1"], pooled["JS"], mean["F1"], mean["JS"], pooled["SE"], pooled["SP"], pooled["AUC"]]
+    return f"| {name} | " + " | ".join(f"{v:.4f}" for v in cells) + f" | {seconds:.2f} |"
+
+
+def _targets(task: str, results: dict[str, dict]) -> list[str]:
+    lines = []
+    for label, where, key, must, aim in TASKS[task]["targets"]:
+        for arch in ARCHS:
+            if arch in results:
+                value = results[arch][where][key]
+                verdict = "aim met" if value >= aim else "must met, aim not" if value >= must else "NOT met"
+                lines.append(f"- {arch}-{task} {label} {value:.4f}: must >= {must}, aim >= {aim}: {verdict}.")
+    return lines
+
+
+def _details(path: Path, seconds: float) -> str:
+    from src_models.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    prov, card = ck.provenance, ck.model_card
+    params = sum(v.numel() for k, v in ck.state_dict.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    train = prov.get("train_config", {})
+    return (f"- `{path.stem}`: {ck.config.arch}, widths {list(ck.config.widths)}, t={ck.config.t}, {params:,} parameters, "
+            f"{path.stat().st_size / 1e6:.1f} MB; {card.geometry.describe()}; threshold {card.threshold:g}, post-processing "
+            f"{card.postprocess.describe()}; best epoch {prov.get('best_epoch')} of {train.get('epochs')} "
+            f"({prov.get('budget')}), seed {train.get('seed')}, augmentation rotate {train.get('rotate')} deg, "
+            f"scale {train.get('scale')}, rot90 {train.get('rot90')}; training wall time to the best epoch "
+            f"{prov.get('wall_time_s', 0) / 60:.0f} min on {prov.get('machine')}; evaluation {seconds:.2f} s per test image "
+            f"(read, infer, write; whole command).\n  Command (its last invocation): `{prov.get('command')}`")
+
+
+def install(path: Path, task: str, result: dict) -> Path:
+    from src_models.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(path)
+    metrics = {**{k: round(v, 4) for k, v in result["pooled"].items()},
+               **{f"mean {k}": round(v, 4) for k, v in result["mean"].items() if k in ("F1", "JS")}}
+    card = ck.model_card.with_(metrics=metrics, data_short=TASKS[task]["short"],
+                               metrics_on=f"{TASKS[task]['split']}, pooled (and mean per image), card threshold and post-processing")
+    provenance = {**ck.provenance, "validation_metrics": ck.provenance.get("metrics", {}), "metrics": metrics,
+                  "metrics_on": card.metrics_on}
+    target = ROOT / "src_models" / "weights" / path.name
+    save_checkpoint(target, ck.state_dict, ck.config, ck.preprocess, ck.class_names, provenance, card=card)
+    return target
+
+
+def write_section(lines: list[str], results: Path = ROOT / "docs" / "RESULTS.md") -> None:
+    """Replace (or add) this script's section of ``results``, keeping the others."""
+    text = results.read_text() if results.exists() else "# Results\n"
+    section = "\n".join([HEADING, "", *lines, ""])
+    if HEADING in text:
+        start = text.index(HEADING)
+        end = text.find("\n## ", start + len(HEADING))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--install", action="store_true", help="copy the evaluated checkpoints into src_models/weights/")
+    args = parser.parse_args()
+    lines = ["Reproduce with `.venv/bin/python benchmarks/task_results.py` after the training commands below; each",
+             "row is `r2unet evaluate MODEL --images ... --masks ...` on the task's test split (`--json`), with the",
+             "card's threshold and post-processing, and once more with `--no-postprocess`. Dice = F1; pooled figures",
+             "count all pixels of the split, mean figures average the images (ISIC ranks by the mean Jaccard).", ""]
+    for task, spec in TASKS.items():
+        images, masks = args.datasets / spec["images"], args.datasets / spec["masks"]
+        runs = [args.runs / f"{arch}-{task}.safetensors" for arch in ARCHS if (args.runs / f"{arch}-{task}.safetensors").exists()]
+        if not runs or not images.is_dir():
+            print(f"{task}: no runs in {args.runs} or no data in {images}: skipped")
+            continue
+        rows, details, results = [], [], {}
+        for run in runs:
+            result, seconds = evaluate(run, images, masks)
+            raw, _ = evaluate(run, images, masks, postprocess=False)
+            arch = run.stem.split("-")[0]
+            results[arch] = result
+            print(f"{run.stem}: pooled Dice {result['pooled']['F1']:.4f}, mean Jaccard {result['mean']['JS']:.4f}")
+            rows += [_row(f"**{run.stem}**", result, seconds), _row(f"{run.stem}, `--no-postprocess`", raw, seconds)]
+            details.append(_details(run, seconds))
+            if args.install:
+                print(f"installed {install(run, task, result)}")
+        lines += [f"### {spec['split']}", "",
+                  "| model | pooled Dice | pooled Jaccard | mean Dice | mean Jaccard | SE | SP | AUC | s/image |",
+                  "|---|---|---|---|---|---|---|---|---|", *rows, "", "References (not the same images):",
+                  *[f"- {r}" for r in spec["references"]], "", "Targets:", *_targets(task, results), "", *details, ""]
+    write_section(lines)
+    print("wrote the section of docs/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
