@@ -18,6 +18,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -243,7 +244,7 @@ class Trainer:
             "created": self.state.created,
             "budget": self.budget(),
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {self.device}, {self.dist.world_size} process(es)",
-            "command": " ".join(sys.argv),
+            "command": shlex.join(sys.argv),
             "package_version": __version__,
         }
         if metrics:
