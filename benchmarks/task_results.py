@@ -120,7 +120,12 @@ def main() -> None:
     lines = ["Reproduce with `.venv/bin/python benchmarks/task_results.py` after the training commands below; each",
              "row is `r2unet evaluate MODEL --images ... --masks ...` on the task's test split (`--json`), with the",
              "card's threshold and post-processing, and once more with `--no-postprocess`. Dice = F1; pooled figures",
-             "count all pixels of the split, mean figures average the images (ISIC ranks by the mean Jaccard).", ""]
+             "count all pixels of the split, mean figures average the images (ISIC ranks by the mean Jaccard).",
+             "A command ending in `--resume --epochs N` continued a run started by the same command without",
+             "`--resume` and with a larger `--epochs`, stopped with Ctrl-C (the cosine schedule then decays over the",
+             "remaining steps). Wall times include that first part and are inflated: four trainings, test runs and",
+             "other work shared the 2 cores (each training had `--threads 1`).",
+             ""]
     for task, spec in TASKS.items():
         images, masks = args.datasets / spec["images"], args.datasets / spec["masks"]
         runs = [args.runs / f"{arch}-{task}.safetensors" for arch in ARCHS if (args.runs / f"{arch}-{task}.safetensors").exists()]

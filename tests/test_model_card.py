@@ -112,11 +112,23 @@ def test_an_invalid_card_is_one_line_naming_the_file(tmp_path):
         assert str(path) in str(exc.value) and "\n" not in str(exc.value)
 
 
+SHIPPED_TASKS = {  # the file-name suffix -> task, modality, geometry kind, data, post-processing, test Dice floor
+    "drive": ("retinal vessels", "fundus photograph", "tiled", "DRIVE", "none", 0.8),
+    "skin": ("skin lesion", "dermoscopy (RGB photograph)", "resize", "ISIC 2017", "largest_component", 0.6),
+    "lung": ("lung fields", "chest X-ray (frontal)", "resize", "CXR-Lungs", "largest_components", 0.9),
+}
+
+
 def test_shipped_models_describe_their_task():
-    for name, entry in checkpoint_files.pretrained_catalog().items():
+    catalog = checkpoint_files.pretrained_catalog()
+    assert catalog and all(name.rsplit("-", 1)[-1] in SHIPPED_TASKS for name in catalog)
+    for name, entry in catalog.items():
         card = entry["card"]
-        assert card.task == "retinal vessels" and card.modality == "fundus photograph", name
-        assert card.geometry == Geometry("tiled") and "DRIVE" in card.data and card.metrics["F1"] > 0.8
+        task, modality, geometry, data, post, floor = SHIPPED_TASKS[name.rsplit("-", 1)[-1]]
+        assert (card.task, card.modality, card.geometry.kind, card.postprocess.kind) == (task, modality, geometry, post), name
+        assert data in card.data and card.licence and card.metrics["F1"] > floor and card.metrics_on, name
+        if geometry == "resize":  # lesion and lungs: whole images at the training size, holes filled
+            assert card.geometry.size and card.postprocess.fill_holes and card.short_data, name
 
 
 def test_model_card_and_describe_are_torch_free():
