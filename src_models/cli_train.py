@@ -27,7 +27,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
         patch_size=args.patch_size, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch, lr=args.lr,
         val_fraction=args.val_fraction, val_ids=tuple(args.val_ids.split(",")) if args.val_ids else None,
         patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None),
-        geometry=getattr(args, "geometry", None), rotate=args.rotate, scale=args.scale, rot90=args.rot90,
+        geometry=getattr(args, "geometry", None), rotate=args.rotate, scale=args.scale, aspect=args.aspect, rot90=args.rot90,
     )
 
 
@@ -108,10 +108,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
     card = _card(args, model_config)
     provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{args.arch} trained on {Path(args.images).resolve()}"}
-    trainer = Trainer(model_config, preprocess, samples, config, args.out,
+    base = _init_model(args.init, model_config, preprocess) if args.init else None
+    if base is not None and card is None:  # the card says what the new model is: keep the start's, its metrics cleared
+        card = base.model_card.with_(metrics={}, metrics_on="")
+    trainer = Trainer(model_config, preprocess, samples, config, args.out, base=base,
                       class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance, card=card,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)
     return _drive_training(trainer)
+
+
+def _init_model(spec: str, model_config: Any, preprocess: Any) -> Any:
+    """The checkpoint ``--init`` starts from (read only), checked to be the model the options describe."""
+    from .model_names import load_model
+
+    base = load_model(spec)
+    mine, theirs = model_config.to_dict(), base.config.to_dict()
+    differ = [f"{k} {theirs.get(k)!r} (options: {v!r})" for k, v in mine.items() if theirs.get(k) != v]
+    if base.preprocess.channels != preprocess.channels:
+        differ.append(f"channels {base.preprocess.channels!r} (options: {preprocess.channels!r})")
+    if differ:
+        raise R2UNetError(f"--init {spec} is another model: " + ", ".join(differ) + "; give the architecture options it was built with")
+    return base
 
 
 def _card(args: argparse.Namespace, model_config: Any) -> Any:
@@ -198,6 +215,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--rotate", type=float, default=None, help=_help("rotate", defaults))
     aug.add_argument("--scale", type=float, default=None, help=_help("scale", defaults))
+    aug.add_argument("--aspect", type=float, default=None, help=_help("aspect", defaults))
     aug.add_argument("--no-rot90", dest="rot90", action="store_const", const=False, default=None, help="no 90-degree rotations or vertical flips (upright images such as chest X-rays)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu); under torchrun each process takes its own GPU")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -221,6 +239,7 @@ def add_training_parsers(sub: Any) -> None:
     p.add_argument("--classes", type=_positive_int, default=1, help="1 = binary (sigmoid), >= 2 = multi-class labels (default: 1)")
     p.add_argument("--class-name", default="vessel", help="name of the foreground class of a binary model (default: vessel)")
     p.add_argument("--geometry", default=None, choices=["tiled", "resize"], help=_help("geometry", {}))
+    p.add_argument("--init", default=None, metavar="MODEL", help="start from this model's weights (a pretrained name or a checkpoint; it is only read) with a new schedule; the architecture options must match it")
     _add_training_options(p, {})
     _add_card_options(p)
     p.set_defaults(func=cmd_train)

@@ -32,6 +32,18 @@ def blob_sample(i: int, shape=(60, 90)) -> object:
     return make_sample(f"s{i}", image, mask.astype(np.uint8), PP)
 
 
+def blob_folders(root) -> None:
+    """``root/images`` and ``root/masks``: three blob images as PNG files."""
+    from PIL import Image
+
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i in range(3):
+        s = blob_sample(i, (40, 56))
+        Image.fromarray((s.image[0].clip(0, 1) * 255).astype(np.uint8)).save(root / "images" / f"c{i}.png")
+        Image.fromarray(s.mask * 255).save(root / "masks" / f"c{i}.png")
+
+
 def fast(**overrides) -> TrainConfig:
     values = {"geometry": "resize", "patch_size": 48, "batch_size": 2, "epochs": 2, "steps_per_epoch": 2,
               "val_fraction": 0.0, "warmup_steps": 1, **overrides}
@@ -69,6 +81,30 @@ def test_whole_image_items_and_augmentation_settings():
         TrainConfig(rotate=200)
     with pytest.raises(R2UNetError, match="geometry"):
         TrainConfig(geometry="crop")
+
+
+def test_aspect_augmentation_pads_a_band_as_inference_does():
+    sample = letterbox_sample(blob_sample(0, (64, 64)), 48)
+    assert (sample.weight == 1).all()  # a square image fills the letterbox
+    config = fast(aspect=0.5, rotate=0.0, scale=0.0, rot90=False)
+    ds = PatchDataset([sample], config, 64)
+    bands = 0
+    for i in range(64):
+        x, y, w = ds[i]
+        rows, cols = (w.sum(dim=1) == 0), (w.sum(dim=0) == 0)  # rows / columns left without weight
+        if rows.any() or cols.any():
+            bands += 1
+            band = rows if rows.any() else cols
+            assert not (rows.any() and cols.any())  # one side only shrinks
+            assert band[0] and band[-1] and band.sum() <= 48 * 0.5 + 2  # centred, at most half the side
+            assert y[w == 0].max() == 0  # no label in the padding
+            image = x[0] if cols.any() else x[0].T  # columns across the band
+            lead = int(torch.nonzero(~band)[0])  # the band before the image
+            if lead >= 2:  # edge-padded as inference pads: the band repeats the image's first column
+                assert torch.allclose(image[:, 0], image[:, lead - 1], atol=1e-5)
+    assert 16 < bands < 48  # about half the items
+    plain = PatchDataset([sample], fast(rotate=0.0, scale=0.0, rot90=False), 16)
+    assert all((plain[i][2] == 1).all() for i in range(16))  # aspect 0 (the default): no band
 
 
 def test_resize_training_saves_its_geometry_in_the_card(tmp_path):
@@ -118,16 +154,9 @@ def test_resume_accepts_a_run_saved_before_the_augmentation_settings(tmp_path):
 
 
 def test_train_command_writes_the_card_options(tmp_path, capsys):
-    from PIL import Image
-
     from src_models.cli import main
 
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    for i in range(3):
-        s = blob_sample(i, (40, 56))
-        Image.fromarray((s.image[0].clip(0, 1) * 255).astype(np.uint8)).save(tmp_path / "images" / f"c{i}.png")
-        Image.fromarray(s.mask * 255).save(tmp_path / "masks" / f"c{i}.png")
+    blob_folders(tmp_path)
     out = tmp_path / "m.safetensors"
     rc = main(["train", "r2unet", "--channels", "gray", "--widths", "4,8,16", "--geometry", "resize", "--patch-size", "32",
                "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--images", str(tmp_path / "images"),
@@ -145,3 +174,28 @@ def test_train_command_writes_the_card_options(tmp_path, capsys):
                  "--out", str(tmp_path / "b.safetensors"), "--card", str(bad)]) != 0
     err = capsys.readouterr().err
     assert "invalid model card" in err and "Traceback" not in err and not (tmp_path / "b.safetensors").exists()
+
+
+def test_train_init_starts_from_a_model_and_keeps_its_card(tmp_path, capsys):
+    from src_models.cli import main
+
+    blob_folders(tmp_path)
+    common = ["--channels", "gray", "--widths", "4,8,16", "--geometry", "resize", "--patch-size", "32", "--epochs", "1",
+              "--steps-per-epoch", "1", "--batch-size", "2", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]
+    first = tmp_path / "first.safetensors"
+    assert main(["train", "r2unet", *common, "--out", str(first), "--task", "blob", "--keep-components", "1"]) == 0
+    base = load_checkpoint(first)
+    before = first.read_bytes()
+    second = tmp_path / "second.safetensors"
+    assert main(["train", "r2unet", *common, "--lr", "1e-9", "--out", str(second), "--init", str(first)]) == 0
+    trained = load_checkpoint(second)
+    assert first.read_bytes() == before  # the starting model is only read
+    assert trained.provenance["parent"] == base.name and trained.provenance["parent_sha256"] == base.sha256
+    assert trained.model_card.task == "blob" and trained.model_card.postprocess == Postprocess("largest_component", 1, False)
+    name = "encoder.0.conv.weight" if "encoder.0.conv.weight" in base.state_dict else next(iter(base.state_dict))
+    assert torch.allclose(trained.state_dict[name], base.state_dict[name], atol=1e-5)  # lr 1e-9: the start's weights
+    capsys.readouterr()
+    assert main(["train", "unet", *common, "--out", str(tmp_path / "x.safetensors"), "--init", str(first)]) != 0
+    err = capsys.readouterr().err
+    assert "is another model: arch 'r2unet' (options: 'unet')" in err and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()

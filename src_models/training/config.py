@@ -57,6 +57,7 @@ class TrainConfig:
     geometry: str = field(default="tiled", **_meta("tiled: random patches at native resolution; resize: each whole image letterboxed to patch_size (aspect kept, padding ignored by the loss), as the model card's resize geometry runs it", choices=GEOMETRY_CHOICES))
     rotate: float = field(default=15.0, **_meta("largest random rotation of the augmentation, in degrees", min=0, max=180))
     scale: float = field(default=0.1, **_meta("largest random zoom of the augmentation, as a fraction (0.1: 0.9x to 1.1x)", min=0, max=0.5))
+    aspect: float = field(default=0.0, **_meta("largest random change of the aspect ratio, as a fraction (0.4: one side shrunk to 0.6x-1x); resize geometry only, the band it frees padded as inference pads", min=0, max=0.5))
     rot90: bool = field(default=True, **_meta("augment with 90-degree rotations and vertical flips too (off for upright images such as chest X-rays)"))
     val_tile: int = field(default=1024, **_meta("tile side of the sliding-window validation, in pixels"))
 

@@ -2,7 +2,8 @@
 
 Patch ``i`` of epoch ``e`` comes from its own generator seeded with ``(seed, e, i)``:
 foreground-centred with probability ``foreground_fraction``, then augmented (flips, rot90, small
-rotation and scale, brightness/contrast/gamma, colour jitter for RGB). In the ``resize``
+rotation and scale, aspect-ratio changes in the ``resize`` geometry, brightness/contrast/gamma,
+colour jitter for RGB). In the ``resize``
 geometry each sample is already letterboxed to ``patch_size`` (see
 :func:`~src_models.training.samples.letterbox_sample`) and is taken whole. Because a patch depends
 only on its index, a DistributedSampler shards a global batch exactly and a resumed run draws
@@ -79,23 +80,30 @@ class PatchDataset(torch.utils.data.Dataset):
 def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarray,
              config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flips and rot90 (with ``config.rot90``; else left-right flips only), rotation up to
-    ``config.rotate`` degrees and zoom up to ``config.scale``, brightness/contrast/gamma, colour
-    jitter (C > 1)."""
+    ``config.rotate`` degrees, zoom up to ``config.scale`` and (``resize`` geometry) an aspect-ratio
+    change up to ``config.aspect``, brightness/contrast/gamma, colour jitter (C > 1)."""
     k = int(rng.integers(4))
     flip = bool(rng.random() < 0.5)
     if config.rot90:
         x, y, m = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k), np.rot90(m, k)
     if flip:
         x, y, m = x[:, :, ::-1], y[:, ::-1], m[:, ::-1]
-    if rng.random() < 0.5 and (config.rotate or config.scale):  # rotation and zoom: grid_sample, nearest for labels and weights
+    whole = config.geometry == "resize"
+    aspect = whole and config.aspect > 0 and rng.random() < 0.5
+    if aspect or (rng.random() < 0.5 and (config.rotate or config.scale)):  # grid_sample, nearest for labels and weights
         angle = math.radians(rng.uniform(-config.rotate, config.rotate))
         scale = rng.uniform(1 - config.scale, 1 + config.scale)
-        theta = torch.tensor([[math.cos(angle) / scale, -math.sin(angle) / scale, 0.0],
-                              [math.sin(angle) / scale, math.cos(angle) / scale, 0.0]], dtype=torch.float32)[None]
+        # aspect: one side shrunk, as a letterboxed image of another aspect ratio (the freed band is padded)
+        sy, sx = (1.0, rng.uniform(1 - config.aspect, 1))[:: 1 if rng.random() < 0.5 else -1] if aspect else (1.0, 1.0)
+        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        matrix = np.diag([1 / sx, 1 / sy]) @ rotation / scale  # output -> input coordinates (x, y)
+        theta = torch.tensor(np.concatenate([matrix, np.zeros((2, 1))], axis=1), dtype=torch.float32)[None]
         size = (1, 1, *y.shape)
         grid = F.affine_grid(theta, size, align_corners=False)
         xt = torch.from_numpy(np.ascontiguousarray(x))[None]
-        x = F.grid_sample(xt, grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0].numpy()
+        # a letterboxed image is edge-padded at inference: "border" pads as it does
+        padding = "border" if whole else "reflection"
+        x = F.grid_sample(xt, grid, mode="bilinear", padding_mode=padding, align_corners=False)[0].numpy()
         ym = torch.from_numpy(np.stack([np.ascontiguousarray(y).astype(np.float32), np.ascontiguousarray(m)]))[None]
         ym = F.grid_sample(ym, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0].numpy()
         y, m = ym[0].astype(np.uint8), ym[1]
