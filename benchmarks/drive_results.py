@@ -2,6 +2,7 @@
 
 Usage:
     .venv/bin/python benchmarks/drive_results.py [--runs runs] [--install] [--tta] [--drive ../shared/datasets/DRIVE]
+    .venv/bin/python benchmarks/drive_results.py --scale-only
 
 For every ``RUNS/<arch>-drive.safetensors`` (written by ``r2unet train``): evaluate it on the 20
 DRIVE test images against ``1st_manual`` inside the FOV masks, all pixels pooled (the protocol of
@@ -9,7 +10,9 @@ the DRIVE README), threshold 0.5; measure the second human observer the same way
 docs/RESULTS.md and, if matplotlib is installed, docs/training_curves.png from each run's
 ``.history.json``. With ``--install`` the checkpoints are copied into ``src_models/weights/``
 with the test-set metrics added to their provenance (the validation metrics are kept) and to their
-model card (the rest of the card is kept).
+model card (the rest of the card is kept), and the card gets the training scale (the median
+field-of-view diameter of DRIVE's training images, for ``--scale auto``) if it has none;
+``--scale-only`` does only that to the installed DRIVE models.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from src_models.checkpoint import load_checkpoint, save_checkpoint
 from src_models.data import pair_files, read_image, read_mask
 from src_models.inference import Segmenter
 from src_models.metrics import METRIC_NAMES, MetricAccumulator
+from src_models.preprocessing import to_chw
+from src_models.scale import Scale, median_fov_diameter
 from src_models.training import history_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,13 +123,33 @@ def plot_curves(runs: list[Path], target: Path) -> bool:
     return True
 
 
+def training_scale(ck, drive: Path) -> Scale:
+    """The card's training scale: the one it has, else the median FOV diameter of DRIVE's training images."""
+    if ck.model_card.scale.kind != "none":
+        return ck.model_card.scale
+    images = [to_chw(read_image(p.image)) for p in pair_files(drive / "training" / "images")]
+    return Scale("fov_diameter", median_fov_diameter(images))
+
+
+def set_installed_scale(drive: Path) -> None:
+    """``--scale-only``: add the training scale to the cards of the installed DRIVE models (weights unchanged)."""
+    for weights in sorted((ROOT / "src_models" / "weights").glob("*-drive.safetensors")):
+        ck = load_checkpoint(weights)
+        card = ck.model_card.with_(scale=training_scale(ck, drive))
+        save_checkpoint(weights, ck.state_dict, ck.config, ck.preprocess, ck.class_names, ck.provenance, card=card)
+        print(f"{weights.name}: {card.scale.describe()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--drive", type=Path, default=ROOT.parent / "shared" / "datasets" / "DRIVE")
     parser.add_argument("--install", action="store_true", help="copy the evaluated checkpoints into src_models/weights/")
     parser.add_argument("--tta", action="store_true", help="also evaluate with test-time augmentation (4x slower)")
+    parser.add_argument("--scale-only", action="store_true", help="only add the training scale (FOV diameter) to the installed models' cards")
     args = parser.parse_args()
+    if args.scale_only:
+        return set_installed_scale(args.drive)
     runs = sorted(args.runs.glob("*-drive.safetensors"), key=lambda p: ORDER.index(p.stem.split("-")[0]) if p.stem.split("-")[0] in ORDER else 9)
     rows, details, scores = [], [], {}
     for run in runs:
@@ -154,7 +179,7 @@ def main() -> None:
             installed["license"] = "weights: BSD-3-Clause (this project); trained on DRIVE (research use)"
             # the card travels with the weights (task, geometry, threshold, ...), with the test-set numbers
             card = ck.model_card.with_(metrics=installed["metrics"], metrics_on=installed["metrics_on"],
-                                       licence=ck.model_card.licence or installed["license"])
+                                       licence=ck.model_card.licence or installed["license"], scale=training_scale(ck, args.drive))
             save_checkpoint(weights, ck.state_dict, ck.config, ck.preprocess, ck.class_names, installed, card=card)
             print(f"installed {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
     human = second_observer(args.drive)

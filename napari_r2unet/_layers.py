@@ -37,7 +37,7 @@ OUTPUT_KEY = "r2unet_output"  # marks the Image layers we add (probability, unce
 class Job:
     """What one segmentation run predicts. ``index`` selects the slice (``()`` = everything).
 
-    ``tile``, ``overlap`` and ``tta`` are the Segmenter's options; ``None`` lets it choose
+    ``tile``, ``overlap``, ``tta`` and ``scale`` are the Segmenter's options; ``None`` lets it choose
     (:mod:`src_models.settings`: AUTO_TILE, AUTO_OVERLAP_PIXELS).
     """
 
@@ -49,6 +49,7 @@ class Job:
     tile: int | None = None  # largest tile side in pixels; None = automatic
     overlap: float | None = None  # overlap of neighbouring tiles, a fraction of the tile; None = automatic
     tta: bool = False  # average the predictions of the 4 flipped images
+    scale: str = "auto"  # auto (the model card's training scale), 1 (native) or a factor, as text
 
     @property
     def channels(self) -> int:
@@ -57,7 +58,7 @@ class Job:
 
 
 def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool, *,
-             tile: int | None = None, overlap: float | None = None, tta: bool = False) -> Job:
+             tile: int | None = None, overlap: float | None = None, tta: bool = False, scale: str = "auto") -> Job:
     """Job for an Image layer: 2D images whole; stacks by current slice or all slices."""
     data = layer.data
     if getattr(layer, "multiscale", False):
@@ -66,7 +67,7 @@ def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool, *,
     spatial = tuple(data.shape[:-1]) if rgb else tuple(data.shape)
     channel_axis = -1 if rgb else None
     leading = len(spatial) - 2
-    options = {"tile": tile, "overlap": overlap, "tta": tta}
+    options = {"tile": tile, "overlap": overlap, "tta": tta, "scale": scale}
     if leading <= 0:
         return Job(data, channel_axis, False, (), spatial, **options)
     if all_slices:

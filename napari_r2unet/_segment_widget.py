@@ -112,6 +112,13 @@ class SegmentWidget(DockWidget):
                                        f"overlap of neighbouring tiles, as a fraction of the largest tile (at most {MAX_OVERLAP:g}); "
                                        f"auto = {AUTO_OVERLAP_PIXELS} pixels ({AUTO_OVERLAP_PIXELS / AUTO_TILE:.2f} of {AUTO_TILE})")
         form.addRow("overlap", self.overlap_spin)
+        self.scale_combo = QComboBox()
+        self.scale_combo.setEditable(True)
+        self.scale_combo.addItems(["auto", "1"])
+        self.scale_combo.setToolTip("auto: an image whose field of view differs by more than 10 % from the model's training images is "
+                                    "resized to their scale and the result resized back (models whose card records a scale: the vessel "
+                                    "models); 1: native resolution; or type a factor such as 0.6")
+        form.addRow("scale", self.scale_combo)
 
     def _add_option_rows(self, form: QFormLayout) -> None:
         self.all_slices = QCheckBox("all slices (stacks, time series)")
@@ -125,6 +132,15 @@ class SegmentWidget(DockWidget):
         self.tta = QCheckBox("test-time augmentation (4 flips: 4x slower, steadier)")
         self.tta.setToolTip("average the predictions of the 4 flipped images; the uncertainty map then also shows where they disagree")
         form.addRow("", self.tta)
+
+    @property
+    def scale(self) -> str:
+        """The scale asked for: ``auto``, ``1`` or a factor (checked here, before the worker starts)."""
+        from src_models.scale import parse_scale_option
+
+        text = self.scale_combo.currentText().strip() or "auto"
+        parse_scale_option(text)
+        return text
 
     @property
     def tile(self) -> int | None:
@@ -205,7 +221,7 @@ class SegmentWidget(DockWidget):
             raise R2UNetError("no model chosen: pick a pretrained model or load a checkpoint")
         spec = choice.spec
         job = plan_job(image, tuple(self.viewer.dims.current_step), self.all_slices.isChecked(),
-                       tile=self.tile, overlap=self.overlap, tta=self.tta.isChecked())
+                       tile=self.tile, overlap=self.overlap, tta=self.tta.isChecked(), scale=self.scale)
         require_memory(result_bytes(job, model_classes(spec), self.add_probability.isChecked(), self.add_uncertainty.isChecked()),
                        f"the result for {image.name} {job.spatial_shape}",
                        "segment the current slice only, untick the probability/uncertainty maps, or crop the image")

@@ -24,16 +24,16 @@ class SegmenterCache:
     """Loaded models of one widget, by (model, device); loading a checkpoint once per choice."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str, bool], Any] = {}
+        self._cache: dict[tuple[str, str, bool, str], Any] = {}
 
-    def get(self, spec: str, device: str, log: Callable[[str], None], tta: bool = False) -> Any:
-        key = (spec, device, tta)
+    def get(self, spec: str, device: str, log: Callable[[str], None], tta: bool = False, scale: str = "auto") -> Any:
+        key = (spec, device, tta, scale)
         if key not in self._cache:
             from src_models.inference import Segmenter
             from src_models.model_names import load_model
 
             self._cache.clear()  # keep one model in memory
-            self._cache[key] = Segmenter(load_model(spec), device=device, log=log, tta=tta)
+            self._cache[key] = Segmenter(load_model(spec), device=device, log=log, tta=tta, scale=scale)
         return self._cache[key]
 
 
@@ -57,7 +57,7 @@ def segment(cache: SegmenterCache, spec: str, device: str, job: Job,
     """Probabilities ``(K, H, W)`` (or ``(..., K, H, W)`` for all slices) and the model's name."""
     if device in ("auto", "cpu"):
         limit_cpu_threads()  # before the model loads: onnxruntime sizes its thread pool from it
-    segmenter = cache.get(spec, device, log, tta=job.tta)
+    segmenter = cache.get(spec, device, log, tta=job.tta, scale=job.scale)
     if segmenter.device.type == "cpu":
         limit_cpu_threads()
     predict = segmenter.predict_stack if job.stack else segmenter.predict

@@ -93,7 +93,7 @@ def _segmenter(args: argparse.Namespace) -> Any:
     from .inference import Segmenter
     from .model_names import load_model
 
-    return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend)
+    return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend, scale=args.scale)
 
 
 def _predict_options(args: argparse.Namespace, checkpoint: Any) -> Any:
@@ -334,6 +334,10 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--threshold", type=float, default=None, help=f"probability threshold for the mask (default: the model card's; {DEFAULT_THRESHOLD:g} for models without one)")
     p.add_argument("--no-postprocess", action="store_true", help="keep the thresholded mask as it is (default: the model card's post-processing, e.g. keep the largest component, fill holes)")
+    p.add_argument("--scale", default="auto", metavar="auto|1|F",
+                   help="auto: resize an image whose field of view differs by more than 10%% from the model's training images "
+                        "to their scale (models whose card records one: the vessel models), probabilities resized back; "
+                        "1: native resolution; F: resize by F (default: auto)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto: onnxruntime on the CPU when installed (about 2x faster, same results), else PyTorch")

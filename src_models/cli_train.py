@@ -117,6 +117,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _drive_training(trainer)
 
 
+def _training_scale(text: str, images: str) -> Any:
+    """``--fov-diameter``: ``auto`` (the median over the training images) or a diameter in pixels."""
+    from .data import pair_files, read_image
+    from .preprocessing import to_chw
+    from .scale import Scale, median_fov_diameter
+
+    if text.strip().lower() == "auto":
+        diameter = median_fov_diameter([to_chw(read_image(p.image)) for p in pair_files(images)])
+        if diameter is None:
+            raise R2UNetError(f"no field of view (a bright disc on a dark border) found in the images of {images}; give --fov-diameter PIXELS")
+        _log(f"training images: field of view {diameter:.0f} px across (median)")
+    else:
+        try:
+            diameter = float(text)
+        except ValueError:
+            raise R2UNetError(f"--fov-diameter {text!r} must be 'auto' or a number of pixels") from None
+    try:
+        return Scale("fov_diameter", diameter)
+    except ValueError as exc:
+        raise R2UNetError(f"--fov-diameter: {exc}") from exc
+
+
 def _init_model(spec: str, model_config: Any, preprocess: Any) -> Any:
     """The checkpoint ``--init`` starts from (read only), checked to be the model the options describe."""
     from .model_names import load_model
@@ -142,6 +164,8 @@ def _card(args: argparse.Namespace, model_config: Any) -> Any:
         count = args.keep_components or 0
         kind = "none" if count == 0 else "largest_component" if count == 1 else "largest_components"
         given["postprocess"] = Postprocess(kind, max(1, count), bool(args.fill_holes))
+    if args.fov_diameter is not None:
+        given["scale"] = _training_scale(args.fov_diameter, args.images)
     if args.card is None and not given:
         return None
     try:
@@ -167,6 +191,7 @@ def _add_card_options(p: argparse.ArgumentParser) -> None:
     card.add_argument("--threshold", type=float, default=None, help="default threshold of the probability map (default: 0.5)")
     card.add_argument("--keep-components", type=int, default=None, metavar="N", help="post-processing: keep the N largest connected components (0 = all)")
     card.add_argument("--fill-holes", action="store_true", help="post-processing: fill holes in the mask")
+    card.add_argument("--fov-diameter", default=None, metavar="auto|PX", help="the training images' field-of-view diameter in pixels, for --scale auto at inference ('auto': measured on the training images)")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ def letterbox_box(height: int, width: int, size: int) -> Box:
     return Box(height, width, size, (size - inner_h) // 2, (size - inner_w) // 2, inner_h, inner_w)
 
 
-def _resize_planes(planes: np.ndarray, shape: tuple[int, int], order: int, anti_aliasing: bool) -> np.ndarray:
+def resize_planes(planes: np.ndarray, shape: tuple[int, int], order: int, anti_aliasing: bool) -> np.ndarray:
     """Each ``(H, W)`` plane of ``(C, H, W)`` resized to ``shape`` (float32; identity if equal)."""
     if planes.shape[1:] == shape:
         return planes.astype(np.float32, copy=True)
@@ -68,7 +68,7 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Box]:
     _check_chw(image, "the image to letterbox")
     box = letterbox_box(image.shape[1], image.shape[2], size)
     shrink = box.inner_height < box.height or box.inner_width < box.width
-    inner = _resize_planes(np.asarray(image, dtype=np.float32), (box.inner_height, box.inner_width), 1, shrink)
+    inner = resize_planes(np.asarray(image, dtype=np.float32), (box.inner_height, box.inner_width), 1, shrink)
     return _pad(inner, box, "edge"), box
 
 
@@ -94,4 +94,4 @@ def unletterbox(probabilities: np.ndarray, box: Box) -> np.ndarray:
     if probabilities.shape[1:] != (box.size, box.size):
         raise R2UNetError(f"probabilities of shape {tuple(probabilities.shape)} do not match a {box.size}x{box.size} letterbox")
     inner = probabilities[:, box.top:box.top + box.inner_height, box.left:box.left + box.inner_width]
-    return np.clip(_resize_planes(inner, (box.height, box.width), 1, False), 0.0, 1.0)
+    return np.clip(resize_planes(inner, (box.height, box.width), 1, False), 0.0, 1.0)

@@ -18,6 +18,10 @@ This module owns running a model over images of any size (the tiling itself is
   resolution; ``resize`` normalises the whole image, letterboxes it to the card's size
   (:mod:`src_models.geometry`, exactly as training's samples were), runs ONE forward pass and
   resizes the probabilities back, so ``tile`` and ``overlap`` have no effect there.
+- ``scale`` (tiled geometry): ``"auto"`` resizes an image whose field of view differs by more
+  than 10 % from the card's training :class:`~src_models.scale.Scale` to that scale before the
+  tiler and resizes the probabilities back (:mod:`src_models.scale`); a factor resizes by it;
+  ``1`` runs at native resolution. Cards without a scale always run native.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import torch
 from .checkpoint import Checkpoint
 from .devices import is_out_of_memory, select_device
 from .errors import CancelledError, R2UNetError
-from .geometry import letterbox, unletterbox
+from .geometry import letterbox, resize_planes, unletterbox
 from .nets import logits_to_probabilities
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
 from .resources import HEADROOM, available_memory, require_memory
+from .scale import parse_scale_option, resized_shape, scale_factor
 from .settings import AUTO_OVERLAP_PIXELS, AUTO_TILE, AUTO_WHOLE_IMAGE_PIXELS, MIN_TILE, MIN_USER_TILE, padded_size
 from .tiling import Progress, ShouldStop, TileGrid, run_grid, tile_grid
 
@@ -60,9 +65,10 @@ class Segmenter:
 
     def __init__(
         self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None, tta: bool = False,
-        backend: str = "auto",
+        backend: str = "auto", scale: str | float = "auto",
     ) -> None:
         self.checkpoint = checkpoint
+        self.scale = parse_scale_option(scale)  # auto: to the card's training scale; a factor (1 = native)
         self.device = select_device(device)
         self.amp = amp
         self.tta = tta  # test-time augmentation: mean over the 4 flips (4x the compute)
@@ -244,6 +250,16 @@ class Segmenter:
         if self.geometry.kind == "resize":
             self._check_input(chw, None)
             return self._predict_resized(chw, progress, should_stop, out)
+        factor, why = scale_factor(self.scale, self.checkpoint.model_card.scale, chw)
+        if why:
+            self.log(why)
+        if factor != 1.0:
+            return self._predict_rescaled(chw, factor, tile, overlap, batch_size, progress, should_stop, out)
+        return self._predict_tiled(chw, tile, overlap, batch_size, progress, should_stop, out)
+
+    def _predict_tiled(self, chw: Any, tile: int | None, overlap: float | None, batch_size: int | None,
+                       progress: Progress | None, should_stop: ShouldStop | None, out: Any) -> Any:
+        """The ``tiled`` geometry at the resolution of ``chw (C, H, W)`` -> ``(K, H, W)``."""
         batch_size = batch_size or (1 if self.device.type == "cpu" else 4)
         self._check_input(chw, tile)
         tile = tile or self.auto_tile(*chw.shape[1:])
@@ -265,6 +281,24 @@ class Segmenter:
                     batch_size, tile = self._after_out_of_memory(exc, batch_size, tile)
         finally:
             self._should_stop = None
+
+    def _predict_rescaled(self, chw: Any, factor: float, tile: int | None, overlap: float | None, batch_size: int | None,
+                          progress: Progress | None, should_stop: ShouldStop | None, out: Any) -> Any:
+        """``chw (C, H, W)`` resized by ``factor`` to the model's training scale, tiled there, and its
+        probabilities ``(K, H, W)`` resized back to the original size (bilinear)."""
+        (c, h, w), k = chw.shape, self.checkpoint.config.out_channels
+        shape = resized_shape((h, w), factor)
+        self._check_input(np.empty((c, *shape), dtype=np.uint8), tile)
+        require_memory(4 * (2 * c + k) * h * w + 4 * (2 * c + 2 * k) * shape[0] * shape[1],
+                       f"segmenting a {h} x {w} image resized x{factor:.2f}", "close other programs, or use --scale 1 (native resolution)")
+        small = resize_planes(np.asarray(chw, dtype=np.float32), shape, order=1, anti_aliasing=factor < 1)
+        probs = self._predict_tiled(small, tile, overlap, batch_size, progress, should_stop, None)
+        del small
+        result = np.clip(resize_planes(probs, (h, w), order=1, anti_aliasing=False), 0.0, 1.0)
+        if out is None:
+            return result
+        out[:, 0:h] = result  # a LabelSink thresholds it as one band of rows
+        return out
 
     def _predict_resized(self, chw: Any, progress: Progress | None, should_stop: ShouldStop | None, out: Any) -> Any:
         """The ``resize`` geometry: ``(C, H, W)`` -> ``(K, H, W)`` through ONE ``size x size`` input.

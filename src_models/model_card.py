@@ -4,7 +4,8 @@ One frozen :class:`ModelCard` per checkpoint (timm's ``PretrainedCfg`` in spirit
 metadata for the task, data and numbers) is the only place that says: the task and the imaging
 modality, the training data and its licence or terms, how input channels and colour are handled,
 the inference :class:`Geometry` (``tiled``: native resolution in tiles; ``resize``: the whole
-image letterboxed to the training ``size``, probabilities resized back), the default threshold,
+image letterboxed to the training ``size``, probabilities resized back), the training images'
+:class:`~src_models.scale.Scale` (their field-of-view diameter, for ``--scale auto``), the default threshold,
 the :class:`Postprocess` applied to the mask, and the test metrics. ``data_short`` (optional)
 names the data in a few words for menus; without it :attr:`ModelCard.short_data` takes ``data``
 up to its first ':', '(', ',' or ';'.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .configs import config_from_dict
+from .scale import Scale
 from .settings import DEFAULT_THRESHOLD, THRESHOLD_RANGE
 
 GEOMETRY_KINDS = ("tiled", "resize")
@@ -99,13 +101,14 @@ class ModelCard:
     metrics: Mapping[str, float] = field(default_factory=dict)
     metrics_on: str = ""  # which test set and protocol the metrics come from
     data_short: str = ""  # the data in a few words for menus ("ISIC 2017"); empty: see short_data
+    scale: Scale = field(default_factory=Scale)  # the training images' scale, for --scale auto (tiled geometry)
 
     def __post_init__(self) -> None:
         for name in ("task", "modality", "data", "licence", "channels", "metrics_on", "data_short"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"card {name} must be text, got {type(getattr(self, name)).__name__}")
-        if not isinstance(self.geometry, Geometry) or not isinstance(self.postprocess, Postprocess):
-            raise ValueError("card geometry and postprocess must be Geometry and Postprocess")
+        if not isinstance(self.geometry, Geometry) or not isinstance(self.postprocess, Postprocess) or not isinstance(self.scale, Scale):
+            raise ValueError("card geometry, postprocess and scale must be Geometry, Postprocess and Scale")
         low, high = THRESHOLD_RANGE
         if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
                 or not math.isfinite(self.threshold) or not low <= self.threshold <= high):
@@ -134,6 +137,8 @@ class ModelCard:
             data["geometry"] = config_from_dict(Geometry, data["geometry"], "card geometry")
         if "postprocess" in data:
             data["postprocess"] = config_from_dict(Postprocess, data["postprocess"], "card postprocess")
+        if "scale" in data:
+            data["scale"] = config_from_dict(Scale, data["scale"], "card scale")
         return config_from_dict(cls, data, "model card")
 
     @classmethod
@@ -154,7 +159,7 @@ class ModelCard:
         """The card as ``label: value`` lines for ``r2unet info`` and tooltips (empty fields left out)."""
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(self.metrics.items()))
         rows = [("task", self.task), ("modality", self.modality), ("input", self.channels),
-                ("geometry", self.geometry.describe()), ("threshold", f"{self.threshold:g}"),
+                ("geometry", self.geometry.describe()), ("scale", self.scale.describe()), ("threshold", f"{self.threshold:g}"),
                 ("postprocess", self.postprocess.describe()), ("data", self.data), ("licence", self.licence),
                 ("metrics", metrics + (f" ({self.metrics_on})" if metrics and self.metrics_on else ""))]
         return [f"{label}: {value}" for label, value in rows if value]

@@ -116,7 +116,7 @@ def test_default_overlap_keeps_the_shipped_model_seamless_on_a_real_retina():
     from src_models.model_names import load_model
 
     image = np.pad(retina, ((300, 300), (300, 300), (0, 0)), mode="reflect")[:1856, :1856]
-    seg = Segmenter(load_model("r2unet-drive"), "cpu")
+    seg = Segmenter(load_model("r2unet-drive"), "cpu", scale=1)  # the tiler at native resolution
     whole = seg.predict(image, channel_axis=-1, tile=1856)
     tiled = seg.predict(image, channel_axis=-1, tile=1024)  # default overlap
     assert AUTO_OVERLAP_PIXELS == 192 and np.abs(tiled - whole).max() < 1e-3

@@ -122,6 +122,28 @@ def test_segmenting_the_sample_gives_a_labels_layer(widget, qtbot):
 
 
 @pytest.mark.gui
+def test_the_scale_setting_reaches_the_segmenter_and_a_bad_one_is_refused(widget, qtbot, monkeypatch):
+    from napari_r2unet import _worker
+
+    seen = []
+
+    original = _worker.SegmenterCache.get
+
+    def spy(self, spec, device, log, tta=False, scale="auto"):
+        seen.append(scale)
+        return original(self, spec, device, log, tta=tta, scale=scale)
+
+    monkeypatch.setattr(_worker.SegmenterCache, "get", spy)
+    assert widget.scale_combo.currentText() == "auto"
+    widget.scale_combo.setCurrentText("0.5")
+    run_to_end(widget, qtbot)
+    assert seen == ["0.5"] and widget.viewer.layers["synthetic vessels [tiny]"].data.shape == (256, 256)
+    widget.scale_combo.setCurrentText("huge")
+    widget.start()
+    assert "must be 'auto' or a factor" in widget.status.text() and not widget.running and seen == ["0.5"]
+
+
+@pytest.mark.gui
 def test_cancel_stops_the_worker_and_adds_nothing(widget, qtbot, monkeypatch):
     import napari_r2unet._worker as worker_module
 
