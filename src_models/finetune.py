@@ -143,16 +143,21 @@ def _held_out_ids(request: FinetuneRequest) -> tuple[str, ...]:
 
 def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfig) -> tuple[list[TrainSample], TrainConfig]:
     """The training (and validation) samples of a request, and ``config`` with their validation IDs."""
-    from .training.samples import emphasize_corrections, holdout_region, make_sample
+    from .preprocessing import to_chw
+    from .scale import scale_factor
+    from .training.samples import emphasize_corrections, holdout_region, make_sample, rescale_sample
 
     val_ids = _held_out_ids(request)
     samples, holdout_ids = [], []
+    tiled = base.model_card.geometry.kind == "tiled"
     for pair in request.pairs:
         labels = training_labels(pair, base.config.out_channels, model=repr(base.name))
         sample = make_sample(pair.id, pair.image, labels, base.preprocess, fov=pair.fov, channel_axis=pair.channel_axis,
                              source=pair.source or f"napari layer {pair.id}")
         if pair.changed is not None and pair.id not in val_ids:
             sample = emphasize_corrections(sample, pair.changed, config.correction_weight)
+        if tiled:  # trained at the scale inference runs it (--scale auto): the card's training scale
+            sample = rescale_sample(sample, scale_factor("auto", base.model_card.scale, to_chw(np.asarray(pair.image), pair.channel_axis))[0])
         if request.validation == VALIDATION_HOLDOUT:
             train, val = holdout_region(sample, request.holdout_fraction)
             samples += [train, val]

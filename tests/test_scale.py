@@ -154,3 +154,21 @@ def test_train_records_the_training_scale_and_predict_takes_scale(tmp_path, caps
     assert main(["predict", str(out), str(tmp_path / "images"), "--out", str(tmp_path / "bad"), "--scale", "big"]) != 0
     err = capsys.readouterr().err
     assert "--scale 'big' must be 'auto' or a factor" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+
+
+def test_fine_tuning_trains_at_the_scale_inference_runs(tmp_path):
+    from src_models.finetune import FinetuneRequest, PairData, build_samples
+
+    checkpoint = _tiny_checkpoint(Scale("fov_diameter", 100.0))
+    image = fundus(180, 170).transpose(1, 2, 0)
+    mask = (image[..., 1] < 60).astype(np.uint8)
+    changed = np.zeros(mask.shape, bool)
+    changed[40:60, 40:60] = True
+    pair = PairData("p", image, -1, mask, changed)
+    request = FinetuneRequest(base=checkpoint, pairs=[pair], out=tmp_path / "v.safetensors", name="v")
+    (sample,), _ = build_samples(request, checkpoint, request.config())
+    assert sample.image.shape[1:] == sample.mask.shape == sample.weight.shape == pytest.approx((106, 106), abs=2)
+    assert set(np.unique(sample.mask)) <= {0, 1} and sample.weight.max() == request.config().correction_weight
+    near = dataclasses.replace(checkpoint, card=ModelCard(task="vessels"))  # no training scale: native pixels
+    (native,), _ = build_samples(request, near, request.config())
+    assert native.mask.shape == (180, 180) and np.array_equal(native.mask, mask)

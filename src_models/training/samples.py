@@ -186,3 +186,22 @@ def letterbox_sample(sample: TrainSample, size: int) -> TrainSample:
     fov = letterbox_mask(sample.fov.astype(np.uint8), size).astype(bool) if sample.fov is not None else None
     return dataclasses.replace(sample, image=image, mask=letterbox_mask(sample.mask, size),
                                weight=letterbox_mask(sample.weight, size), fov=fov)
+
+
+def rescale_sample(sample: TrainSample, factor: float) -> TrainSample:
+    """``sample`` resized by ``factor``, as ``--scale`` resizes an image before the network: the
+    image bilinear (anti-aliased when shrunk), the mask, weight and field of view nearest."""
+    if factor == 1.0:
+        return sample
+    from ..geometry import resize_planes
+    from ..scale import resized_shape
+
+    shape = resized_shape(sample.mask.shape, factor)
+
+    def nearest(plane: np.ndarray) -> np.ndarray:
+        return resize_planes(plane[None].astype(np.float32), shape, order=0, anti_aliasing=False)[0]
+
+    fov = nearest(sample.fov) > 0.5 if sample.fov is not None else None
+    return dataclasses.replace(sample, image=resize_planes(sample.image, shape, order=1, anti_aliasing=factor < 1),
+                               mask=np.rint(nearest(sample.mask)).astype(np.uint8), weight=nearest(sample.weight), fov=fov)
+
