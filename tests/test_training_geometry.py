@@ -199,3 +199,28 @@ def test_train_init_starts_from_a_model_and_keeps_its_card(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is another model: arch 'r2unet' (options: 'unet')" in err and "Traceback" not in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_camera_augmentations_zoom_blur_and_jpeg():
+    from src_models.training.dataset import _jpeg
+
+    sample = letterbox_sample(blob_sample(3, (64, 64)), 48)
+    plain = fast(geometry="resize", rotate=0.0, scale=0.0, rot90=False)
+    x0 = PatchDataset([sample], plain, 1)[0][0]
+    blurred = PatchDataset([sample], fast(rotate=0.0, scale=0.0, rot90=False, blur=3.0), 30)
+    rough = [float(np.abs(np.diff(blurred[i][0].numpy(), axis=-1)).mean()) for i in range(30)]
+    sharp = float(np.abs(np.diff(x0.numpy(), axis=-1)).mean())
+    assert min(rough) < 0.7 * sharp  # some patches blurred (a third, drawn per patch)
+    x = np.random.default_rng(0).uniform(0, 1, (3, 32, 32)).astype(np.float32)
+    x[0, 0, 0] = 1.5  # out-of-range values keep their excess
+    y = _jpeg(x, 30)
+    assert y.shape == x.shape and y.dtype == np.float32 and 0.01 < np.abs(y - x).mean() < 0.3 and y[0, 0, 0] > 1.0  # a JPEG alone ends at 1
+    assert _jpeg(x[:1], 95).shape == (1, 32, 32) and np.abs(_jpeg(x[:1], 95) - x[:1]).mean() < np.abs(_jpeg(x[:1], 10) - x[:1]).mean()
+    zoomed = PatchDataset([sample], fast(rotate=0.0, rot90=False, zoom=(0.6, 0.61)), 20)
+    shrunk = [int((zoomed[i][2] == 0).sum()) for i in range(20)]  # zoomed out: a frame without weight
+    assert max(shrunk) > 0.4 * 48 * 48 and min(shrunk) == 0  # half the patches are warped
+    config = TrainConfig(zoom=[0.6, 1.8])
+    assert config.zoom == (0.6, 1.8) and TrainConfig(**{**config.to_dict()}).zoom == (0.6, 1.8)
+    for bad in ((1.8, 0.6), (0.1, 1.0), (1.0,)):
+        with pytest.raises(R2UNetError, match="zoom"):
+            TrainConfig(zoom=bad)

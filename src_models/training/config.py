@@ -58,11 +58,19 @@ class TrainConfig:
     rotate: float = field(default=15.0, **_meta("largest random rotation of the augmentation, in degrees", min=0, max=180))
     scale: float = field(default=0.1, **_meta("largest random zoom of the augmentation, as a fraction (0.1: 0.9x to 1.1x)", min=0, max=0.5))
     aspect: float = field(default=0.0, **_meta("largest random change of the aspect ratio, as a fraction (0.4: one side shrunk to 0.6x-1x); resize geometry only, the band it frees padded as inference pads", min=0, max=0.5))
+    zoom: tuple[float, float] | None = field(default=None, **_meta("zoom range (smallest, largest) of the augmentation, drawn log-uniformly, e.g. 0.6,1.8 for other cameras' scales; replaces scale when set"))
+    blur: float = field(default=0.0, **_meta("largest Gaussian blur of the augmentation, sigma in pixels, on a third of the patches (0 = off)", min=0, max=5))
+    jpeg: int = field(default=0, **_meta("lowest JPEG quality of the augmentation, on a third of the patches (0 = off)", min=0, max=100))
     rot90: bool = field(default=True, **_meta("augment with 90-degree rotations and vertical flips too (off for upright images such as chest X-rays)"))
     val_tile: int = field(default=1024, **_meta("tile side of the sliding-window validation, in pixels"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "val_ids", tuple(str(v) for v in self.val_ids))
+        if self.zoom is not None:
+            zoom = tuple(self.zoom)
+            if len(zoom) != 2 or not all(isinstance(z, (int, float)) and math.isfinite(z) for z in zoom) or not 0.2 <= zoom[0] <= zoom[1] <= 5:
+                raise R2UNetError(f"zoom={self.zoom!r} must be two factors 0.2 <= smallest <= largest <= 5, e.g. 0.6,1.8")
+            object.__setattr__(self, "zoom", (float(zoom[0]), float(zoom[1])))
         for f in dataclasses.fields(self):
             problem = _violation(getattr(self, f.name), f.metadata)
             if problem:
@@ -71,6 +79,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["val_ids"] = list(self.val_ids)
+        d["zoom"] = list(self.zoom) if self.zoom is not None else None
         return d
 
 

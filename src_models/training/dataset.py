@@ -80,8 +80,9 @@ class PatchDataset(torch.utils.data.Dataset):
 def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarray,
              config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flips and rot90 (with ``config.rot90``; else left-right flips only), rotation up to
-    ``config.rotate`` degrees, zoom up to ``config.scale`` and (``resize`` geometry) an aspect-ratio
-    change up to ``config.aspect``, brightness/contrast/gamma, colour jitter (C > 1)."""
+    ``config.rotate`` degrees, zoom up to ``config.scale`` (or in ``config.zoom``) and (``resize``
+    geometry) an aspect-ratio change up to ``config.aspect``, brightness/contrast/gamma, colour
+    jitter (C > 1), then blur up to ``config.blur`` and JPEG down to ``config.jpeg``."""
     k = int(rng.integers(4))
     flip = bool(rng.random() < 0.5)
     if config.rot90:
@@ -90,9 +91,9 @@ def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarr
         x, y, m = x[:, :, ::-1], y[:, ::-1], m[:, ::-1]
     whole = config.geometry == "resize"
     aspect = whole and config.aspect > 0 and rng.random() < 0.5
-    if aspect or (rng.random() < 0.5 and (config.rotate or config.scale)):  # grid_sample, nearest for labels and weights
+    if aspect or (rng.random() < 0.5 and (config.rotate or config.scale or config.zoom)):  # grid_sample, nearest for labels and weights
         angle = math.radians(rng.uniform(-config.rotate, config.rotate))
-        scale = rng.uniform(1 - config.scale, 1 + config.scale)
+        scale = math.exp(rng.uniform(*np.log(config.zoom))) if config.zoom else rng.uniform(1 - config.scale, 1 + config.scale)
         # aspect: one side shrunk, as a letterboxed image of another aspect ratio (the freed band is padded)
         sy, sx = (1.0, rng.uniform(1 - config.aspect, 1))[:: 1 if rng.random() < 0.5 else -1] if aspect else (1.0, 1.0)
         rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -116,5 +117,29 @@ def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarr
         x[positive] = x[positive] ** gamma
     if x.shape[0] > 1:
         x *= rng.uniform(0.95, 1.05, size=(x.shape[0], 1, 1)).astype(np.float32)
+    if config.blur and rng.random() < 1 / 3:  # a softer lens or focus
+        from scipy.ndimage import gaussian_filter
+
+        x = gaussian_filter(x, sigma=(0, *[rng.uniform(0.3, config.blur)] * 2)).astype(np.float32)
+    if config.jpeg and rng.random() < 1 / 3:
+        x = _jpeg(x, int(rng.integers(config.jpeg, 101)))
     return x.astype(np.float32), y, m
+
+
+def _jpeg(x: np.ndarray, quality: int) -> np.ndarray:
+    """``(C, P, P)`` float image through a JPEG round trip at ``quality`` (its [0, 1] part;
+    values outside keep their excess). One channel as gray, three as RGB, others one by one."""
+    import io
+
+    from PIL import Image
+
+    clipped = np.clip(x, 0.0, 1.0)
+    planes = [clipped.transpose(1, 2, 0)] if x.shape[0] == 3 else [p for p in clipped]
+    out = []
+    for plane in planes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.rint(plane * 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
+        out.append(np.asarray(Image.open(buffer), dtype=np.float32) / 255)
+    decoded = out[0].transpose(2, 0, 1) if x.shape[0] == 3 else np.stack(out)
+    return (decoded + (x - clipped)).astype(np.float32)
 
