@@ -28,7 +28,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
         val_fraction=args.val_fraction, val_ids=tuple(args.val_ids.split(",")) if args.val_ids else None,
         patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None),
         geometry=getattr(args, "geometry", None), rotate=args.rotate, scale=args.scale, aspect=args.aspect, rot90=args.rot90,
-        zoom=args.zoom, blur=args.blur, jpeg=args.jpeg,
+        zoom=args.zoom, gamma=args.gamma, blur=args.blur, jpeg=args.jpeg,
     )
 
 
@@ -251,6 +251,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any
     aug.add_argument("--scale", type=float, default=None, help=_help("scale", defaults))
     aug.add_argument("--aspect", type=float, default=None, help=_help("aspect", defaults))
     aug.add_argument("--zoom", type=_zoom, default=None, metavar="MIN,MAX", help=setting("zoom")["help"] + " (default: off)")
+    aug.add_argument("--gamma", type=float, default=None, help=_help("gamma", defaults))
     aug.add_argument("--blur", type=float, default=None, help=_help("blur", defaults))
     aug.add_argument("--jpeg", type=int, default=None, help=_help("jpeg", defaults))
     aug.add_argument("--no-rot90", dest="rot90", action="store_const", const=False, default=None, help="no 90-degree rotations or vertical flips (upright images such as chest X-rays)")

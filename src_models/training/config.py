@@ -59,6 +59,7 @@ class TrainConfig:
     scale: float = field(default=0.1, **_meta("largest random zoom of the augmentation, as a fraction (0.1: 0.9x to 1.1x)", min=0, max=0.5))
     aspect: float = field(default=0.0, **_meta("largest random change of the aspect ratio, as a fraction (0.4: one side shrunk to 0.6x-1x); resize geometry only, the band it frees padded as inference pads", min=0, max=0.5))
     zoom: tuple[float, float] | None = field(default=None, **_meta("zoom range (smallest, largest) of the augmentation, drawn log-uniformly, e.g. 0.6,1.8 for other cameras' scales; replaces scale when set"))
+    gamma: float = field(default=0.25, **_meta("largest |log gamma| of the intensity augmentation, on half the patches (0.5: gamma 0.61 to 1.65)", min=0, max=1.5))
     blur: float = field(default=0.0, **_meta("largest Gaussian blur of the augmentation, sigma in pixels, on a third of the patches (0 = off)", min=0, max=5))
     jpeg: int = field(default=0, **_meta("lowest JPEG quality of the augmentation, on a third of the patches (0 = off)", min=0, max=100))
     rot90: bool = field(default=True, **_meta("augment with 90-degree rotations and vertical flips too (off for upright images such as chest X-rays)"))

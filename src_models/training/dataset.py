@@ -112,7 +112,7 @@ def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarr
     contrast, brightness = rng.uniform(0.85, 1.15), rng.uniform(-0.1, 0.1)
     x = x * contrast + brightness
     if rng.random() < 0.5:
-        gamma = float(np.exp(rng.uniform(-0.25, 0.25)))
+        gamma = float(np.exp(rng.uniform(-config.gamma, config.gamma)))
         positive = x > 0
         x[positive] = x[positive] ** gamma
     if x.shape[0] > 1:
