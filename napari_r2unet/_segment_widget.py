@@ -155,11 +155,13 @@ class SegmentWidget(DockWidget):
         return value if value >= 0 else None
 
     def _on_model_chosen(self, choice: ModelChoice) -> None:
-        """The card of the chosen model sets the threshold and post-processing of the next segmentation."""
+        """The card of the chosen model sets the threshold, post-processing and TTA of the next segmentation."""
         self.threshold_control.set_model(choice.card)
+        self.tta.setChecked(choice.card.tta)
         post = choice.card.postprocess
         self.status.setText(f"{choice.label}: threshold {self.threshold:.2f}"
                             + (f", post-processing ({post.describe()})" if post.active else "")
+                            + (", test-time augmentation" if choice.card.tta else "")
                             + " from its model card, for the next segmentation")
 
     def refresh_models(self, select: str | None = None) -> None:

@@ -104,11 +104,13 @@ def _predict_options(args: argparse.Namespace, checkpoint: Any) -> Any:
                         batch_size=args.batch_size, stack=args.stack)
 
 
-def _options_line(args: argparse.Namespace, options: Any) -> str:
-    """Which threshold and post-processing a run uses, and where they come from."""
+def _options_line(args: argparse.Namespace, options: Any, tta: bool = False) -> str:
+    """Which threshold, post-processing and TTA a run uses, and where they come from."""
     threshold = "--threshold" if args.threshold is not None else "the model card"
     post = "--no-postprocess" if args.no_postprocess else "the model card"
-    return f"threshold {options.threshold:g} ({threshold}); post-processing: {options.postprocess.describe()} ({post})"
+    flips = ("--tta" if args.tta else "--no-tta" if args.tta is False else "the model card") if tta or args.tta is False else ""
+    return (f"threshold {options.threshold:g} ({threshold}); post-processing: {options.postprocess.describe()} ({post})"
+            + (f"; test-time augmentation: {'mean of 4 flips' if tta else 'off'} ({flips})" if flips else ""))
 
 
 def _log_once() -> Callable[[str], None]:
@@ -234,7 +236,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_file
 
     options = _predict_options(args, segmenter.checkpoint)
-    print(_options_line(args, options), flush=True)  # stdout: stderr keeps one line per error
+    print(_options_line(args, options, segmenter.tta), flush=True)  # stdout: stderr keeps one line per error
     notice = _log_once()
     for i, (path, (mask_path, prob_path)) in enumerate(zip(files, outputs), 1):
         with _progress(f"[{i}/{len(files)}] {path.name}") as bar:
@@ -277,7 +279,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pooled = MetricAccumulator(threshold=options.threshold)
     per_image, notice = [], _log_once()
     if not args.json:
-        print(_options_line(args, options), flush=True)
+        print(_options_line(args, options, segmenter.tta), flush=True)
     for i, sample in enumerate(samples, 1):
         with _progress(f"[{i}/{len(samples)}] {sample.image.name}") as bar:
             metrics, inside = _evaluate_image(segmenter, sample, options, pooled, notice, bar)
@@ -290,7 +292,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result, mean = pooled.pooled(), mean_metrics([p["metrics"] for p in per_image])
     if args.json:
         post = options.postprocess
-        print(json.dumps({"model": args.model, "threshold": options.threshold, "fov": args.fov is not None,
+        print(json.dumps({"model": args.model, "threshold": options.threshold, "fov": args.fov is not None, "tta": segmenter.tta, "scale": args.scale,
                           "postprocess": {"kind": post.kind, "count": post.count, "fill_holes": post.fill_holes},
                           "images": per_image, "mean": mean, "pooled": result, "confusion": pooled.confusion_dict()}, indent=2))
     else:
@@ -338,7 +340,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="auto: resize an image whose field of view differs by more than 10%% from the model's training images "
                         "to their scale (models whose card records one: the vessel models), probabilities resized back; "
                         "1: native resolution; F: resize by F (default: auto)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips (4x slower, usually a little better)")
+    p.add_argument("--tta", action="store_true", default=None, help="test-time augmentation: average the 4 flips (4x slower, usually a little better; default: as the model card says)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation, even where the model card asks for it")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto: onnxruntime on the CPU when installed (about 2x faster, same results), else PyTorch")
     p.add_argument("--stack", action="store_true", help="treat a 3D (N, H, W) file with N <= 4 as a stack, not as channels")

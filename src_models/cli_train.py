@@ -173,6 +173,8 @@ def _card(args: argparse.Namespace, model_config: Any) -> Any:
         count = args.keep_components or 0
         kind = "none" if count == 0 else "largest_component" if count == 1 else "largest_components"
         given["postprocess"] = Postprocess(kind, max(1, count), bool(args.fill_holes))
+    if args.card_tta:
+        given["tta"] = True
     if args.fov_diameter is not None:
         given["scale"] = _training_scale(args.fov_diameter, args.images)
     if args.card is None and not given:
@@ -200,6 +202,7 @@ def _add_card_options(p: argparse.ArgumentParser) -> None:
     card.add_argument("--threshold", type=float, default=None, help="default threshold of the probability map (default: 0.5)")
     card.add_argument("--keep-components", type=int, default=None, metavar="N", help="post-processing: keep the N largest connected components (0 = all)")
     card.add_argument("--fill-holes", action="store_true", help="post-processing: fill holes in the mask")
+    card.add_argument("--card-tta", action="store_true", help="the card asks for test-time augmentation (the mean of the 4 flips) at inference")
     card.add_argument("--fov-diameter", default=None, metavar="auto|PX", help="the training images' field-of-view diameter in pixels, for --scale auto at inference ('auto': measured on the training images)")
 
 

@@ -10,7 +10,7 @@ This module owns running a model over images of any size (the tiling itself is
   onnxruntime backend is used when it works (about 2x faster). On out-of-memory the run restarts
   with half the batch, then half the tile (down to :data:`~src_models.settings.MIN_TILE`), then
   on the CPU, and says so through ``log``. ``tta=True`` averages the predictions of the 4 flipped
-  images.
+  images (``None``, the default: as the model card's ``tta`` says).
 - The default tiling: images up to :data:`~src_models.settings.AUTO_WHOLE_IMAGE_PIXELS` run
   whole (if memory allows), larger ones in tiles of at most :data:`~src_models.settings.AUTO_TILE`
   pixels overlapping by :data:`~src_models.settings.AUTO_OVERLAP_PIXELS` pixels.
@@ -64,14 +64,15 @@ class Segmenter:
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None, tta: bool = False,
+        self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None, tta: bool | None = None,
         backend: str = "auto", scale: str | float = "auto",
     ) -> None:
         self.checkpoint = checkpoint
         self.scale = parse_scale_option(scale)  # auto: to the card's training scale; a factor (1 = native)
         self.device = select_device(device)
         self.amp = amp
-        self.tta = tta  # test-time augmentation: mean over the 4 flips (4x the compute)
+        # test-time augmentation: mean over the 4 flips (4x the compute); None: as the model card says
+        self.tta = checkpoint.model_card.tta if tta is None else bool(tta)
         self.log = log or (lambda message: None)
         self.model = checkpoint.build(self.device)
         self.onnx: Any = None

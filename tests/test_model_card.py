@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -136,3 +137,29 @@ def test_model_card_and_describe_are_torch_free():
              "[e['card'] for e in checkpoint_files.pretrained_catalog().values()]; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_card_can_ask_for_test_time_augmentation(tmp_path, capsys):
+    from src_models.checkpoint import load_checkpoint, save_checkpoint
+    from src_models.inference import Segmenter
+    from src_models.nets import ModelConfig, build_model
+    from src_models.preprocessing import PreprocessConfig
+
+    assert ModelCard().tta is False and "test-time augmentation: mean of the 4 flips" in ModelCard(tta=True).lines()
+    with pytest.raises(ValueError, match="tta"):
+        ModelCard.from_dict({"tta": "yes"})
+    config = ModelConfig(arch="unet", in_channels=1, widths=(4, 8))
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, build_model(config).state_dict(), config, PreprocessConfig(channels="gray"), ["x"], {}, card=ModelCard(tta=True))
+    ck = load_checkpoint(path)
+    assert Segmenter(ck, "cpu", backend="torch").tta is True  # as the card says
+    assert Segmenter(ck, "cpu", backend="torch", tta=False).tta is False  # --no-tta
+    from PIL import Image
+
+    from src_models.cli import main
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert main(["predict", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "o1")]) == 0
+    assert main(["predict", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "o2"), "--no-tta"]) == 0
+    out = capsys.readouterr().out
+    assert "test-time augmentation: mean of 4 flips (the model card)" in out and "test-time augmentation: off (--no-tta)" in out
