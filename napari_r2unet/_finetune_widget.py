@@ -48,6 +48,13 @@ def _eta(seconds: float | None) -> str:
     return f", about {seconds / 60:.1f} min left" if seconds >= 90 else f", about {seconds:.0f} s left"
 
 
+def _position(event: Any) -> str:
+    """Where a run is: "epoch 3/10, step 52/250", or "epoch 3, step 52" without an epoch limit."""
+    if event.epochs is None:
+        return f"epoch {event.epoch + 1}, step {event.step}"
+    return f"epoch {event.epoch + 1}/{event.epochs}, step {event.step}/{event.total_steps}"
+
+
 class FinetuneWidget(DockWidget):
     """Dock widget: corrected labels -> a new fine-tuned model version -> re-segmented images."""
 
@@ -149,11 +156,13 @@ class FinetuneWidget(DockWidget):
         choice = self.base_combo.current_choice()
         if choice is None:
             raise R2UNetError("no base model chosen: pick a pretrained model, a version or a checkpoint file")
+        epochs, minutes = self.settings.value("epochs"), self.settings.value("minutes")
+        if epochs is None and minutes is None:
+            raise R2UNetError("epochs and minutes are both 'no limit': set a time budget ('at most (min)'), a number of epochs, or both")
         base = choice.spec
         data = [piece for p in pairs for piece in pair_data(self.viewer, p)]
         out = new_version_path(Path(base).stem if base.endswith(".safetensors") else base)
-        return FinetuneRequest(base=base, pairs=data, out=out, name=f"{choice.name} + {len(data)} corrected",
-                               epochs=self.settings.value("epochs"), minutes=self.settings.value("minutes"),
+        return FinetuneRequest(base=base, pairs=data, out=out, name=f"{choice.name} + {len(data)} corrected", epochs=epochs, minutes=minutes,
                                validation=self.pairs.validation(), settings=self.settings.advanced_settings())
 
     def start(self) -> None:
@@ -176,12 +185,12 @@ class FinetuneWidget(DockWidget):
     def _on_event(self, event: Any) -> None:
         kind = event.kind
         if kind == EventKind.STEP:
-            self.plot.add_loss(event.step, event.loss, event.total_steps)
+            self.plot.add_loss(event.step, event.loss, event.total_steps, event.fraction)
             self.progress.setValue(int(event.fraction * PROGRESS_STEPS))
             if event.step % 5 == 0 or event.step == 1:
-                self.status.setText(f"epoch {event.epoch + 1}/{event.epochs}, step {event.step}/{event.total_steps}, loss {event.loss:.3f}{_eta(event.eta_s)}")
+                self.status.setText(f"{_position(event)}, loss {event.loss:.3f}{_eta(event.eta_s)}")
         elif kind == EventKind.START:
-            self.plot.total_steps = event.total_steps
+            self.plot.total_steps = event.total_steps or 1
             self.status.setText(event.message)
         elif kind == EventKind.BASELINE and event.metrics:
             self.plot.set_base_dice(event.metrics.get("F1", float("nan")))
@@ -206,7 +215,8 @@ class FinetuneWidget(DockWidget):
         if "F1" in version.metrics:
             before = version.metrics_before.get("F1")
             scores = f"; validation Dice {before:.3f} -> {version.metrics['F1']:.3f}" if before is not None else f"; validation Dice {version.metrics['F1']:.3f}"
-        self._notify_info(f"{self._finish_message} ({seconds:.0f} s): new version '{version.name}'{scores}. Re-segment the other images with it.")
+        self._notify_info(f"Fine-tuning {self._finish_message} ({seconds:.0f} s in all); "
+                          f"new version '{version.name}'{scores}. Re-segment the other images with it.")
 
     # -- re-segment --------------------------------------------------------------------------
     def resegment_targets(self) -> list[Any]:

@@ -35,11 +35,17 @@ class CurvePlot(QWidget):
         self.smooth: list[tuple[float, float]] = []
         self.dice: list[tuple[float, float]] = []
         self.base_dice: float | None = None
-        self.total_steps = 1
+        self.total_steps = 1  # the step at the right end of the x axis
+        self.projected = False  # True: that step is projected from the clock (a run with no epoch limit)
         self.update()
 
-    def add_loss(self, step: int, loss: float, total_steps: int) -> None:
-        self.total_steps = max(1, total_steps)
+    def add_loss(self, step: int, loss: float, total_steps: int | None, fraction: float = 0.0) -> None:
+        """The loss of ``step``; ``total_steps`` None (no epoch limit, a time budget): the axis ends
+        at the step the run reaches at this pace when the budget is spent (``fraction`` of it now)."""
+        self.projected = total_steps is None
+        if total_steps is None:
+            total_steps = round(step / fraction) if fraction > 0 else step
+        self.total_steps = max(1, step, total_steps)
         if not math.isfinite(loss):
             return
         previous = self.smooth[-1][1] if self.smooth else loss
@@ -105,7 +111,7 @@ class CurvePlot(QWidget):
         painter.drawText(QRectF(0, area.bottom() - 8, left - 4, 14), Qt.AlignRight, "0")
         painter.drawText(QRectF(area.right() + 4, area.top() - 6, right, 14), Qt.AlignLeft, "1")
         painter.drawText(QRectF(area.right() + 4, area.bottom() - 8, right, 14), Qt.AlignLeft, "0")
-        painter.drawText(QRectF(area.left(), area.bottom() + 2, area.width(), 16), Qt.AlignRight, f"step {self.total_steps}")
+        painter.drawText(QRectF(area.left(), area.bottom() + 2, area.width(), 16), Qt.AlignRight, f"step {'~' if self.projected else ''}{self.total_steps}")
         legend = [(MEAN_COLOR, "loss"), (DICE_COLOR, "val Dice")] + ([(BASE_COLOR, "base")] if self.base_dice is not None else [])
         x = area.left() + 4
         for color, text in legend:

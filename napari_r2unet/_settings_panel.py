@@ -1,13 +1,16 @@
 """The Fine-tune widget's settings panel, built from :class:`~src_models.training.config.TrainConfig`.
 
 Each training setting is one :class:`TrainConfig` field; :func:`setting_editor` turns a field
-into a spin box or a menu: its default from :data:`FINETUNE_DEFAULTS` (else the field's own),
-its range from the field's bounds (``ui_min`` / ``ui_max`` where the config sets none), its
-tooltip from the field's help. Nothing about a setting is written here but how it is shown
-(its label, step and decimals).
+into a spin box or a menu: its default from :data:`~src_models.finetune.WIDGET_BUDGET` (the
+budget) or :data:`FINETUNE_DEFAULTS` (else the field's own), its range from the field's bounds
+(``ui_min`` / ``ui_max`` where the config sets none), its tooltip from the field's help.
+Nothing about a setting is written here but how it is shown (its label, step and decimals).
 
-The panel holds the base model, the budget (epochs, minutes) and, behind "advanced", the
-learning rate, patch and batch size, steps per epoch, correction weight and what to freeze.
+The panel holds the base model, the budget and, behind "advanced", the learning rate, patch and
+batch size, steps per epoch, correction weight and what to freeze. The budget is epochs and
+minutes, each of which may be "no limit" (the spin box's minimum, which the config refuses as a
+value); it starts as a time budget (5 minutes, no epoch limit) and the run follows
+:func:`~src_models.training.config.resolve_budget`, as the CLI does.
 Settings that come from the base model's card are not offered: ``geometry`` never is (a
 ``resize`` model is fine-tuned on whole images letterboxed to its card's size, a ``tiled`` one on
 patches, see :func:`src_models.finetune.card_geometry`), and the patch size is shown but disabled
@@ -24,10 +27,10 @@ from typing import Any
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QToolButton, QVBoxLayout, QWidget
 
+from src_models.finetune import WIDGET_BUDGET  # torch-free
 from src_models.model_card import ModelCard
 from src_models.training.config import FINETUNE_DEFAULTS, TrainConfig, default, setting  # torch-free
 
-from ._finetune import FinetuneRequest
 from ._model_menu import ModelMenu
 from ._models import ModelChoice
 
@@ -36,15 +39,15 @@ ADVANCED = ("lr", "patch_size", "batch_size", "steps_per_epoch", "correction_wei
 LABELS = {"lr": "learning rate", "minutes": "at most (min)"}  # otherwise the field name, spaced
 STEPS = {"lr": 1e-4, "patch_size": 16}
 DECIMALS = {"lr": 5, "minutes": 1}
-UNSET = {"minutes": "no limit"}  # fields whose spin box minimum stands for None (not set)
+UNSET = {"epochs": "no limit", "minutes": "no limit"}  # fields whose spin box minimum stands for None (not set)
 
 
 def finetune_default(name: str) -> Any:
-    """What the widget starts with: the fine-tuning default, else the request's, else the field's."""
-    if name in FINETUNE_DEFAULTS:
-        return FINETUNE_DEFAULTS[name]
-    request_defaults = {f.name: f.default for f in dataclasses.fields(FinetuneRequest)}
-    return request_defaults[name] if name in request_defaults else default(name)
+    """What the widget starts with: its budget (:data:`~src_models.finetune.WIDGET_BUDGET`, a
+    time budget), else the fine-tuning default, else the field's."""
+    if name in WIDGET_BUDGET:
+        return WIDGET_BUDGET[name]
+    return FINETUNE_DEFAULTS[name] if name in FINETUNE_DEFAULTS else default(name)
 
 
 def _field_type(name: str) -> str:

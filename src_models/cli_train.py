@@ -15,7 +15,7 @@ from typing import Any
 
 from .cli import _log, _positive_int, _progress_bar, _widths
 from .errors import R2UNetError
-from .training.config import FINETUNE_DEFAULTS, FREEZE_CHOICES, OUTSIDE_FOV_WEIGHT, default, setting
+from .training.config import FINETUNE_DEFAULTS, FREEZE_CHOICES, OUTSIDE_FOV_WEIGHT, default, resolve_budget, setting
 from .training.events import EventKind
 
 _UNSET_WORDS = {"steps_per_epoch": "about one pass over the pixels", "patience": "never"}
@@ -40,6 +40,17 @@ def _zoom(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _given_budget(args: argparse.Namespace) -> tuple[int | None, float | None]:
+    """``--epochs`` and ``--minutes`` as given (``None``: not given); a ``--resume`` that gives
+    neither keeps the budget of the run it continues."""
+    if args.resume and args.epochs is None and args.minutes is None:
+        from .training.resume import saved_budget
+
+        saved = saved_budget(Path(args.out))
+        return saved["epochs"], saved["minutes"]
+    return args.epochs, args.minutes
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
@@ -61,12 +72,14 @@ def _print_event(event: Any, update: Any, close: Any) -> None:
         print(f"base model on the validation images: {_scores(event.metrics)}", flush=True)
     elif kind == EventKind.EPOCH:
         eta = f"  eta {event.eta_s / 60:.1f} min" if event.eta_s is not None else ""
-        print(f"epoch {event.epoch}/{event.epochs}  loss {event.loss:.4f}  {_scores(event.metrics)}  {event.elapsed_s:.0f} s{eta}", flush=True)
+        note = f"  ({event.message})" if event.message else ""
+        epoch = f"{event.epoch}/{event.epochs}" if event.epochs else f"{event.epoch} ({event.fraction:.0%} of the time budget)"
+        print(f"epoch {epoch}  loss {event.loss:.4f}  {_scores(event.metrics)}  {event.elapsed_s:.0f} s{eta}{note}", flush=True)
     elif kind == EventKind.CHECKPOINT:
         print(f"  saved {event.path} ({event.message})", flush=True)
     elif kind.is_final:
         close()
-        print(f"{event.message}: {event.path}  {_scores(event.metrics, None)}", flush=True)
+        print(f"{event.message}; best checkpoint: {event.path}  {_scores(event.metrics, None)}", flush=True)
 
 
 def _drive_training(trainer: Any) -> int:
@@ -113,8 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise R2UNetError(str(exc)) from exc
     samples = load_samples(args.images, args.masks, args.fov, preprocess, classes=args.classes)
-    fields = {**_train_settings(args), "epochs": args.epochs, "minutes": args.minutes}
-    config = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+    settings = {k: v for k, v in _train_settings(args).items() if v is not None}
+    config = TrainConfig(**settings, **resolve_budget(*_given_budget(args)))
     card = _card(args, model_config)
     provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{args.arch} trained on {Path(args.images).resolve()}"}
     base = _init_model(args.init, model_config, preprocess) if args.init else None
@@ -212,9 +225,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     base = load_model(args.model)
+    epochs, minutes = _given_budget(args)
     request = FinetuneRequest(
-        base=base, pairs=[], out=Path(args.out), name=args.name or Path(args.out).stem, epochs=args.epochs,
-        minutes=args.minutes, device=args.device, settings=_train_settings(args), resume=args.resume, overwrite=args.overwrite,
+        base=base, pairs=[], out=Path(args.out), name=args.name or Path(args.out).stem, epochs=epochs,
+        minutes=minutes, device=args.device, settings=_train_settings(args), resume=args.resume, overwrite=args.overwrite,
         description=args.description or f"{base.name} fine-tuned on {Path(args.images).resolve()}",
     )
     request.config()  # bad settings are refused before any image is read
@@ -238,9 +252,15 @@ def _add_training_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
-    budget = p.add_argument_group("budget (whichever ends first)")
-    budget.add_argument("--epochs", type=_positive_int, default=None, help=_help("epochs", defaults, "epochs"))
-    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget in minutes")
+    epochs = defaults.get("epochs", default("epochs"))
+    budget = p.add_argument_group("budget", (
+        f"--minutes alone: train that long, with no epoch limit (the learning rate decays with the clock); "
+        f"--epochs alone: that many epochs, with no time limit; both: whichever ends first; neither: {epochs} epochs (with --resume: the saved run's budget). "
+        "--patience may stop a run earlier; its last line says at which epoch it stopped and why."))
+    budget.add_argument("--epochs", type=_positive_int, default=None, help=f"epoch limit (default: {epochs} when --minutes is not given either)")
+    budget.add_argument("--minutes", type=float, default=None, metavar="N",
+                        help="time budget in minutes of wall clock (validation included; checked before each step, "
+                             "the partial last epoch is validated too) (default: none)")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None, help=_help("steps_per_epoch", defaults, "optimizer steps per epoch"))
     p.add_argument("--patch-size", type=_positive_int, default=None, help=_help("patch_size", defaults))
     p.add_argument("--batch-size", type=_positive_int, default=None, help=_help("batch_size", defaults))
@@ -260,7 +280,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any
     aug.add_argument("--no-rot90", dest="rot90", action="store_const", const=False, default=None, help="no 90-degree rotations or vertical flips (upright images such as chest X-rays)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu); under torchrun each process takes its own GPU")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's .resume.pt (the same settings; --epochs/--minutes may change)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .resume.pt (the same settings; --epochs/--minutes/--patience may change, giving neither keeps the saved budget)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT and its resume state (default: refuse)")
     p.add_argument("--name", default=None, help="model name stored in the checkpoint (default: OUT's stem)")
     p.add_argument("--description", default=None, help="one-line description stored in the checkpoint")

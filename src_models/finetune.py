@@ -15,7 +15,8 @@ widget (pairs copied out of layers by ``napari_r2unet._finetune.pair_data``) and
   behind for a run cancelled before its first step (that version would equal its base).
 
 The fine-tuning defaults are :data:`~src_models.training.config.FINETUNE_DEFAULTS` (learning
-rate, epochs, batch, steps, freezing) and the constants below (time budget, hold-out strip).
+rate, epochs, batch, steps, freezing) and the constants below (the widget's time budget, the
+hold-out strip).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from .training.samples import TrainSample
     from .training.trainer import Trainer
 
-DEFAULT_MINUTES = 5.0  # the Fine-tune widget's time budget (whichever of epochs and minutes ends first)
+DEFAULT_MINUTES = 5.0  # the Fine-tune widget's time budget
+WIDGET_BUDGET = MappingProxyType({"epochs": None, "minutes": DEFAULT_MINUTES})  # what the widget starts with: a time budget
 HOLDOUT_FRACTION = 0.2  # validation = "holdout": this last part of each image is validated on, never trained on
 VALIDATION_NONE, VALIDATION_HOLDOUT, VALIDATION_PAIR = "none", "holdout", "pair:"
 
@@ -67,9 +70,12 @@ class FinetuneRequest:
     """Everything one fine-tuning run needs (decided before it starts: layers may change meanwhile).
 
     ``validation``: ``none``; ``holdout`` (the last ``holdout_fraction`` of each image); or
-    ``pair:<id>`` (hold out that pair, all its slices). ``settings``: :class:`TrainConfig` fields
-    (lr, patch_size, batch_size, steps_per_epoch, correction_weight, freeze, val_fraction, ...)
-    overriding :data:`FINETUNE_DEFAULTS`. ``description``: stored in the version (default: the
+    ``pair:<id>`` (hold out that pair, all its slices). ``epochs`` and ``minutes``: the budget as
+    given (``None``: not given), made into the run's by
+    :func:`~src_models.training.config.resolve_budget` (only minutes: no epoch limit; only
+    epochs: no time limit; both: whichever ends first; neither: :data:`FINETUNE_DEFAULTS`'s).
+    ``settings``: :class:`TrainConfig` fields (lr, patch_size, batch_size, steps_per_epoch,
+    correction_weight, freeze, val_fraction, ...) overriding :data:`FINETUNE_DEFAULTS`. ``description``: stored in the version (default: the
     base model, the number of images and of corrected pixels).
     """
 
@@ -77,8 +83,8 @@ class FinetuneRequest:
     pairs: list[PairData]
     out: Path
     name: str
-    epochs: int | None = None  # None: FINETUNE_DEFAULTS
-    minutes: float | None = DEFAULT_MINUTES
+    epochs: int | None = None
+    minutes: float | None = None
     validation: str = VALIDATION_NONE
     holdout_fraction: float = HOLDOUT_FRACTION
     device: str = "auto"
@@ -241,5 +247,5 @@ def finetune(request: FinetuneRequest, emit: Callable[[Any], None], should_stop:
             finished.set()
 
 
-__all__ = ["DEFAULT_MINUTES", "HOLDOUT_FRACTION", "FinetuneRequest", "PairData", "build_samples",
+__all__ = ["DEFAULT_MINUTES", "HOLDOUT_FRACTION", "WIDGET_BUDGET", "FinetuneRequest", "PairData", "build_samples",
                           "build_trainer", "file_pairs", "finetune", "load_base", "training_labels"]

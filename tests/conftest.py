@@ -31,6 +31,20 @@ def run_to_end(widget, qtbot, timeout_ms: int = 120_000) -> None:
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)
 
 
+def docked_finetune(viewer, base: str, labels: str):
+    """The Fine-tune widget docked in ``viewer``: base model ``base`` (a checkpoint file, else a
+    name from its menu), training on the Labels layer ``labels`` alone, without validation."""
+    _, fine = viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
+    if base.endswith(".safetensors"):
+        fine.add_model(base)
+    else:
+        fine.base_combo.choose(base)
+    fine.refresh_pairs()
+    fine.set_checked([labels])
+    fine.validation_combo.setCurrentIndex(fine.validation_combo.findData("none"))
+    return fine
+
+
 @pytest.fixture(autouse=True)
 def user_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Fine-tuned versions go to a temporary folder, never to the real per-user one."""

@@ -215,6 +215,7 @@ def test_training_help_reads_its_defaults_from_the_config(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        assert f"cosine decay) (default: {lr:g})" in text and f"epochs (default: {epochs})" in text, text
+        assert f"cosine decay) (default: {lr:g})" in text and f"epoch limit (default: {epochs} when --minutes is not given either)" in text, text
+        assert f"both: whichever ends first; neither: {epochs} epochs" in text
         assert f"torchrun) (default: {batch})" in text
     assert "(default: bn)" in text and "steps per epoch (default: 25)" in text

@@ -294,6 +294,7 @@ def test_bad_requests_are_notifications(viewer_and_widgets, tmp_path):
 @pytest.mark.gui
 def test_the_settings_panel_is_built_from_train_config(qtbot):
     from napari_r2unet._settings_panel import ADVANCED, BUDGET, SettingsPanel
+    from src_models.finetune import WIDGET_BUDGET
     from src_models.training.config import FINETUNE_DEFAULTS, setting
 
     panel = SettingsPanel(lambda action: action())
@@ -305,8 +306,11 @@ def test_the_settings_panel_is_built_from_train_config(qtbot):
             assert [editor.itemText(i) for i in range(editor.count())] == list(meta["choices"])
         else:
             assert (editor.minimum(), editor.maximum()) == (meta.get("ui_min", meta["min"]), meta.get("ui_max", meta.get("max"))), name
-        if name in FINETUNE_DEFAULTS:
+        if name in WIDGET_BUDGET:
+            assert panel.value(name) == WIDGET_BUDGET[name], name
+        elif name in FINETUNE_DEFAULTS:
             assert panel.value(name) == FINETUNE_DEFAULTS[name], name
+    assert panel.value("epochs") is None and panel.editors["epochs"].text() == "no limit"  # a time budget by default
     panel.editors["minutes"].setValue(0)
     assert panel.value("minutes") is None  # "no limit"
     assert finetune_config(epochs=panel.value("epochs"), **panel.advanced_settings()).lr == FINETUNE_DEFAULTS["lr"]

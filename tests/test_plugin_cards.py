@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_checkpoint, run_to_end
+from conftest import docked_finetune, random_checkpoint, run_to_end
 from scipy import ndimage
 
 from src_models import checkpoint_files
@@ -226,11 +226,7 @@ def test_fine_tuning_a_resize_card_model_runs_to_a_new_version(make_napari_viewe
     image, mask = lesion_image(64)
     viewer.add_image(image, name="skin", rgb=True)
     viewer.add_labels(mask, name="skin lesion drawn")
-    _, fine = viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
-    fine.base_combo.choose("r2unet-skin")
-    fine.refresh_pairs()
-    fine.set_checked(["skin lesion drawn"])
-    fine.validation_combo.setCurrentIndex(fine.validation_combo.findData("none"))
+    fine = docked_finetune(viewer, "r2unet-skin", "skin lesion drawn")
     fine.epochs_spin.setValue(1)
     fine.steps_spin.setValue(2)
     fine.minutes_spin.setValue(0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import random_checkpoint
+from conftest import docked_finetune, random_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -454,10 +454,7 @@ def test_finetune_widget_labels_of_other_dtypes_and_content(make_napari_viewer, 
     viewer = make_napari_viewer()
     viewer.add_image(vessel_image((64, 64), seed=2)[0], name="img")
     viewer.add_labels(labels, name="hand")
-    _, fine = viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
-    fine.add_model(str(trained_checkpoint))
-    fine.set_checked(["hand"])
-    fine.validation_combo.setCurrentIndex(fine.validation_combo.findData("none"))
+    fine = docked_finetune(viewer, str(trained_checkpoint), "hand")
     fine.epochs_spin.setValue(1)
     fine.steps_spin.setValue(2)
     fine.patch_spin.setValue(32)

@@ -137,7 +137,7 @@ def test_a_longer_budget_continues_the_learning_rate_decay(tmp_path):
 
 def test_minutes_budget_drives_progress_and_keeps_the_partial_epoch(tmp_path):
     events = list(Trainer(TINY, PP, synthetic_samples(2), fast(epochs=1000, minutes=0.03, steps_per_epoch=1000), tmp_path / "m.safetensors").run())
-    assert events[-1].kind == "done" and events[-1].fraction == 1.0 and "time budget" in events[-1].message
+    assert events[-1].kind == "done" and events[-1].reason == "time" and events[-1].fraction == 1.0 and "time budget" in events[-1].message
     assert any(e.kind == "checkpoint" for e in events)  # the partial epoch was scored and saved
 
 
@@ -151,6 +151,7 @@ def test_cancel_keeps_a_usable_checkpoint(tmp_path):
 def test_early_stopping(tmp_path):
     events = list(Trainer(TINY, PP, synthetic_samples(4), fast(epochs=6, lr=1e-12, patience=2, val_fraction=0.25), tmp_path / "m.safetensors").run())
     assert events[-1].kind == "early_stop" and events[-1].epoch == 3
+    assert events[-1].message == "stopped early at epoch 3 (step 9): no improvement for 2 epochs (best: epoch 1)"
 
 
 def test_bad_training_data(tmp_path):

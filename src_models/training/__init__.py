@@ -4,7 +4,7 @@ Importing this package loads no torch: the public names below are re-exported la
 so ``from src_models.training import TrainConfig`` stays light and ``Trainer`` loads the engine.
 
 - :mod:`.config`      :class:`TrainConfig` (each field's help and bounds), :data:`FINETUNE_DEFAULTS`,
-  :func:`finetune_config` (torch-free)
+  :func:`finetune_config`, :func:`resolve_budget` (torch-free)
 - :mod:`.samples`     :class:`TrainSample`: files or arrays -> preprocessed, weighted samples; splits (torch-free)
 - :mod:`.events`      :class:`EventKind` and :class:`TrainEvent`, the one event stream (torch-free)
 - :mod:`.resume`      the run state, ``.resume.pt`` and ``.history.json`` (torch-free at import)
@@ -20,7 +20,7 @@ import importlib
 from typing import Any
 
 _MODULES = {
-    "config": ("TrainConfig", "FINETUNE_DEFAULTS", "FREEZE_CHOICES", "OUTSIDE_FOV_WEIGHT", "finetune_config"),
+    "config": ("TrainConfig", "FINETUNE_DEFAULTS", "FREEZE_CHOICES", "OUTSIDE_FOV_WEIGHT", "finetune_config", "resolve_budget"),
     "samples": ("TrainSample", "make_sample", "emphasize_corrections", "load_samples", "check_samples",
                 "split_validation", "holdout_region"),
     "events": ("EventKind", "TrainEvent"),

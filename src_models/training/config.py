@@ -12,6 +12,12 @@ Each :class:`TrainConfig` field is defined once here, with its default and, in i
 
 :data:`FINETUNE_DEFAULTS` holds what fine-tuning a few corrected images changes from those
 defaults, and :func:`finetune_config` applies it.
+
+The budget: ``epochs`` (``None``: no epoch limit) and ``minutes`` (``None``: no time limit); a
+run ends when the first of those that is set ends, and at least one must be. :func:`resolve_budget`
+turns what a user gave (the CLI's ``--epochs`` / ``--minutes``, the widget's spin boxes) into
+the two fields: one given alone is the only limit, both given: whichever ends first, neither:
+the defaults.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..errors import R2UNetError
 
 FREEZE_CHOICES = ("none", "bn", "encoder")
 GEOMETRY_CHOICES = ("tiled", "resize")  # as the model card's Geometry kinds
+BUDGET_LIMITS = ("epochs", "minutes")  # when a run ends (see :func:`resolve_budget`)
 OUTSIDE_FOV_WEIGHT = 0.1  # loss weight of the pixels outside a field-of-view mask
 
 
@@ -40,8 +47,8 @@ class TrainConfig:
 
     patch_size: int = field(default=96, **_meta("side of the square training patches in pixels", min=16, ui_max=512))
     batch_size: int = field(default=8, **_meta("patches per optimizer step (the global batch: split across processes under torchrun)", min=1, ui_max=64))
-    epochs: int = field(default=40, **_meta("epochs to train (whichever of epochs and minutes ends first)", min=1, ui_max=1000))
-    minutes: float | None = field(default=None, **_meta("wall-clock budget in minutes (whichever of epochs and minutes ends first)", min=0, min_exclusive=True, ui_max=24 * 60))
+    epochs: int | None = field(default=40, **_meta("epochs to train (unset: no epoch limit; with minutes too, whichever ends first)", min=0, min_exclusive=True, ui_max=1000))
+    minutes: float | None = field(default=None, **_meta("wall-clock budget in minutes (unset: no time limit; with epochs too, whichever ends first)", min=0, min_exclusive=True, ui_max=24 * 60))
     steps_per_epoch: int | None = field(default=None, **_meta("optimizer steps per epoch (unset: about one pass over the training pixels)", min=1, ui_max=10000))
     lr: float = field(default=2e-3, **_meta("peak learning rate of AdamW (linear warm-up, then cosine decay)", min=0, min_exclusive=True, finite=True, ui_min=1e-5, ui_max=1e-1))
     weight_decay: float = field(default=1e-4, **_meta("AdamW weight decay", min=0))
@@ -76,6 +83,8 @@ class TrainConfig:
             problem = _violation(getattr(self, f.name), f.metadata)
             if problem:
                 raise R2UNetError(f"{f.name}={getattr(self, f.name)!r} must be {problem}")
+        if self.epochs is None and self.minutes is None:
+            raise R2UNetError("no budget: epochs and minutes are both unset; give an epoch limit, a time budget in minutes, or both")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -125,8 +134,20 @@ FINETUNE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 )
 
 
-def finetune_config(**overrides: Any) -> TrainConfig:
-    """:data:`FINETUNE_DEFAULTS` with ``overrides`` (``None`` values keep the default)."""
+def resolve_budget(epochs: int | None, minutes: float | None, defaults: Mapping[str, Any] = MappingProxyType({})) -> dict[str, Any]:
+    """The ``epochs`` and ``minutes`` of a run from what the user gave (``None``: not given).
+
+    Only minutes: that time, no epoch limit. Only epochs: those epochs, no time limit. Both:
+    whichever ends first. Neither: ``defaults``' budget, else :class:`TrainConfig`'s.
+    """
+    if epochs is None and minutes is None:
+        return {name: defaults.get(name, default(name)) for name in BUDGET_LIMITS}
+    return {"epochs": epochs, "minutes": minutes}
+
+
+def finetune_config(epochs: int | None = None, minutes: float | None = None, **overrides: Any) -> TrainConfig:
+    """:data:`FINETUNE_DEFAULTS` with ``overrides`` (``None`` values keep the default) and the
+    budget :func:`resolve_budget` makes of ``epochs`` and ``minutes``."""
     values = dict(FINETUNE_DEFAULTS)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    return TrainConfig(**values | resolve_budget(epochs, minutes, FINETUNE_DEFAULTS))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class EventKind(str, enum.Enum):
     """What happened. A run yields START, BASELINE (fine-tuning with validation only), then STEP
     and EPOCH (and CHECKPOINT when the best model was saved), and ends with one final kind:
-    DONE (the budget ended), CANCELLED or EARLY_STOP."""
+    DONE (the budget ended: its epochs or its minutes), CANCELLED or EARLY_STOP."""
 
     START = "start"
     BASELINE = "baseline"  # the base model's validation metrics, before any step
@@ -35,17 +35,25 @@ class EventKind(str, enum.Enum):
 
 
 FINAL_KINDS = frozenset({EventKind.DONE, EventKind.CANCELLED, EventKind.EARLY_STOP})
+# why a run ended (a final event's ``reason``): its epochs are done, its minutes are spent, no
+# improvement for ``patience`` epochs, or the user cancelled
+STOP_REASONS = ("epochs", "time", "early_stop", "cancelled")
 
 
 @dataclass
 class TrainEvent:
-    """One item of the event stream (see :class:`EventKind`)."""
+    """One item of the event stream (see :class:`EventKind`).
+
+    ``epoch``: the epochs completed; ``epochs`` and ``total_steps``: the budget's, ``None`` for a
+    run with no epoch limit (a time budget only: ``fraction`` and ``eta_s`` then follow the clock).
+    A final event says in ``reason`` (one of :data:`STOP_REASONS`) and ``message`` why it ended.
+    """
 
     kind: EventKind
     step: int
-    total_steps: int
+    total_steps: int | None
     epoch: int
-    epochs: int
+    epochs: int | None
     loss: float | None = None
     lr: float | None = None
     metrics: dict[str, float] | None = None
@@ -54,6 +62,7 @@ class TrainEvent:
     path: str | None = None
     message: str = ""
     fraction: float = 0.0  # of the budget (steps or minutes, whichever is further along)
+    reason: str = ""  # final events only: one of STOP_REASONS
 
     def __post_init__(self) -> None:
         self.kind = EventKind(self.kind)  # also refuses a kind that does not exist

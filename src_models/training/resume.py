@@ -5,7 +5,7 @@ schedule position, step, best score, history, torch RNG) and ``OUT.history.json`
 epoch). :func:`save_resume` writes the first atomically; :func:`load_resume` checks that the
 saved run trains the same model with the same settings (only the budget and the patience may
 change) and restores it, so the resumed run continues with the very patches and steps it would
-have taken.
+have taken. :func:`saved_budget` reads the saved run's budget (a resume that gives none keeps it).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class TrainState:
     epoch_loss_sum: float = 0.0  # the current epoch's losses so far (exact across a mid-epoch resume)
     epoch_loss_count: int = 0
     steps_per_epoch: int = 0
-    lr_anchor_step: int = 0  # a resume with a longer budget continues the decay from here ...
+    lr_anchor_step: int = 0  # a resume with another budget continues the decay from this step ...
+    lr_anchor_s: float = 0.0  # ... and elapsed time ...
     lr_anchor_factor: float = -1.0  # ... starting at this factor (-1: no anchor)
     saved_by_this_run: bool = False
     base_metrics: dict[str, float] = field(default_factory=dict)  # the base model on the validation images
@@ -92,6 +93,12 @@ def _read_payload(path: Path) -> dict[str, Any]:
     return payload
 
 
+def saved_budget(out: Path) -> dict[str, Any]:
+    """The ``epochs`` and ``minutes`` of the run whose ``.resume.pt`` lies beside ``out``."""
+    saved = json.loads(_read_payload(resume_path(Path(out)))["train_config"])
+    return {"epochs": saved.get("epochs", TrainConfig().epochs), "minutes": saved.get("minutes")}
+
+
 def load_resume(trainer: Trainer) -> None:
     """Restore ``trainer`` from its ``.resume.pt``; refuse a run of another model or other settings."""
     import torch
@@ -106,19 +113,20 @@ def load_resume(trainer: Trainer) -> None:
     differs = sorted(k for k, v in trainer.config.to_dict().items() if saved.get(k, defaults[k]) != v and k not in BUDGET_FIELDS)
     if differs:
         raise R2UNetError(f"cannot resume from {path}: training settings differ ({', '.join(differs)}); only --epochs/--minutes/--patience may change")
-    state = dict(payload["state"])
-    state["history"] = json.loads(state["history"])
+    raw = dict(payload["state"])
+    raw["history"] = json.loads(raw["history"])
     known = {f.name for f in dataclasses.fields(TrainState)}
-    previous = TrainState(**{k: v for k, v in state.items() if k in known})
-    if previous.steps_per_epoch and previous.steps_per_epoch != trainer.steps_per_epoch:
-        raise R2UNetError(f"cannot resume from {path}: it used {previous.steps_per_epoch} steps per epoch, this data gives {trainer.steps_per_epoch}; use the same images")
+    restored = TrainState(**{k: v for k, v in raw.items() if k in known})
+    if restored.steps_per_epoch and restored.steps_per_epoch != trainer.steps_per_epoch:
+        raise R2UNetError(f"cannot resume from {path}: it used {restored.steps_per_epoch} steps per epoch, this data gives {trainer.steps_per_epoch}; use the same images")
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
-    previous_total = saved.get("epochs", trainer.config.epochs) * trainer.steps_per_epoch
-    trainer.state = previous
+    epochs = saved.get("epochs", defaults["epochs"])  # None: the saved run had no epoch limit
+    previous_budget = (epochs * trainer.steps_per_epoch if epochs else None, saved.get("minutes"))
+    trainer.state = restored
     trainer.state.saved_by_this_run = False
-    if previous_total != trainer.total_steps or saved.get("minutes") != trainer.config.minutes:
+    if previous_budget != (trainer.total_steps, trainer.config.minutes):
         # a new budget: keep the current learning rate and decay from there (no warm restart)
-        trainer.state.lr_anchor_factor = trainer._lr_factor(total_steps=previous_total, minutes=saved.get("minutes"))
-        trainer.state.lr_anchor_step = trainer.state.step
+        trainer.state.lr_anchor_factor = trainer._lr_factor(previous_budget)
+        trainer.state.lr_anchor_step, trainer.state.lr_anchor_s = trainer.state.step, trainer.state.elapsed_s
     torch.set_rng_state(payload["torch_rng"])

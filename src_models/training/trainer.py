@@ -1,10 +1,11 @@
 """The engine: :class:`Trainer` trains a new model or fine-tunes a checkpoint, as a stream of events.
 
-AdamW with linear warm-up then cosine decay (over steps, or over the time budget when
-``minutes`` is set), validation with the paper's metrics every epoch on held-out images,
-best-checkpoint selection (validation F1, else training loss), early stopping, atomic writes,
-exact resume (:mod:`.resume`), and cooperative cancellation at any step that keeps the best
-checkpoint. :meth:`Trainer.run` is a generator of :class:`~.events.TrainEvent`.
+AdamW with linear warm-up then cosine decay over the budget (its steps or its minutes, whichever
+is further along: a run with no epoch limit follows the clock), validation with the paper's
+metrics every epoch on held-out images, best-checkpoint selection (validation F1, else training
+loss), early stopping, atomic writes, exact resume (:mod:`.resume`), and cooperative
+cancellation at any step that keeps the best checkpoint. :meth:`Trainer.run` is a generator of
+:class:`~.events.TrainEvent`; its final event says when the run ended and why.
 
 Fine-tuning (``Trainer(base=...)`` with :func:`~.config.finetune_config`) starts from any
 checkpoint, optionally emphasises the pixels a user corrected, freezes BatchNorm statistics or
@@ -48,8 +49,7 @@ from .samples import TrainSample, check_samples, letterbox_sample, split_validat
 
 ShouldStop = Callable[[], bool]
 
-_END_MESSAGES = {"done": "finished", "time": "time budget reached", "cancelled": "cancelled; the best checkpoint is kept"}
-_END_KINDS = {"done": EventKind.DONE, "time": EventKind.DONE, "cancelled": EventKind.CANCELLED, "early_stop": EventKind.EARLY_STOP}
+_END_KINDS = {"epochs": EventKind.DONE, "time": EventKind.DONE, "cancelled": EventKind.CANCELLED, "early_stop": EventKind.EARLY_STOP}
 
 
 def _default_class_names(config: ModelConfig) -> tuple[str, ...]:
@@ -102,7 +102,7 @@ class Trainer:
         self._build_network()
         pixels = sum(s.mask.size for s in self.train_samples)
         self.steps_per_epoch = config.steps_per_epoch or int(np.clip(round(pixels / (config.batch_size * config.patch_size**2)), 10, 500))
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.total_steps: int | None = self.steps_per_epoch * config.epochs if config.epochs else None  # None: time budget only
         self.dataset = PatchDataset(self.train_samples, config, self.steps_per_epoch * config.batch_size)
         self.state = TrainState(steps_per_epoch=self.steps_per_epoch)
         self.resumed = resume
@@ -174,25 +174,30 @@ class Trainer:
                     m.eval()
 
     # -- schedule --------------------------------------------------------------------------------
-    def _progress(self, total_steps: int | None = None, minutes: float | None | str = "config") -> float:
-        """Fraction of the budget used: steps, or wall time when a minutes budget is set."""
-        total_steps = total_steps or self.total_steps
-        minutes = self.config.minutes if minutes == "config" else minutes
-        progress = self.state.step / total_steps
+    def _progress(self, budget: tuple[int | None, float | None] | None = None, since: tuple[int, float] = (0, 0.0)) -> float:
+        """Fraction of ``budget`` (``(total steps, minutes)``, default this run's) used since
+        ``since`` (``(step, elapsed seconds)``): steps or wall time, whichever is further along."""
+        total, minutes = budget or (self.total_steps, self.config.minutes)
+        parts = [0.0]
+        if total:
+            parts.append((self.state.step - since[0]) / max(1, total - since[0]))
         if minutes:
-            progress = max(progress, self.state.elapsed_s / (60 * minutes))
-        return min(1.0, progress)
+            parts.append((self.state.elapsed_s - since[1]) / max(1e-9, 60 * minutes - since[1]))
+        return min(1.0, max(parts))
 
-    def _lr_factor(self, total_steps: int | None = None, minutes: float | None | str = "config") -> float:
-        """Linear warm-up, then cosine decay to 0 over the budget (from the anchor after a resume)."""
-        if self.state.lr_anchor_factor >= 0 and total_steps is None:
-            start, end = self.state.lr_anchor_step, self.total_steps
-            steps_part = (self.state.step - start) / max(1, end - start)
-            progress = max(steps_part, self._progress()) if self.config.minutes else steps_part
-            return self.state.lr_anchor_factor * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        warmup = max(1, min(self.config.warmup_steps, (total_steps or self.total_steps) // 10))
-        warm = min(1.0, (self.state.step + 1) / warmup)
-        return warm * 0.5 * (1 + math.cos(math.pi * self._progress(total_steps, minutes)))
+    def _lr_factor(self, budget: tuple[int | None, float | None] | None = None) -> float:
+        """Linear warm-up (``warmup_steps``, at most a tenth of the budget), then cosine decay to 0
+        over ``budget`` (default this run's); after a resume that changed the budget, the decay
+        continues from the factor and place of the anchor."""
+        budget = budget or (self.total_steps, self.config.minutes)
+        total, state = budget[0], self.state
+        if state.lr_anchor_factor >= 0:
+            progress = self._progress(budget, since=(state.lr_anchor_step, state.lr_anchor_s))
+            return state.lr_anchor_factor * 0.5 * (1 + math.cos(math.pi * progress))
+        warmup = max(1, min(self.config.warmup_steps, total // 10) if total else self.config.warmup_steps)
+        progress = self._progress(budget)
+        warm = min(1.0, max((state.step + 1) / warmup, 10 * progress))
+        return warm * 0.5 * (1 + math.cos(math.pi * progress))
 
     # -- validation ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -224,8 +229,10 @@ class Trainer:
 
     def budget(self) -> str:
         """The budget in words, for the provenance and the GUI."""
-        text = f"{self.config.epochs} epochs x {self.steps_per_epoch} steps of {self.config.batch_size} x {self.config.patch_size}px"
-        return text + (f", at most {self.config.minutes:g} min" if self.config.minutes else "")
+        steps = f"{self.steps_per_epoch} steps of {self.config.batch_size} x {self.config.patch_size}px"
+        if self.config.epochs is None:
+            return f"{self.config.minutes:g} min of epochs of {steps} (no epoch limit)"
+        return f"{self.config.epochs} epochs x {steps}" + (f", at most {self.config.minutes:g} min" if self.config.minutes else "")
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _provenance(self, metrics: dict[str, float] | None) -> dict[str, Any]:
@@ -278,14 +285,12 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def _event(self, kind: EventKind, **kwargs: Any) -> TrainEvent:
-        done = self.state.step
-        remaining = self.total_steps - done
+        done, minutes = self.state.step, self.config.minutes
         eta = None
-        if done and self._run_steps:
+        if done and self._run_steps:  # the nearer end: the remaining steps at this run's pace, or the time left
             per_step = (time.perf_counter() - self._run_start) / self._run_steps
-            eta = remaining * per_step
-            if self.config.minutes:
-                eta = min(eta, max(0.0, 60 * self.config.minutes - self.state.elapsed_s))
+            left = [(self.total_steps - done) * per_step] if self.total_steps else []
+            eta = min(left + ([max(0.0, 60 * minutes - self.state.elapsed_s)] if minutes else []))
         return TrainEvent(kind, done, self.total_steps, self.state.epoch, self.config.epochs,
                           elapsed_s=self.state.elapsed_s, eta_s=eta, fraction=self._progress(), **kwargs)
 
@@ -293,7 +298,8 @@ class Trainer:
         self.state.elapsed_s = self._elapsed_before + time.perf_counter() - self._run_start
 
     def run(self, should_stop: ShouldStop | None = None) -> Iterator[TrainEvent]:
-        """Train until the epoch or time budget ends, early stopping triggers or ``should_stop()``.
+        """Train until the budget ends (its epochs, or its minutes, whichever of those set ends first),
+        early stopping triggers or ``should_stop()``; the final event says which (``reason``).
 
         Yields events on rank 0 only. The best checkpoint at ``out`` is valid whenever it exists.
         """
@@ -303,12 +309,15 @@ class Trainer:
         self._elapsed_before = self.state.elapsed_s
         if main:
             yield from self._start_events()
-        stop_reason = "cancelled" if any_rank(self._validation_cancelled, self.dist) else "done"
-        while self.state.epoch < self.config.epochs and stop_reason == "done":
+        stop_reason = "cancelled" if any_rank(self._validation_cancelled, self.dist) else ""
+        while not stop_reason:
+            if self.config.epochs is not None and self.state.epoch >= self.config.epochs:
+                stop_reason = "epochs"
+                break
             stop_reason = yield from self._train_epoch(should_stop if main else None)
             if stop_reason == "time" and self.state.epoch_loss_count:
                 yield from self._end_epoch(main, partial=True)  # the last partial epoch counts too
-            if stop_reason != "done":
+            if stop_reason:
                 break
             self.state.epoch += 1
             yield from self._end_epoch(main)
@@ -333,7 +342,8 @@ class Trainer:
 
     def _train_epoch(self, should_stop: ShouldStop | None) -> Generator[TrainEvent, None, str]:
         """The steps of the current epoch (from the resumed step on); returns why it ended:
-        ``done``, ``cancelled`` (``should_stop()``, asked on rank 0) or ``time`` (minutes spent)."""
+        ``""`` (all its steps done), ``cancelled`` (``should_stop()``, asked on rank 0) or ``time``
+        (the minutes are spent)."""
         from torch.utils.data import DataLoader
         from torch.utils.data.distributed import DistributedSampler
 
@@ -352,7 +362,7 @@ class Trainer:
             value = self._step(x, y, w)
             if self.dist.is_main:
                 yield self._event(EventKind.STEP, loss=value, lr=self.optimizer.param_groups[0]["lr"])
-        return "done"
+        return ""
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float:
         """One optimizer step on a batch ``x (N, C, P, P)``, ``y (N, P, P)``, ``w (N, P, P)``; the global loss."""
@@ -378,8 +388,21 @@ class Trainer:
         if not self.state.saved_by_this_run and not (self.resumed and self.out.exists()):
             self._save_best(None)  # stopped before any epoch ended: keep what this run has
         save_resume(self)
-        message = _END_MESSAGES.get(stop_reason) or f"stopped early: no improvement for {self.config.patience} epochs"
-        return self._event(_END_KINDS[stop_reason], metrics=self.state.best_metrics or None, path=str(self.out), message=message)
+        return self._event(_END_KINDS[stop_reason], metrics=self.state.best_metrics or None, path=str(self.out),
+                           message=self._stop_message(stop_reason), reason=stop_reason)
+
+    def _stop_message(self, reason: str) -> str:
+        """When the run ended (epoch and step; a fraction of an epoch as in the history) and why."""
+        state = self.state
+        at = f"at epoch {round(state.step / self.steps_per_epoch, 3):g} (step {state.step})"
+        if reason == "epochs":
+            return f"finished {at}: the {self.config.epochs} epochs are done"
+        if reason == "time":
+            return f"stopped {at}: the time budget of {self.config.minutes:g} min is spent"
+        if reason == "early_stop":
+            best = f" (best: epoch {state.best_epoch})" if state.best_epoch >= 0 else ""
+            return f"stopped early {at}: no improvement for {self.config.patience} epochs{best}"
+        return f"cancelled {at}; the best checkpoint is kept"
 
     def _end_epoch(self, main: bool, partial: bool = False) -> Iterator[TrainEvent]:
         count = self.state.epoch_loss_count
@@ -407,6 +430,7 @@ class Trainer:
         if main:
             write_history(self.out, self.state.history)
             save_resume(self)
-            yield self._event(EventKind.EPOCH, loss=train_loss, metrics=metrics, lr=self.optimizer.param_groups[0]["lr"])
+            note = f"partial epoch {epoch:g}, ended by the time budget" if partial else ""
+            yield self._event(EventKind.EPOCH, loss=train_loss, metrics=metrics, lr=self.optimizer.param_groups[0]["lr"], message=note)
             if improved:
                 yield self._event(EventKind.CHECKPOINT, metrics=metrics, path=str(self.out), message=f"best so far (epoch {self.state.epoch})")
