@@ -21,7 +21,6 @@ each keeping its best time (a neighbour's load lasts minutes here).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import re
@@ -62,10 +61,9 @@ def sgemm_flops(threads: int, n: int = 2048) -> float:
 
 def machine(threads: int) -> str:
     import torch
+    from results_io import cpu_name
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as handle:
-        cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    cpu = cpu_name()
     try:
         import onnxruntime
 

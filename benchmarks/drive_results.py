@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_io import ROOT, kept_sections
 
 from src_models.checkpoint import load_checkpoint, save_checkpoint
 from src_models.data import pair_files, read_image, read_mask
@@ -32,9 +33,6 @@ from src_models.preprocessing import to_chw
 from src_models.scale import Scale, median_fov_diameter
 from src_models.training import history_path
 
-ROOT = Path(__file__).resolve().parents[1]
-FINETUNE_HEADING = "## Fine-tuning on a new kind of image"
-OTHER_HEADINGS = (FINETUNE_HEADING, "## Skin lesions (ISIC 2017) and lung fields (chest X-ray)")  # benchmarks/task_results.py
 PAPER = {  # Alom et al. 2018, as quoted in ../shared/datasets/DRIVE/README.md
     "U-Net (paper)": {"F1": 0.8142, "SE": 0.7537, "SP": 0.9820, "ACC": 0.9531, "AUC": 0.9755},
     "ResU-Net (paper)": {"F1": 0.8149, "SE": 0.7726, "SP": 0.9820, "ACC": 0.9553, "AUC": 0.9779},
@@ -215,11 +213,8 @@ def main() -> None:
         lines += ["## Training curves", "", "![training curves](training_curves.png)", ""]
     (ROOT / "docs").mkdir(exist_ok=True)
     results = ROOT / "docs" / "RESULTS.md"
-    kept = ""  # sections written by other benchmarks (fine-tuning, the other tasks) stay as they are
-    old = results.read_text() if results.exists() else ""
-    starts = [old.index(h) for h in OTHER_HEADINGS if h in old]
-    if starts:
-        kept = old[min(starts):]
+    # sections written by other benchmarks (fine-tuning, the other tasks, robustness) stay as they are
+    kept = kept_sections(results.read_text()) if results.exists() else ""
     results.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
     print("wrote docs/RESULTS.md")
 

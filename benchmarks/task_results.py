@@ -16,14 +16,11 @@ short data name in its model card, so ``r2unet models`` and the napari menu show
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HEADING = "## Skin lesions (ISIC 2017) and lung fields (chest X-ray)"
+from results_io import ROOT, TASKS_HEADING, cli_evaluate, write_section
+
+HEADING = TASKS_HEADING
 TASKS = {  # task -> test split, short data name for menus, reference figures, targets (must, aim)
     "skin": {"images": "ISIC2017/val/images", "masks": "ISIC2017/val/masks", "short": "ISIC 2017",
              "split": "ISIC 2017 val (150 images, the challenge's validation set)",
@@ -40,14 +37,7 @@ ARCHS = ("r2unet", "unet")
 
 def evaluate(model: Path, images: Path, masks: Path, postprocess: bool = True) -> tuple[dict, float]:
     """``r2unet evaluate --json`` on one split: its JSON result and the seconds per image."""
-    command = [sys.executable, "-m", "src_models.cli", "evaluate", str(model), "--images", str(images),
-               "--masks", str(masks), "--device", "cpu", "--json"] + ([] if postprocess else ["--no-postprocess"])
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode:
-        raise SystemExit(f"evaluate failed for {model}: {done.stderr.strip()[-500:]}")
-    result = json.loads(done.stdout)
-    return result, (time.perf_counter() - start) / max(1, len(result["images"]))
+    return cli_evaluate(model, images, masks, options=["--device", "cpu"] + ([] if postprocess else ["--no-postprocess"]))
 
 
 def _row(name: str, result: dict, seconds: float) -> str:
@@ -98,19 +88,6 @@ def install(path: Path, task: str, result: dict) -> Path:
     return target
 
 
-def write_section(lines: list[str], results: Path = ROOT / "docs" / "RESULTS.md") -> None:
-    """Replace (or add) this script's section of ``results``, keeping the others."""
-    text = results.read_text() if results.exists() else "# Results\n"
-    section = "\n".join([HEADING, "", *lines, ""])
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
@@ -147,7 +124,7 @@ def main() -> None:
                   "| model | pooled Dice | pooled Jaccard | mean Dice | mean Jaccard | SE | SP | AUC | s/image |",
                   "|---|---|---|---|---|---|---|---|---|", *rows, "", "References (not the same images):",
                   *[f"- {r}" for r in spec["references"]], "", "Targets:", *_targets(task, results), "", *details, ""]
-    write_section(lines)
+    write_section(HEADING, lines)
     print("wrote the section of docs/RESULTS.md")
 
 

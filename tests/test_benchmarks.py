@@ -1,15 +1,26 @@
 """The benchmark suite runs (tiny sizes): `make bench` cannot rot unnoticed. Speed is judged by the
-benchmark's ratios, never here."""
+benchmark's ratios, never here. The result benchmarks' helpers (DRIVE transforms, sections of
+docs/RESULTS.md) are checked on synthetic arrays and files."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark(name: str, monkeypatch: pytest.MonkeyPatch):
+    """Import ``benchmarks/NAME.py`` as its scripts run: with the benchmarks folder on sys.path."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
 
 
 @pytest.mark.slow
@@ -21,19 +32,185 @@ def test_bench_smoke_prints_every_ratio():
         assert marker in result.stdout, (marker, result.stdout[-2000:])
 
 
-def test_task_results_replaces_only_its_own_section(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("task_results", Path(__file__).parents[1] / "benchmarks" / "task_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_task_results_replaces_only_its_own_section(tmp_path, monkeypatch):
+    module = _benchmark("task_results", monkeypatch)
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results on DRIVE\n\n| a |\n\n## Fine-tuning on a new kind of image\n\ntext\n")
-    module.write_section(["first"], results)
-    module.write_section(["second", "", "### sub", "rows"], results)
+    module.write_section(module.HEADING, ["first"], results)
+    module.write_section(module.HEADING, ["second", "", "### sub", "rows"], results)
     text = results.read_text()
     assert text.count(module.HEADING) == 1 and "first" not in text and "### sub\nrows" in text
     assert text.startswith("# Results on DRIVE") and "## Fine-tuning on a new kind of image\n\ntext\n" in text
     results.write_text(text + "\n## Later section\n\nkept\n")
-    module.write_section(["third"], results)
+    module.write_section(module.HEADING, ["third"], results)
     assert "## Later section\n\nkept" in results.read_text() and "second" not in results.read_text()
+
+
+# -- benchmarks/robustness.py: the transforms, the transformed set, the section ---------------------
+@pytest.fixture
+def robustness(monkeypatch):
+    return _benchmark("robustness", monkeypatch)
+
+
+@pytest.mark.parametrize("factor, expected", [(0.7, (28, 21)), (1.7, (68, 51)), (2.0, (80, 60))])
+def test_rescale_gives_the_scaled_shape_and_binary_nearest_masks(robustness, factor, expected):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    mask = rng.random((40, 30)) > 0.7
+    assert robustness.rescale_image(image, factor).shape == (*expected, 3)
+    scaled = robustness.rescale_mask(mask, factor)
+    assert scaled.shape == expected and scaled.dtype == bool
+    if factor == 2.0:  # nearest neighbour: each pixel becomes a 2 x 2 block, nothing interpolated
+        np.testing.assert_array_equal(scaled, mask.repeat(2, axis=0).repeat(2, axis=1))
+
+
+def test_rescaled_fov_stays_a_binary_disc_of_the_same_fraction(robustness):
+    yy, xx = np.mgrid[:60, :50]
+    fov = ((yy - 30) ** 2 + (xx - 25) ** 2 < 22**2).astype(np.uint8) * 255  # 0/255 as DRIVE stores it
+    for factor in (0.7, 1.7):
+        scaled = robustness.rescale_mask(fov, factor)
+        assert set(np.unique(scaled)) <= {False, True}
+        assert abs(scaled.mean() - (fov > 0).mean()) < 0.02
+
+
+def test_image_rescale_is_bilinear_and_antialiased(robustness):
+    checker = ((np.indices((64, 64)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    rgb = np.stack([checker] * 3, axis=-1)
+    down = robustness.rescale_image(rgb, 0.5)
+    assert down.shape == (32, 32, 3) and down.dtype == np.uint8
+    assert np.abs(down.astype(int) - 127).max() < 20  # averaged, not sampled (sampling gives 0 or 255)
+    up = robustness.rescale_image(rgb, 1.7)
+    assert len(np.unique(up)) > 2  # interpolated grey levels, not nearest
+
+
+def test_colour_shift_follows_its_documented_formula(robustness):
+    image = np.array([[[100, 100, 100], [255, 255, 255], [0, 0, 0]]], dtype=np.uint8)
+    shifted = robustness.colour_shift(image)
+    assert shifted.shape == image.shape and shifted.dtype == np.uint8
+    expected_grey = np.rint(100 * robustness.COLOUR_GAINS + robustness.COLOUR_OFFSET)  # the mix keeps a grey
+    np.testing.assert_array_equal(shifted[0, 0], expected_grey)
+    np.testing.assert_array_equal(shifted[0, 1], np.minimum(255, np.rint(255 * robustness.COLOUR_GAINS + robustness.COLOUR_OFFSET)))
+    np.testing.assert_array_equal(shifted[0, 2], robustness.COLOUR_OFFSET)
+    red = robustness.colour_shift(np.array([[[200, 0, 0]]], dtype=np.uint8))[0, 0]
+    assert red[1] > robustness.COLOUR_OFFSET[1]  # cross-talk: red light reaches the green channel
+    with pytest.raises(ValueError, match="RGB"):
+        robustness.colour_shift(np.zeros((4, 4), np.uint8))
+
+
+@pytest.mark.parametrize("gamma", [0.6, 1.6])
+def test_gamma_is_monotone_and_keeps_black_and_white(robustness, gamma):
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    out = robustness.gamma_correct(ramp, gamma).ravel().astype(int)
+    assert out.shape == (256,) and np.all(np.diff(out) >= 0) and out[0] == 0 and out[-1] == 255
+    mid = out[128] - 128
+    assert mid > 20 if gamma < 1 else mid < -20  # 0.6 brightens, 1.6 darkens the mid-tones
+    with pytest.raises(ValueError, match="8-bit"):
+        robustness.gamma_correct(ramp.astype(np.float32), gamma)
+
+
+def test_jpeg_round_trip_changes_the_image_but_keeps_its_shape(robustness):
+    from src_models.synthetic import vessel_image
+
+    image = vessel_image((64, 48), seed=0, rgb=True)[0]
+    out = robustness.jpeg_round_trip(image, 70)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    difference = np.abs(out.astype(int) - image.astype(int))
+    assert difference.max() > 0 and difference.mean() < 12
+    assert np.abs(robustness.jpeg_round_trip(image, 20).astype(int) - image).mean() > difference.mean()
+
+
+def test_every_transform_maps_an_rgb_image_to_its_size(robustness):
+    image = np.random.default_rng(1).integers(0, 256, (50, 40, 3), dtype=np.uint8)
+    for transform in robustness.TRANSFORMS.values():
+        if transform.image is not None:
+            out = transform.image(image)
+            assert out.dtype == np.uint8 and out.shape == (*robustness.scaled_size(image.shape, transform.factor), 3)
+            assert not np.array_equal(out, image), transform.name
+
+
+def _fake_drive(root: Path, ids=("01", "02"), shape=(44, 36)) -> Path:
+    from src_models.synthetic import vessel_image
+
+    for folder in ("images", "1st_manual", "mask"):
+        (root / "test" / folder).mkdir(parents=True)
+    for i, sample in enumerate(ids):
+        image, mask = vessel_image(shape, seed=i, rgb=True)
+        Image.fromarray(image).save(root / "test" / "images" / f"{sample}_test.tif")
+        Image.fromarray((mask > 0).astype(np.uint8) * 255).save(root / "test" / "1st_manual" / f"{sample}_manual1.gif")
+        Image.fromarray(np.full(shape, 255, np.uint8)).save(root / "test" / "mask" / f"{sample}_test_mask.gif")
+    return root
+
+
+def test_build_set_writes_the_transformed_set_outside_the_originals(robustness, tmp_path):
+    from src_models.data import pair_files, read_image, read_mask
+
+    drive = _fake_drive(tmp_path / "DRIVE")
+    images, masks, fov, size = robustness.build_set(robustness.TRANSFORMS["x1.7"], drive, tmp_path / "x17")
+    assert size == (75, 61) and all(str(p).startswith(str(tmp_path / "x17")) for p in (images, masks, fov))
+    samples = pair_files(images, masks, fov)
+    assert [s.id for s in samples] == ["01", "02"]
+    assert read_image(samples[0].image).shape == (75, 61, 3) and read_mask(samples[0].mask).shape == (75, 61)
+    assert read_mask(samples[0].fov).all()
+    images, masks, fov, size = robustness.build_set(robustness.TRANSFORMS["gamma1.6"], drive, tmp_path / "g")
+    assert size == (44, 36) and masks == drive / "test" / "1st_manual" and fov == drive / "test" / "mask"
+    assert robustness.build_set(robustness.TRANSFORMS["native"], drive, tmp_path / "n")[0] == drive / "test" / "images"
+
+
+def _rows(f1s: dict[str, float]) -> list[dict]:
+    native = f1s["native"]
+    return [{"transform": n, "height": 584, "width": 565, "threshold": 0.5, "F1": f, "AUC": 0.97, "SE": 0.8, "SP": 0.97,
+             "dF1": f - native, "within": abs(f - native) <= 0.02, "seconds_per_image": 1.0} for n, f in f1s.items()]
+
+
+def test_robustness_section_keeps_other_sections_and_replaces_only_its_models_table(robustness, tmp_path, monkeypatch):
+    results_io = _benchmark("results_io", monkeypatch)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results on DRIVE\n\n| a |\n\n## Skin lesions (ISIC 2017) and lung fields (chest X-ray)\n\nskin\n")
+    about = {"command": "benchmarks/robustness.py M --write", "date": "2026-01-01", "cpu": "CPU", "threads": "1 thread", "wall_s": 60}
+
+    def write(model, options, f1s):
+        body = results_io.section_body(results.read_text(), robustness.ROBUSTNESS_HEADING)
+        block = robustness.run_block(model, options, _rows(f1s), about)
+        results_io.write_section(robustness.ROBUSTNESS_HEADING, robustness.merge_run(body, robustness.run_heading(model, options), block), results)
+        return results.read_text()
+
+    write("r2unet-drive", [], {"native": 0.82, "x1.7": 0.70})
+    text = write("unet-drive", ["--tta"], {"native": 0.81, "x1.7": 0.80})
+    assert "### `r2unet-drive`\n" in text and "### `unet-drive`, `--tta`\n" in text and "| x1.7 | 565 x 584 | 0.7000" in text
+    assert "outside: x1.7 (-0.1200)" in text and "**NO**" in text and "0 of 1 transforms; outside" in text and "1 of 1 transforms." in text
+    text = write("r2unet-drive", [], {"native": 0.82, "x1.7": 0.81})
+    assert text.count(robustness.ROBUSTNESS_HEADING) == 1 and "0.7000" not in text and "| x1.7 | 565 x 584 | 0.8100" in text
+    assert text.index("### `r2unet-drive`") < text.index("### `unet-drive`")  # a rerun keeps its place
+    assert "| x1.7 | 565 x 584 | 0.8000" in text  # the other model's table is kept
+    assert text.startswith("# Results on DRIVE\n\n| a |\n\n## Skin lesions") and "chest X-ray)\n\nskin\n\n## Robustness" in text
+    assert results_io.kept_sections(text).startswith("## Skin lesions") and robustness.ROBUSTNESS_HEADING in results_io.kept_sections(text)
+    assert results_io.kept_sections(text.split("## Skin")[0] + text[text.index(robustness.ROBUSTNESS_HEADING):]).startswith("## Robustness")
+
+
+def test_robustness_skips_without_drive_and_rejects_unknown_transforms(robustness, tmp_path, capsys):
+    assert robustness.main(["r2unet-drive", "--drive", str(tmp_path / "nowhere")]) == 0
+    assert "DRIVE not found" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        robustness.main(["r2unet-drive", "--transforms", "x1.7,blur", "--drive", str(tmp_path)])
+    assert "unknown transform(s) blur; choose from native" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_robustness_runs_r2unet_evaluate_on_each_transformed_set(tmp_path, tiny_checkpoint):
+    drive = _fake_drive(tmp_path / "DRIVE", shape=(48, 40))
+    out = tmp_path / "robustness.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "robustness.py"), str(tiny_checkpoint), "--drive", str(drive),
+                           "--transforms", "x0.7,jpeg70", "--threads", "1", "--json", str(out), "--", "--no-postprocess"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CPU: " in done.stdout and "wall time" in done.stdout
+    result = json.loads(out.read_text())
+    assert [r["transform"] for r in result["rows"]] == ["native", "x0.7", "jpeg70"] and result["options"] == ["--no-postprocess"]
+    assert (result["rows"][1]["height"], result["rows"][1]["width"]) == (34, 28) and result["rows"][0]["dF1"] == 0
+    assert all(0 <= r["F1"] <= 1 and r["within"] == (abs(r["dF1"]) <= 0.02) for r in result["rows"])
+
+
+def test_the_recorded_command_leaves_out_the_json_copy_only(robustness):
+    assert robustness.reproduce_command(["M", "--json", "/tmp/o.json", "--write", "--", "--json", "--tta"]) == \
+        "benchmarks/robustness.py M --write -- --json --tta"
+    assert robustness.reproduce_command(["M", "--json=o.json", "--threads", "1"]) == "benchmarks/robustness.py M --threads 1"

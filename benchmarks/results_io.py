@@ -1,0 +1,104 @@
+"""What the result benchmarks share: running the real ``r2unet evaluate --json`` as a subprocess,
+the sections of docs/RESULTS.md (who writes which, replacing one while keeping the others) and
+the name of the CPU the numbers were measured on.
+
+Imported by the scripts of this folder, which run as ``.venv/bin/python benchmarks/NAME.py`` (the
+folder is then first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "RESULTS.md"
+FINETUNE_HEADING = "## Fine-tuning on a new kind of image"  # written by hand from benchmarks/finetune_gain.py
+TASKS_HEADING = "## Skin lesions (ISIC 2017) and lung fields (chest X-ray)"  # benchmarks/task_results.py
+ROBUSTNESS_HEADING = "## Robustness (DRIVE test, transformed)"  # benchmarks/robustness.py
+# the sections after the DRIVE part, which benchmarks/drive_results.py keeps when it rewrites the file
+KEPT_HEADINGS = (FINETUNE_HEADING, TASKS_HEADING, ROBUSTNESS_HEADING)
+
+
+def cli_evaluate(model: str | Path, images: Path, masks: Path, fov: Path | None = None, options: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> tuple[dict, float]:
+    """``r2unet evaluate MODEL --images --masks [--fov] --json OPTIONS`` run from the repository
+    root: its JSON result (``pooled``, ``mean``, ``images``, ``threshold``, ...) and the wall
+    seconds per image of the whole command (start-up, reading, inference)."""
+    command = [sys.executable, "-m", "src_models.cli", "evaluate", str(model), "--images", str(images),
+               "--masks", str(masks), *(["--fov", str(fov)] if fov is not None else []), "--json", *options]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    if done.returncode:
+        raise SystemExit(f"evaluate failed for {model} on {images}: {done.stderr.strip()[-500:]}")
+    result = json.loads(done.stdout)
+    return result, (time.perf_counter() - start) / max(1, len(result["images"]))
+
+
+def _section_span(text: str, heading: str) -> tuple[int, int] | None:
+    """Start and end offsets in ``text`` of the section headed by the line ``heading`` (up to the
+    next ``## `` heading or the end)."""
+    found = ("\n" + text + "\n").find("\n" + heading + "\n")
+    if found < 0:
+        return None
+    end = text.find("\n## ", found + len(heading))
+    return found, (end + 1 if end >= 0 else len(text))
+
+
+def section_body(text: str, heading: str) -> str | None:
+    """The text of the section headed ``heading`` after its heading line, or None without one."""
+    span = _section_span(text, heading)
+    return None if span is None else text[span[0] + len(heading):span[1]].strip("\n")
+
+
+def replace_section(text: str, heading: str, lines: Sequence[str]) -> str:
+    """``text`` with the section headed ``heading`` replaced by ``heading`` + ``lines`` (appended
+    at the end when absent); every other section stays as it is."""
+    section = "\n".join([heading, "", *lines]).rstrip("\n") + "\n"
+    span = _section_span(text, heading)
+    if span is None:
+        return text.rstrip("\n") + "\n\n" + section
+    tail = text[span[1]:]
+    return text[:span[0]] + section + ("\n" + tail if tail else "")
+
+
+def kept_sections(text: str) -> str:
+    """The part of ``text`` from the first of :data:`KEPT_HEADINGS` on ("" without one): what
+    benchmarks/drive_results.py appends, unchanged, after the DRIVE part it rewrites."""
+    starts = [span[0] for span in (_section_span(text, h) for h in KEPT_HEADINGS) if span is not None]
+    return text[min(starts):] if starts else ""
+
+
+def write_section(heading: str, lines: Sequence[str], results: Path = RESULTS) -> None:
+    """Replace (or add) the section headed ``heading`` of ``results``, keeping the others; the file
+    is replaced atomically."""
+    from src_models.fileio import atomic_write
+
+    text = results.read_text() if results.exists() else "# Results\n"
+    new = replace_section(text, heading, lines)
+    atomic_write(results, lambda tmp: Path(tmp).write_text(new), suffix=".md")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as handle:
+        cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    return cpu
+
+
+def cpu_description() -> str:
+    """CPU, instruction set (the machine's and the widest one torch's kernels use), core count and OS:
+    ``AMD EPYC (x86_64, torch ISA AVX512), 2 logical CPUs; Linux 6.1``."""
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (f"{cpu_name()} ({platform.machine()}, torch ISA {isa}), {os.cpu_count()} logical CPUs; "
+            f"{platform.system()} {platform.release()}")
