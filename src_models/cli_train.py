@@ -28,7 +28,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
         val_fraction=args.val_fraction, val_ids=tuple(args.val_ids.split(",")) if args.val_ids else None,
         patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None),
         geometry=getattr(args, "geometry", None), rotate=args.rotate, scale=args.scale, aspect=args.aspect, rot90=args.rot90,
-        zoom=args.zoom, gamma=args.gamma, blur=args.blur, jpeg=args.jpeg,
+        zoom=args.zoom, gamma=args.gamma, blur=args.blur, jpeg=args.jpeg, l2sp=getattr(args, "l2sp", None),
     )
 
 
@@ -269,6 +269,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any
     p.add_argument("--val-ids", default=None, help="comma-separated sample IDs to hold out instead")
     p.add_argument("--patience", type=int, default=None, help=_help("patience", defaults, "stop after this many epochs without improvement"))
     p.add_argument("--seed", type=int, default=None, help=_help("seed", defaults))
+    p.add_argument("--l2sp", type=float, default=None, help=_help("l2sp", defaults))
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--rotate", type=float, default=None, help=_help("rotate", defaults))
     aug.add_argument("--scale", type=float, default=None, help=_help("scale", defaults))

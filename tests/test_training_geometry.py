@@ -3,6 +3,7 @@ fine-tuning in the base card's geometry, and the augmentation settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -224,3 +225,21 @@ def test_camera_augmentations_zoom_blur_and_jpeg():
     for bad in ((1.8, 0.6), (0.1, 1.0), (1.0,)):
         with pytest.raises(R2UNetError, match="zoom"):
             TrainConfig(zoom=bad)
+
+
+def test_l2sp_keeps_the_weights_near_the_starting_model(tmp_path):
+    from src_models.checkpoint import Checkpoint
+
+    torch.manual_seed(0)
+    base = Checkpoint(TINY, build_model(TINY).state_dict(), PP, ("blob",), {"name": "start"})
+    samples = [blob_sample(i) for i in range(3)]
+    config = fast(geometry="tiled", patch_size=32, lr=0.05, epochs=1, steps_per_epoch=4)
+
+    def distance(l2sp: float) -> float:
+        trainer = Trainer(None, None, samples, dataclasses.replace(config, l2sp=l2sp), tmp_path / f"m{l2sp}.safetensors", base=base)
+        list(trainer.run())
+        return sum(float(((p.detach() - base.state_dict[n]) ** 2).sum()) for n, p in trainer.model.named_parameters())
+
+    assert distance(10.0) < 0.5 * distance(0.0)
+    with pytest.raises(R2UNetError, match="starting model"):
+        Trainer(TINY, PP, samples, dataclasses.replace(config, l2sp=1.0), tmp_path / "x.safetensors")

@@ -161,6 +161,9 @@ class Trainer:
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.config.l2sp and self.base is None:
+            raise R2UNetError("l2sp pulls the weights toward a starting model; give one (r2unet train --init MODEL, or r2unet finetune)")
+        self._anchor = [(p, p.detach().clone()) for p in params] if self.config.l2sp else []
         self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.net: nn.Module = self.model
         if self.dist.enabled:
@@ -371,6 +374,8 @@ class Trainer:
         x = x.to(self.device, self.dtype, memory_format=self.memory_format)
         y, w = y.to(self.device), w.to(self.device, self.dtype)
         loss = segmentation_loss(self.net(x), y, w, *loss_reduction(self.dist))
+        if self._anchor:  # L2-SP: the starting point, not zero, is what the weights are pulled to
+            loss = loss + self.config.l2sp * sum(((p - a) ** 2).sum() for p, a in self._anchor)
         if not torch.isfinite(loss):
             raise R2UNetError(f"the training loss became {loss.item()} at step {self.state.step}; lower the learning rate (--lr)")
         self.optimizer.zero_grad(set_to_none=True)
