@@ -13,6 +13,8 @@ Kinds:
 - ``angiography``: DRIVE images with inverted intensities inside the field of view (vessels
   bright on dark, like a fluorescein angiogram); train on DRIVE training images 21 and 22, test on
   the 20 DRIVE test images (first observer). Needs ../shared/datasets/DRIVE.
+- ``camera``: DRIVE images as another camera takes them: x1.7 (about 990 px, vessels 1.7x wider)
+  and colour-shifted (benchmarks/robustness.py); same images as ``angiography``.
 
     python benchmarks/finetune_gain.py --kind synthetic --epochs 12
     python benchmarks/finetune_gain.py --kind angiography --epochs 12
@@ -56,6 +58,25 @@ def angiography(split: str, ids: list[int]) -> list[tuple[str, np.ndarray, np.nd
     return out
 
 
+def camera(split: str, ids: list[int], factor: float = 1.7) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """DRIVE images as another camera would take them: rescaled by ``factor`` (vessels that much
+    wider, like the 999x960 sets) and colour-shifted (benchmarks/robustness.py's transforms)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from robustness import colour_shift, rescale_image, rescale_mask
+
+    from src_models.data import binarize_mask, read_image, read_mask
+
+    folder = DRIVE / split
+    out = []
+    for i in ids:
+        image = read_image(next((folder / "images").glob(f"{i:02d}_*")))
+        fov = read_mask(next((folder / "mask").glob(f"{i:02d}_*")))
+        truth = binarize_mask(read_image(next((folder / "1st_manual").glob(f"{i:02d}_*"))))
+        out.append((f"{i:02d}", colour_shift(rescale_image(image, factor)), rescale_mask(truth.astype(np.uint8), factor) > 0,
+                    rescale_mask(fov.astype(np.uint8), factor) > 0))
+    return out
+
+
 def score(model, checkpoint, images) -> dict[str, float]:
     import torch
 
@@ -74,8 +95,11 @@ def score(model, checkpoint, images) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=["synthetic", "angiography"], default="synthetic")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--kind", choices=["synthetic", "angiography", "camera"], default="synthetic")
+    parser.add_argument("--minutes", type=float, default=None, help="a time budget (with --epochs: whichever ends first)")
+    parser.add_argument("--l2sp", type=float, default=None, help="L2-SP strength (default: the fine-tuning default)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the fine-tuning default)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 12 without --minutes)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch threads (default: cores - 1, what the napari widget uses)")
     parser.add_argument("--early-steps", type=lambda t: {int(v) for v in t.split(",") if v}, default={2, 5, 10},
@@ -91,11 +115,13 @@ def main() -> int:
     from src_models.training import EventKind
 
     torch.set_num_threads(args.threads)
-    if args.kind == "angiography" and not DRIVE.is_dir():
+    if args.kind in ("angiography", "camera") and not DRIVE.is_dir():
         print(f"DRIVE not found at {DRIVE}: run with --kind synthetic")
         return 1
-    train = synthetic([200, 201]) if args.kind == "synthetic" else angiography("training", [21, 22])
-    test = synthetic(list(range(100, 108))) if args.kind == "synthetic" else angiography("test", list(range(1, 21)))
+    kinds = {"synthetic": (lambda: synthetic([200, 201]), lambda: synthetic(list(range(100, 108)))),
+             "angiography": (lambda: angiography("training", [21, 22]), lambda: angiography("test", list(range(1, 21)))),
+             "camera": (lambda: camera("training", [21, 22]), lambda: camera("test", list(range(1, 21))))}
+    train, test = (make() for make in kinds[args.kind])
     curve = test[: args.curve_images]
 
     base = load_model("r2unet-drive")
@@ -115,7 +141,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         request = FinetuneRequest(base="r2unet-drive", pairs=pairs, out=Path(tmp) / "v.safetensors", name="bench",
-                                  epochs=args.epochs, minutes=None, validation="none", device="cpu")
+                                  epochs=args.epochs or (None if args.minutes else 12), minutes=args.minutes, validation="none", device="cpu",
+                                  settings={"l2sp": args.l2sp, "lr": args.lr})
         trainer = build_trainer(request)
         before = score(trainer.model, base, test)
         print(f"kind {args.kind}, {args.threads} thread(s), {len(test)} held-out images, budget {trainer.budget()}")
