@@ -205,6 +205,9 @@ def intro() -> list[str]:
             "outside the repository by `benchmarks/robustness.py`: pooled F1, AUC, SE and SP against `1st_manual`",
             "inside the FOV masks, at the model card's threshold, computed at the transformed resolution. Target:",
             f"|F1 - native F1| <= {TARGET:g}. One table per model and options; a rerun replaces its own table only.",
+            "Without options `evaluate` runs with its defaults, `--scale auto` among them (a vessel model resizes an",
+            "image whose field of view differs by more than 10 % from its training images' to their scale);",
+            "`-- --scale 1` shows the same model at native resolution.",
             "", *[f"- `{t.name}`: {t.description}." for t in TRANSFORMS.values()], ""]
 
 
