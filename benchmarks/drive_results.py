@@ -104,6 +104,10 @@ def plot_curves(runs: list[Path], target: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no curves PNG (pip install matplotlib)")
         return False
+    runs = [run for run in runs if history_path(run).exists()]
+    if not runs:
+        print("no run has a .history.json: the curves PNG is kept as it is")
+        return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in runs:
         history = json.loads(history_path(run).read_text())
