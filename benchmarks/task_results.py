@@ -26,18 +26,20 @@ TASKS = {  # task -> test split, short data name for menus, reference figures, t
              "split": "ISIC 2017 val (150 images, the challenge's validation set)",
              "references": ["R2U-Net as reported for the paper's skin test set: Dice 0.8920 (another split)",
                             "ISIC 2017 winner (Yuan et al.) on its test set: Dice about 0.849, mean Jaccard 0.765"],
-             "targets": [("pooled Dice", "pooled", "F1", 0.85, 0.89), ("mean per-image Jaccard", "mean", "JS", 0.765, 0.80)]},
+             "targets": [("pooled Dice", "pooled", "F1", 0.85, 0.89), ("mean per-image Jaccard", "mean", "JS", 0.765, 0.80)],
+             "tta": True},  # trained with flips and rot90: the card asks for the mean of the 4 flips
     "lung": {"images": "CXR-Lungs/test/images", "masks": "CXR-Lungs/test/masks", "short": "chest X-ray",
              "split": "CXR-Lungs test (55 images, every 5th by name)",
              "references": ["U-Net-type networks on public chest X-ray sets (JSRT, Montgomery): Dice about 0.97-0.98"],
-             "targets": [("pooled Dice", "pooled", "F1", 0.965, 0.975)]},
+             "targets": [("pooled Dice", "pooled", "F1", 0.965, 0.975)],
+             "tta": False},  # upright chest X-rays, trained without vertical flips: no flip TTA
 }
 ARCHS = ("r2unet", "unet")
 
 
-def evaluate(model: Path, images: Path, masks: Path, postprocess: bool = True) -> tuple[dict, float]:
-    """``r2unet evaluate --json`` on one split: its JSON result and the seconds per image."""
-    return cli_evaluate(model, images, masks, options=["--device", "cpu"] + ([] if postprocess else ["--no-postprocess"]))
+def evaluate(model: Path, images: Path, masks: Path, *options: str) -> tuple[dict, float]:
+    """``r2unet evaluate --json [options]`` on one split: its JSON result and the seconds per image."""
+    return cli_evaluate(model, images, masks, options=["--device", "cpu", *options])
 
 
 def _row(name: str, result: dict, seconds: float) -> str:
@@ -68,9 +70,13 @@ def _details(path: Path, seconds: float) -> str:
             f"{path.stat().st_size / 1e6:.1f} MB; {card.geometry.describe()}; threshold {card.threshold:g}, post-processing "
             f"{card.postprocess.describe()}; best epoch {prov.get('best_epoch')} of {train.get('epochs')} "
             f"({prov.get('budget')}), seed {train.get('seed')}, augmentation rotate {train.get('rotate')} deg, "
-            f"scale {train.get('scale')}, rot90 {train.get('rot90')}; training wall time to the best epoch "
-            f"{prov.get('wall_time_s', 0) / 60:.0f} min on {prov.get('machine')}; evaluation {seconds:.2f} s per test image "
-            f"(read, infer, write; whole command).\n  Command (its last invocation): `{prov.get('command')}`")
+            f"{'zoom ' + str(train['zoom']) if train.get('zoom') else 'scale ' + str(train.get('scale'))}, "
+            f"aspect {train.get('aspect', 0.0)}, rot90 {train.get('rot90')}; test-time augmentation {'on' if card.tta else 'off'}; "
+            f"training wall time to the best epoch {prov.get('wall_time_s', 0) / 60:.0f} min on {prov.get('machine')}; "
+            f"evaluation {seconds:.2f} s per test image (read, infer, write; whole command).\n"
+            f"  Command (its last invocation): `{prov.get('command')}`"
+            + (f"\n  It started (`--init`) from {prov['parent']}, trained by `{prov['parent_command']}` "
+               f"({prov.get('parent_wall_time_s', 0) / 60:.0f} min)" if prov.get("parent_command") else ""))
 
 
 def install(path: Path, task: str, result: dict) -> Path:
@@ -79,11 +85,17 @@ def install(path: Path, task: str, result: dict) -> Path:
     ck = load_checkpoint(path)
     metrics = {**{k: round(v, 4) for k, v in result["pooled"].items()},
                **{f"mean {k}": round(v, 4) for k, v in result["mean"].items() if k in ("F1", "JS")}}
-    card = ck.model_card.with_(metrics=metrics, data_short=TASKS[task]["short"],
-                               metrics_on=f"{TASKS[task]['split']}, pooled (and mean per image), card threshold and post-processing")
+    card = ck.model_card.with_(metrics=metrics, data_short=TASKS[task]["short"], tta=TASKS[task]["tta"],
+                               metrics_on=f"{TASKS[task]['split']}, pooled (and mean per image), the card's threshold, "
+                                          f"post-processing and test-time augmentation")
     provenance = {**ck.provenance, "validation_metrics": ck.provenance.get("metrics", {}), "metrics": metrics,
                   "metrics_on": card.metrics_on}
     target = ROOT / "src_models" / "weights" / path.name
+    if target.exists() and provenance.get("parent_sha256") and "parent_command" not in provenance:
+        shipped = load_checkpoint(target)  # the model this run started from (--init): keep how it was made
+        if shipped.sha256 == provenance["parent_sha256"]:
+            provenance["parent_command"] = shipped.provenance.get("command", "")
+            provenance["parent_wall_time_s"] = shipped.provenance.get("wall_time_s", 0)
     save_checkpoint(target, ck.state_dict, ck.config, ck.preprocess, ck.class_names, provenance, card=card)
     return target
 
@@ -98,6 +110,9 @@ def main() -> None:
              "row is `r2unet evaluate MODEL --images ... --masks ...` on the task's test split (`--json`), with the",
              "card's threshold and post-processing, and once more with `--no-postprocess`. Dice = F1; pooled figures",
              "count all pixels of the split, mean figures average the images (ISIC ranks by the mean Jaccard).",
+             "The skin cards ask for test-time augmentation (the mean of the 4 flips; the models were trained with",
+             "flips and 90-degree rotations); `--no-tta` rows show them without. A command with `--init MODEL` started",
+             "from that model's weights (its own command follows), with a new schedule.",
              "A command ending in `--resume --epochs N` continued a run started by the same command without",
              "`--resume` and with a larger `--epochs`, stopped with Ctrl-C (the cosine schedule then decays over the",
              "remaining steps). Wall times include that first part and are inflated: four trainings, test runs and",
@@ -111,12 +126,16 @@ def main() -> None:
             continue
         rows, details, results = [], [], {}
         for run in runs:
-            result, seconds = evaluate(run, images, masks)
-            raw, _ = evaluate(run, images, masks, postprocess=False)
+            flips = ["--tta"] if spec["tta"] else []  # as the installed card will say
+            result, seconds = evaluate(run, images, masks, *flips)
+            raw, _ = evaluate(run, images, masks, *flips, "--no-postprocess")
             arch = run.stem.split("-")[0]
             results[arch] = result
             print(f"{run.stem}: pooled Dice {result['pooled']['F1']:.4f}, mean Jaccard {result['mean']['JS']:.4f}")
             rows += [_row(f"**{run.stem}**", result, seconds), _row(f"{run.stem}, `--no-postprocess`", raw, seconds)]
+            if flips:
+                plain, plain_seconds = evaluate(run, images, masks, "--no-tta")
+                rows.append(_row(f"{run.stem}, `--no-tta`", plain, plain_seconds))
             details.append(_details(run, seconds))
             if args.install:
                 print(f"installed {install(run, task, result)}")

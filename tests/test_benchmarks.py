@@ -46,6 +46,36 @@ def test_task_results_replaces_only_its_own_section(tmp_path, monkeypatch):
     assert "## Later section\n\nkept" in results.read_text() and "second" not in results.read_text()
 
 
+def test_task_install_sets_the_card_tta_and_keeps_the_parent_command(tmp_path, monkeypatch):
+    from src_models.checkpoint import load_checkpoint, save_checkpoint
+    from src_models.nets import ModelConfig, build_model
+    from src_models.preprocessing import PreprocessConfig
+
+    module = _benchmark("task_results", monkeypatch)
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    weights, runs = tmp_path / "src_models" / "weights", tmp_path / "runs"
+    weights.mkdir(parents=True)
+    runs.mkdir()
+    config = ModelConfig(arch="unet", in_channels=3, widths=(4, 8))
+    state = build_model(config).state_dict()
+
+    def save(path, provenance):
+        save_checkpoint(path, state, config, PreprocessConfig(channels="rgb"), ["lesion"], provenance)
+        return load_checkpoint(path)
+
+    shipped = save(weights / "unet-skin.safetensors", {"command": "r2unet train unet --epochs 6", "wall_time_s": 600})
+    run = runs / "unet-skin.safetensors"
+    save(run, {"command": "r2unet train unet --init unet-skin", "parent": "unet-skin", "parent_sha256": shipped.sha256})
+    result = {"pooled": {"F1": 0.8, "JS": 0.7}, "mean": {"F1": 0.79, "JS": 0.72, "SE": 0.5}}
+    installed = load_checkpoint(module.install(run, "skin", result))
+    assert installed.model_card.tta is True and installed.model_card.metrics == {"F1": 0.8, "JS": 0.7, "mean F1": 0.79, "mean JS": 0.72}
+    assert installed.provenance["parent_command"] == "r2unet train unet --epochs 6" and installed.provenance["parent_wall_time_s"] == 600
+    assert "It started (`--init`) from unet-skin, trained by `r2unet train unet --epochs 6` (10 min)" in module._details(weights / "unet-skin.safetensors", 0.1)
+    lung = runs / "unet-lung.safetensors"
+    save(lung, {"command": "r2unet train unet --no-rot90"})
+    assert load_checkpoint(module.install(lung, "lung", result)).model_card.tta is False
+
+
 # -- benchmarks/robustness.py: the transforms, the transformed set, the section ---------------------
 @pytest.fixture
 def robustness(monkeypatch):
