@@ -83,7 +83,7 @@ def score(model, checkpoint, images) -> dict[str, float]:
     from src_models.inference import Segmenter
     from src_models.metrics import MetricAccumulator
 
-    segmenter = Segmenter(checkpoint, device="cpu")
+    segmenter = Segmenter(checkpoint, device="cpu", backend="torch")  # torch: it runs the weights being trained
     segmenter.model = model
     model.eval()
     acc = MetricAccumulator()

@@ -96,6 +96,10 @@ def install(path: Path, task: str, result: dict) -> Path:
         if shipped.sha256 == provenance["parent_sha256"]:
             provenance["parent_command"] = shipped.provenance.get("command", "")
             provenance["parent_wall_time_s"] = shipped.provenance.get("wall_time_s", 0)
+        elif shipped.provenance.get("parent_sha256") == provenance["parent_sha256"] and shipped.provenance.get("parent_command"):
+            # this run was installed before: its parent's command came with it
+            provenance["parent_command"] = shipped.provenance["parent_command"]
+            provenance["parent_wall_time_s"] = shipped.provenance.get("parent_wall_time_s", 0)
     save_checkpoint(target, ck.state_dict, ck.config, ck.preprocess, ck.class_names, provenance, card=card)
     return target
 
@@ -136,9 +140,9 @@ def main() -> None:
             if flips:
                 plain, plain_seconds = evaluate(run, images, masks, "--no-tta")
                 rows.append(_row(f"{run.stem}, `--no-tta`", plain, plain_seconds))
-            details.append(_details(run, seconds))
             if args.install:
-                print(f"installed {install(run, task, result)}")
+                print(f"installed {(installed := install(run, task, result))}")
+            details.append(_details(installed if args.install else run, seconds))
         lines += [f"### {spec['split']}", "",
                   "| model | pooled Dice | pooled Jaccard | mean Dice | mean Jaccard | SE | SP | AUC | s/image |",
                   "|---|---|---|---|---|---|---|---|---|", *rows, "", "References (not the same images):",

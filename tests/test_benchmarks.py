@@ -71,6 +71,8 @@ def test_task_install_sets_the_card_tta_and_keeps_the_parent_command(tmp_path, m
     assert installed.model_card.tta is True and installed.model_card.metrics == {"F1": 0.8, "JS": 0.7, "mean F1": 0.79, "mean JS": 0.72}
     assert installed.provenance["parent_command"] == "r2unet train unet --epochs 6" and installed.provenance["parent_wall_time_s"] == 600
     assert "It started (`--init`) from unet-skin, trained by `r2unet train unet --epochs 6` (10 min)" in module._details(weights / "unet-skin.safetensors", 0.1)
+    again = load_checkpoint(module.install(run, "skin", result))  # a second install: the parent is no longer shipped
+    assert again.provenance["parent_command"] == "r2unet train unet --epochs 6"
     lung = runs / "unet-lung.safetensors"
     save(lung, {"command": "r2unet train unet --no-rot90"})
     assert load_checkpoint(module.install(lung, "lung", result)).model_card.tta is False
