@@ -69,6 +69,7 @@ class Segmenter:
     ) -> None:
         self.checkpoint = checkpoint
         self.scale = parse_scale_option(scale)  # auto: to the card's training scale; a factor (1 = native)
+        self._scale_note = ""  # the last scale notice logged
         self.device = select_device(device)
         self.amp = amp
         # test-time augmentation: mean over the 4 flips (4x the compute); None: as the model card says
@@ -252,8 +253,9 @@ class Segmenter:
             self._check_input(chw, None)
             return self._predict_resized(chw, progress, should_stop, out)
         factor, why = scale_factor(self.scale, self.checkpoint.model_card.scale, chw)
-        if why:
+        if why and why != self._scale_note:  # said once while it stays the same (the slices of a stack)
             self.log(why)
+            self._scale_note = why
         if factor != 1.0:
             return self._predict_rescaled(chw, factor, tile, overlap, batch_size, progress, should_stop, out)
         return self._predict_tiled(chw, tile, overlap, batch_size, progress, should_stop, out)

@@ -172,3 +172,13 @@ def test_fine_tuning_trains_at_the_scale_inference_runs(tmp_path):
     near = dataclasses.replace(checkpoint, card=ModelCard(task="vessels"))  # no training scale: native pixels
     (native,), _ = build_samples(request, near, request.config())
     assert native.mask.shape == (180, 180) and np.array_equal(native.mask, mask)
+
+
+def test_the_same_scale_notice_is_said_once():
+    from src_models.inference import Segmenter
+
+    logged: list[str] = []
+    segmenter = Segmenter(_tiny_checkpoint(Scale("fov_diameter", 100.0)), device="cpu", backend="torch", log=logged.append)
+    image, _ = vessel_image((64, 64))  # no dark border: no field of view to measure
+    segmenter.predict_stack(np.stack([image] * 3))
+    assert len(logged) == 1 and "no field of view" in logged[0]
