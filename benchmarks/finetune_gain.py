@@ -44,18 +44,19 @@ def synthetic(seeds: list[int]) -> list[tuple[str, np.ndarray, np.ndarray, np.nd
     return [(f"syn{s}", *vessel_image((512, 512), n_vessels=14, seed=s, rgb=True), None) for s in seeds]
 
 
-def angiography(split: str, ids: list[int]) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+def drive_images(split: str, ids: list[int]) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """DRIVE ``split`` images ``ids`` as (id, RGB image, 1st_manual truth, FOV mask)."""
     from src_models.data import binarize_mask, read_image, read_mask
 
     folder = DRIVE / split
-    out = []
-    for i in ids:
-        image = read_image(next((folder / "images").glob(f"{i:02d}_*")))
-        fov = read_mask(next((folder / "mask").glob(f"{i:02d}_*")))
-        truth = binarize_mask(read_image(next((folder / "1st_manual").glob(f"{i:02d}_*"))))
-        inverted = np.where(fov[..., None], 255 - image, 0).astype(np.uint8)
-        out.append((f"{i:02d}", inverted, truth, fov))
-    return out
+    return [(f"{i:02d}", read_image(next((folder / "images").glob(f"{i:02d}_*"))),
+             binarize_mask(read_image(next((folder / "1st_manual").glob(f"{i:02d}_*")))),
+             read_mask(next((folder / "mask").glob(f"{i:02d}_*")))) for i in ids]
+
+
+def angiography(split: str, ids: list[int]) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+    return [(name, np.where(fov[..., None], 255 - image, 0).astype(np.uint8), truth, fov)
+            for name, image, truth, fov in drive_images(split, ids)]
 
 
 def camera(split: str, ids: list[int], factor: float = 1.7) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
@@ -64,17 +65,8 @@ def camera(split: str, ids: list[int], factor: float = 1.7) -> list[tuple[str, n
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from robustness import colour_shift, rescale_image, rescale_mask
 
-    from src_models.data import binarize_mask, read_image, read_mask
-
-    folder = DRIVE / split
-    out = []
-    for i in ids:
-        image = read_image(next((folder / "images").glob(f"{i:02d}_*")))
-        fov = read_mask(next((folder / "mask").glob(f"{i:02d}_*")))
-        truth = binarize_mask(read_image(next((folder / "1st_manual").glob(f"{i:02d}_*"))))
-        out.append((f"{i:02d}", colour_shift(rescale_image(image, factor)), rescale_mask(truth.astype(np.uint8), factor) > 0,
-                    rescale_mask(fov.astype(np.uint8), factor) > 0))
-    return out
+    return [(name, colour_shift(rescale_image(image, factor)), rescale_mask(truth.astype(np.uint8), factor) > 0,
+             rescale_mask(fov.astype(np.uint8), factor) > 0) for name, image, truth, fov in drive_images(split, ids)]
 
 
 def score(model, checkpoint, images) -> dict[str, float]:
