@@ -20,7 +20,9 @@ Kinds:
     python benchmarks/finetune_gain.py --kind angiography --epochs 12
 
 Prints one line per epoch (and after steps 2, 5 and 10): training seconds, F1 and AUC on the
-held-out images.
+held-out images; then the saved version (with ``--validation holdout``, the default as in the
+widget, the epoch that scored best on the held-out strips, the base model being the one to beat)
+scored on all the held-out images.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def camera(split: str, ids: list[int], factor: float = 1.7) -> list[tuple[str, n
              rescale_mask(fov.astype(np.uint8), factor) > 0) for name, image, truth, fov in drive_images(split, ids)]
 
 
+def build_model(checkpoint):
+    from src_models.nets import build_model as build
+
+    model = build(checkpoint.config)
+    model.load_state_dict(checkpoint.state_dict)
+    return model
+
+
 def score(model, checkpoint, images) -> dict[str, float]:
     import torch
 
@@ -92,6 +102,9 @@ def main() -> int:
     parser.add_argument("--l2sp", type=float, default=None, help="L2-SP strength (default: the fine-tuning default)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the fine-tuning default)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 12 without --minutes)")
+    parser.add_argument("--validation", choices=["holdout", "none"], default="holdout",
+                        help="holdout (the widget's default: the last 20%% of each image picks the best epoch, the base "
+                             "model the one to beat) or none (the last epoch is the version)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch threads (default: cores - 1, what the napari widget uses)")
     parser.add_argument("--early-steps", type=lambda t: {int(v) for v in t.split(",") if v}, default={2, 5, 10},
@@ -133,7 +146,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         request = FinetuneRequest(base="r2unet-drive", pairs=pairs, out=Path(tmp) / "v.safetensors", name="bench",
-                                  epochs=args.epochs or (None if args.minutes else 12), minutes=args.minutes, validation="none", device="cpu",
+                                  epochs=args.epochs or (None if args.minutes else 12), minutes=args.minutes, validation=args.validation, device="cpu",
                                   settings={"l2sp": args.l2sp, "lr": args.lr})
         trainer = build_trainer(request)
         before = score(trainer.model, base, test)
@@ -148,15 +161,20 @@ def main() -> int:
             train_s += time.perf_counter() - start
             if event is None:
                 break
+            if event.kind.is_final:
+                print(f"run: {event.message}")
             early = event.kind == EventKind.STEP and event.step in args.early_steps
             if event.kind == EventKind.EPOCH or early:
                 metrics = score(trainer.model, base, curve)
                 trainer._train_mode()  # scoring switched the model to evaluation mode
                 where = f"{event.step / trainer.steps_per_epoch:5.2f}" if early else f"{event.epoch:5d}"
                 print(f"{train_s:8.1f} {where} {metrics['F1']:7.4f} {metrics['AUC']:7.4f}", flush=True)
-        after = score(trainer.model, base, test)
+        from src_models.checkpoint import load_checkpoint
+
+        version = load_checkpoint(request.out)  # what the user gets: the best epoch (or the base weights)
+        after = score(build_model(version), version, test)
     print(f"all {len(test)} held-out images: F1 {before['F1']:.4f} -> {after['F1']:.4f}, AUC {before['AUC']:.4f} -> {after['AUC']:.4f} "
-          f"after {train_s:.0f} s of fine-tuning")
+          f"after {train_s:.0f} s of fine-tuning (the saved version: epoch {version.provenance.get('best_epoch')}, validation {args.validation})")
     return 0
 
 

@@ -26,9 +26,9 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         patch_size=args.patch_size, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch, lr=args.lr,
         val_fraction=args.val_fraction, val_ids=tuple(args.val_ids.split(",")) if args.val_ids else None,
-        patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None),
+        patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None), keep_base=getattr(args, "keep_base", None),
         geometry=getattr(args, "geometry", None), rotate=args.rotate, scale=args.scale, aspect=args.aspect, rot90=args.rot90,
-        zoom=args.zoom, gamma=args.gamma, blur=args.blur, jpeg=args.jpeg, l2sp=getattr(args, "l2sp", None),
+        zoom=args.zoom, gamma=args.gamma, colour=args.colour, blur=args.blur, jpeg=args.jpeg, l2sp=getattr(args, "l2sp", None),
     )
 
 
@@ -277,6 +277,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any
     aug.add_argument("--zoom", type=_zoom, default=None, metavar="MIN,MAX", help=setting("zoom")["help"] + " (default: off)")
     aug.add_argument("--gamma", type=float, default=None, help=_help("gamma", defaults))
     aug.add_argument("--blur", type=float, default=None, help=_help("blur", defaults))
+    aug.add_argument("--colour", type=float, default=None, help=_help("colour", defaults))
     aug.add_argument("--jpeg", type=int, default=None, help=_help("jpeg", defaults))
     aug.add_argument("--no-rot90", dest="rot90", action="store_const", const=False, default=None, help="no 90-degree rotations or vertical flips (upright images such as chest X-rays)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu); under torchrun each process takes its own GPU")
@@ -311,5 +312,7 @@ def add_training_parsers(sub: Any) -> None:
     _add_training_data_options(p)
     p.add_argument("--corrections", default=None, help=f"folder of masks marking the pixels the user corrected (loss weight {default('correction_weight'):g}x)")
     p.add_argument("--freeze", default=None, choices=list(FREEZE_CHOICES), help=_help("freeze", FINETUNE_DEFAULTS))
+    p.add_argument("--allow-worse", dest="keep_base", action="store_const", const=False, default=None,
+                   help="keep the best fine-tuned epoch even when the base model scores higher on the validation images (default: the base is the epoch to beat)")
     _add_training_options(p, FINETUNE_DEFAULTS)
     p.set_defaults(func=cmd_finetune)

@@ -106,11 +106,36 @@ def test_finetuning_reports_the_base_models_score_and_keeps_it_in_the_version(tr
     assert prov["parent_sha256"] == base.sha256 and prov["created"] and "2 epochs x 5 steps" in prov["budget"]
 
 
+def test_the_base_model_is_the_epoch_to_beat_so_fine_tuning_never_falls_back(trained_checkpoint, tmp_path):
+    import dataclasses
+
+    import torch
+
+    image, truth = vessel_image((128, 128), n_vessels=8, seed=5)
+    base = load_checkpoint(trained_checkpoint)
+    train, val = holdout_region(make_sample("a", image, truth, base.preprocess), 0.25)
+    train = dataclasses.replace(train, mask=1 - train.mask)  # "corrections" that contradict the validation strip
+    config = finetune_config(epochs=2, steps_per_epoch=5, patch_size=48, lr=3e-2, warmup_steps=1, val_ids=(val.id,))
+    assert config.keep_base
+    kept = Trainer(None, None, [train, val], config, tmp_path / "kept.safetensors", base=base)
+    events = list(kept.run())
+    baseline = next(e for e in events if e.kind == "baseline").metrics["F1"]
+    assert [e.metrics["F1"] < baseline for e in events if e.kind == "epoch"] == [True, True]
+    assert "no epoch beat the base model on the validation images" in events[-1].message
+    out = load_checkpoint(tmp_path / "kept.safetensors")
+    assert all(torch.equal(out.state_dict[k], v) for k, v in base.state_dict.items())  # the base weights, unchanged
+    assert out.provenance["best_epoch"] == 0 and out.provenance["metrics"]["F1"] == pytest.approx(baseline, abs=1e-4)
+    worse = Trainer(None, None, [train, val], dataclasses.replace(config, keep_base=False), tmp_path / "worse.safetensors", base=base)
+    events = list(worse.run())
+    assert "no epoch beat" not in events[-1].message
+    assert load_checkpoint(tmp_path / "worse.safetensors").provenance["metrics"]["F1"] < baseline
+
+
 def test_cancel_during_validation_ends_the_run_as_cancelled(trained_checkpoint, tmp_path):
     image, truth = vessel_image((128, 128), seed=5)
     base = load_checkpoint(trained_checkpoint)
     train, val = holdout_region(make_sample("a", image, truth, base.preprocess), 0.25)
-    config = finetune_config(epochs=50, steps_per_epoch=3, patch_size=32, val_ids=(val.id,), val_tile=32)
+    config = finetune_config(epochs=50, steps_per_epoch=3, patch_size=32, val_ids=(val.id,), val_tile=32, keep_base=False)
     trainer = Trainer(None, None, [train, val], config, tmp_path / "v.safetensors", base=base)
     calls = {"n": 0}
 

@@ -227,6 +227,30 @@ def test_camera_augmentations_zoom_blur_and_jpeg():
             TrainConfig(zoom=bad)
 
 
+def test_colour_shift_changes_hue_and_saturation_but_not_the_labels():
+    from src_models.training.dataset import _colour_shift
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.1, 0.9, (3, 16, 16)).astype(np.float32)
+    assert np.allclose(_colour_shift(np.random.default_rng(1), x, 0.0), x, atol=1e-5)  # strength 0: the image itself
+    shifted = [_colour_shift(np.random.default_rng(i), x, 0.5) for i in range(20)]
+    assert all(s.shape == x.shape and s.dtype == np.float32 and np.isfinite(s).all() for s in shifted)
+    chroma = [float(np.abs(s - s.mean(0)).mean()) for s in shifted]  # saturation: distance from the gray axis
+    base = float(np.abs(x - x.mean(0)).mean())
+    assert min(chroma) < 0.85 * base < 1.15 * base < max(chroma)  # both less and more saturated
+    gray = np.repeat(x[:1], 3, axis=0)  # a gray image: the hue turn and saturation leave it gray
+    g = _colour_shift(np.random.default_rng(3), gray, 0.0)
+    assert np.allclose(g[0], g[1], atol=1e-5) and np.allclose(g[1], g[2], atol=1e-5)
+    rgb = blob_sample(2, (48, 48))
+    rgb = dataclasses.replace(rgb, image=np.repeat(rgb.image[:1], 3, axis=0) * np.array([1.0, 0.7, 0.4], np.float32)[:, None, None])
+    plain = PatchDataset([rgb], fast(rotate=0.0, scale=0.0, rot90=False, gamma=0.0), 10)
+    coloured = PatchDataset([rgb], fast(rotate=0.0, scale=0.0, rot90=False, gamma=0.0, colour=0.5), 10)
+    assert all(torch.equal(plain[i][1], coloured[i][1]) for i in range(10))  # the masks do not move
+    assert sum(not torch.allclose(plain[i][0], coloured[i][0], atol=1e-3) for i in range(10)) >= 2  # half are shifted
+    with pytest.raises(R2UNetError, match="colour"):
+        TrainConfig(colour=2.0)
+
+
 def test_l2sp_keeps_the_weights_near_the_starting_model(tmp_path):
     from src_models.checkpoint import Checkpoint
 

@@ -61,6 +61,7 @@ class TrainConfig:
     patience: int = field(default=0, **_meta("epochs without improvement before stopping early (0 = never)", min=0))
     seed: int = field(default=0, **_meta("random seed of the weights and the patches", min=0))
     freeze: str = field(default="none", **_meta("what to keep fixed: none, bn (BatchNorm statistics) or encoder (and BN statistics)", choices=FREEZE_CHOICES))
+    keep_base: bool = field(default=False, **_meta("fine-tuning with validation images: the base model is the epoch to beat, so the result is never worse than the base on them (when no epoch beats it, the output holds the base weights)"))
     correction_weight: float = field(default=5.0, **_meta("loss weight of the pixels the user corrected (when a correction map is given)", min=1, ui_max=100))
     geometry: str = field(default="tiled", **_meta("tiled: random patches at native resolution; resize: each whole image letterboxed to patch_size (aspect kept, padding ignored by the loss), as the model card's resize geometry runs it", choices=GEOMETRY_CHOICES))
     rotate: float = field(default=15.0, **_meta("largest random rotation of the augmentation, in degrees", min=0, max=180))
@@ -69,6 +70,7 @@ class TrainConfig:
     zoom: tuple[float, float] | None = field(default=None, **_meta("zoom range (smallest, largest) of the augmentation, drawn log-uniformly, e.g. 0.6,1.8 for other cameras' scales; replaces scale when set"))
     gamma: float = field(default=0.25, **_meta("largest |log gamma| of the intensity augmentation, on half the patches (0.5: gamma 0.61 to 1.65)", min=0, max=1.5))
     blur: float = field(default=0.0, **_meta("largest Gaussian blur of the augmentation, sigma in pixels, on a third of the patches (0 = off)", min=0, max=5))
+    colour: float = field(default=0.0, **_meta("largest colour change of the augmentation (3-channel images), on half the patches: saturation scaled by up to exp(colour), hue turned by up to colour x 60 degrees, each channel's gamma by up to exp(colour / 2) (0 = off; 0.3 for photographs from other cameras)", min=0, max=1))
     jpeg: int = field(default=0, **_meta("lowest JPEG quality of the augmentation, on a third of the patches (0 = off)", min=0, max=100))
     rot90: bool = field(default=True, **_meta("augment with 90-degree rotations and vertical flips too (off for upright images such as chest X-rays)"))
     val_tile: int = field(default=1024, **_meta("tile side of the sliding-window validation, in pixels"))
@@ -131,7 +133,7 @@ def default(name: str) -> Any:
 
 # What fine-tuning a handful of corrected images changes: low LR, frozen BN statistics, short budget.
 FINETUNE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    dict(lr=3e-4, epochs=10, warmup_steps=10, freeze="bn", val_fraction=0.0, batch_size=4, steps_per_epoch=25)
+    dict(lr=3e-4, epochs=10, warmup_steps=10, freeze="bn", keep_base=True, val_fraction=0.0, batch_size=4, steps_per_epoch=25)
 )
 
 

@@ -82,7 +82,7 @@ def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarr
     """Flips and rot90 (with ``config.rot90``; else left-right flips only), rotation up to
     ``config.rotate`` degrees, zoom up to ``config.scale`` (or in ``config.zoom``) and (``resize``
     geometry) an aspect-ratio change up to ``config.aspect``, brightness/contrast/gamma, colour
-    jitter (C > 1), then blur up to ``config.blur`` and JPEG down to ``config.jpeg``."""
+    jitter (C > 1), a colour shift (``config.colour``, 3 channels), then blur up to ``config.blur`` and JPEG down to ``config.jpeg``."""
     k = int(rng.integers(4))
     flip = bool(rng.random() < 0.5)
     if config.rot90:
@@ -117,6 +117,8 @@ def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarr
         x[positive] = x[positive] ** gamma
     if x.shape[0] > 1:
         x *= rng.uniform(0.95, 1.05, size=(x.shape[0], 1, 1)).astype(np.float32)
+    if config.colour and x.shape[0] == 3 and rng.random() < 0.5:
+        x = _colour_shift(rng, x, config.colour)
     if config.blur and rng.random() < 1 / 3:  # a softer lens or focus
         from scipy.ndimage import gaussian_filter
 
@@ -124,6 +126,22 @@ def _augment(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, m: np.ndarr
     if config.jpeg and rng.random() < 1 / 3:
         x = _jpeg(x, int(rng.integers(config.jpeg, 101)))
     return x.astype(np.float32), y, m
+
+
+def _colour_shift(rng: np.random.Generator, x: np.ndarray, strength: float) -> np.ndarray:
+    """``(3, P, P)`` image with another camera's colour: each channel's gamma changed by up to
+    ``exp(strength / 2)``, the hue turned about the gray axis by up to ``strength x 60`` degrees and
+    the saturation scaled by ``exp(U(-strength, strength))``."""
+    gammas = np.exp(rng.uniform(-strength / 2, strength / 2, size=3))
+    x = np.where(x > 0, np.abs(x) ** gammas[:, None, None], x).astype(np.float32)
+    angle = rng.uniform(-strength, strength) * math.pi / 3
+    saturation = math.exp(rng.uniform(-strength, strength))
+    axis = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = math.cos(angle) * np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * np.outer(axis, axis)
+    gray = np.outer(axis, axis)  # projection on the gray axis: what saturation leaves alone
+    matrix = gray + saturation * (rotation - gray)
+    return np.einsum("ij,jhw->ihw", matrix.astype(np.float32), x).astype(np.float32)
 
 
 def _jpeg(x: np.ndarray, quality: int) -> np.ndarray:

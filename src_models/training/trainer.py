@@ -342,6 +342,9 @@ class Trainer:
             if metrics:
                 self.state.base_metrics = metrics
                 yield self._event(EventKind.BASELINE, metrics=metrics, message="the base model on the validation images")
+                if self.config.keep_base and math.isfinite(metrics["F1"]):  # the base is epoch 0, the one to beat
+                    self.state.best_score, self.state.best_epoch, self.state.best_metrics = metrics["F1"], 0, metrics
+                    self._save_best(metrics)
 
     def _train_epoch(self, should_stop: ShouldStop | None) -> Generator[TrainEvent, None, str]:
         """The steps of the current epoch (from the resumed step on); returns why it ended:
@@ -400,6 +403,12 @@ class Trainer:
         """When the run ended (epoch and step; a fraction of an epoch as in the history) and why."""
         state = self.state
         at = f"at epoch {round(state.step / self.steps_per_epoch, 3):g} (step {state.step})"
+        kept = ("; no epoch beat the base model on the validation images, so the output holds the base weights"
+                if self.config.keep_base and state.best_epoch == 0 and state.step else "")
+        return self._why(reason, at) + kept
+
+    def _why(self, reason: str, at: str) -> str:
+        state = self.state
         if reason == "epochs":
             return f"finished {at}: the {self.config.epochs} epochs are done"
         if reason == "time":
