@@ -69,7 +69,7 @@ def _print_event(event: Any, update: Any, close: Any) -> None:
     elif kind == EventKind.START:
         print(event.message, flush=True)
     elif kind == EventKind.BASELINE:
-        print(f"base model on the validation images: {_scores(event.metrics)}", flush=True)
+        print(f"{event.message}: {_scores(event.metrics)}", flush=True)
     elif kind == EventKind.EPOCH:
         eta = f"  eta {event.eta_s / 60:.1f} min" if event.eta_s is not None else ""
         note = f"  ({event.message})" if event.message else ""

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MINUTES = 5.0  # the Fine-tune widget's time budget
 WIDGET_BUDGET = MappingProxyType({"epochs": None, "minutes": DEFAULT_MINUTES})  # what the widget starts with: a time budget
-HOLDOUT_FRACTION = 0.2  # validation = "holdout": this last part of each image is validated on, never trained on
+HOLDOUT_FRACTION = 0.2  # validation = "holdout": this part of each image (blocks that represent it) is validated on, never trained on
 VALIDATION_NONE, VALIDATION_HOLDOUT, VALIDATION_PAIR = "none", "holdout", "pair:"
 
 
@@ -69,7 +69,9 @@ class PairData:
 class FinetuneRequest:
     """Everything one fine-tuning run needs (decided before it starts: layers may change meanwhile).
 
-    ``validation``: ``none``; ``holdout`` (the last ``holdout_fraction`` of each image); or
+    ``validation``: ``none``; ``holdout`` (``holdout_fraction`` of each image: blocks of it chosen
+    across its foreground density, see :func:`~src_models.training.samples.holdout_blocks`; the
+    last strip for a ``resize`` model); or
     ``pair:<id>`` (hold out that pair, all its slices). ``epochs`` and ``minutes``: the budget as
     given (``None``: not given), made into the run's by
     :func:`~src_models.training.config.resolve_budget` (only minutes: no epoch limit; only
@@ -151,7 +153,7 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
     """The training (and validation) samples of a request, and ``config`` with their validation IDs."""
     from .preprocessing import to_chw
     from .scale import scale_factor
-    from .training.samples import emphasize_corrections, holdout_region, make_sample, rescale_sample
+    from .training.samples import emphasize_corrections, holdout_blocks, make_sample, rescale_sample
 
     val_ids = _held_out_ids(request)
     samples, holdout_ids = [], []
@@ -164,10 +166,10 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
             sample = emphasize_corrections(sample, pair.changed, config.correction_weight)
         if tiled:  # trained at the scale inference runs it (--scale auto): the card's training scale
             sample = rescale_sample(sample, scale_factor("auto", base.model_card.scale, to_chw(np.asarray(pair.image), pair.channel_axis))[0])
-        if request.validation == VALIDATION_HOLDOUT:
-            train, val = holdout_region(sample, request.holdout_fraction)
-            samples += [train, val]
-            holdout_ids.append(val.id)
+        if request.validation == VALIDATION_HOLDOUT:  # blocks that represent the image (a resize model: a strip)
+            train, vals = holdout_blocks(sample, request.holdout_fraction) if tiled else _strip(sample, request.holdout_fraction)
+            samples += [train, *vals]
+            holdout_ids += [val.id for val in vals]
         else:
             samples.append(sample)
     if request.validation.startswith(VALIDATION_PAIR) and (not val_ids or len(val_ids) == len(samples)):
@@ -175,6 +177,13 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
     if holdout_ids or val_ids:
         config = dataclasses.replace(config, val_ids=tuple(holdout_ids) or val_ids)
     return samples, config
+
+
+def _strip(sample: TrainSample, fraction: float) -> tuple[TrainSample, list[TrainSample]]:
+    from .training.samples import holdout_region
+
+    train, val = holdout_region(sample, fraction)
+    return train, [val]
 
 
 def _provenance(request: FinetuneRequest, base: Checkpoint) -> dict[str, Any]:

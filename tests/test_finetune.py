@@ -73,6 +73,37 @@ def test_holdout_region_never_trains_on_the_validation_strip():
         holdout_region(make_sample("s", image[:20, :20], truth[:20, :20], PreprocessConfig()), 0.5)
 
 
+def test_holdout_blocks_represent_the_image_not_its_edge():
+    from src_models.training import holdout_blocks
+
+    h = w = 320  # a 5 x 5 grid of 64 px blocks; foreground dense on the left, none on the right
+    image, _ = vessel_image((h, w), seed=3)
+    truth = np.zeros((h, w), np.uint8)
+    for col in range(5):
+        truth[:, col * 64 : col * 64 + (4 - col) * 12] = 1
+    fov = np.ones((h, w), bool)
+    fov[:64, :64] = False  # a corner outside the field of view is never chosen
+    sample = make_sample("a", image, truth, PreprocessConfig(), fov=fov)
+    train, vals = holdout_blocks(sample, 0.2)
+    assert [v.id for v in vals] == [f"a:holdout{k}" for k in range(5)]  # 20 % of the 24 usable blocks
+    held = np.zeros((h, w), bool)
+    densities = []
+    for v in vals:
+        assert v.image.shape[1:] == v.mask.shape == v.fov.shape and v.fov.sum() == 64 * 64
+        rows, cols = np.nonzero(v.fov)
+        assert v.mask.shape[0] >= 64 + 32 or rows.min() == 0 or rows.max() == v.mask.shape[0] - 1  # context around it
+        densities.append(float(v.mask[v.fov].mean()))
+    for v in vals:  # find each block in the image: its pixels get no training weight
+        matches = [(y, x) for y in range(0, h, 64) for x in range(0, w, 64)
+                   if np.array_equal(truth[y : y + 64, x : x + 64], v.mask[v.fov].reshape(64, 64)) and train.weight[y : y + 64, x : x + 64].max() == 0]
+        assert matches
+        held[matches[0][0] : matches[0][0] + 64, matches[0][1] : matches[0][1] + 64] = True
+    assert (train.weight[held] == 0).all() and (train.weight[~held] > 0).all() and not held[:64, :64].any()
+    assert min(densities) == 0 and max(densities) > 0.5  # empty and dense parts both judged, not one edge strip
+    small_train, small = holdout_blocks(make_sample("s", image[:100, :90], truth[:100, :90], PreprocessConfig()), 0.25)
+    assert [v.id for v in small] == ["s:holdout"] and small[0].mask.shape == (25, 90)  # too small for blocks: the strip
+
+
 def test_predictive_entropy_is_zero_when_sure_and_one_at_half():
     probs = np.array([0.0, 1.0, 0.5, 0.9], np.float32).reshape(1, 1, 4)
     h = predictive_entropy(probs)[0]

@@ -22,7 +22,7 @@ from typing import Any
 _MODULES = {
     "config": ("TrainConfig", "FINETUNE_DEFAULTS", "FREEZE_CHOICES", "OUTSIDE_FOV_WEIGHT", "finetune_config", "resolve_budget"),
     "samples": ("TrainSample", "make_sample", "emphasize_corrections", "load_samples", "check_samples",
-                "split_validation", "holdout_region"),
+                "split_validation", "holdout_region", "holdout_blocks"),
     "events": ("EventKind", "TrainEvent"),
     "resume": ("TrainState", "resume_path", "history_path"),
     "dataset": ("PatchDataset",),

@@ -6,7 +6,7 @@ of class labels, a loss weight ``(H, W)`` float32 (0 = ignore) and an optional f
 (the CLI); :func:`emphasize_corrections` weights up the pixels a user corrected;
 :func:`check_samples` checks them against a model; :func:`letterbox_sample` fits one to the
 ``resize`` geometry; :func:`split_validation` and
-:func:`holdout_region` set validation images (or a strip of one image) apart.
+:func:`holdout_region` and :func:`holdout_blocks` set validation images (or parts of one image) apart.
 """
 
 from __future__ import annotations
@@ -174,6 +174,53 @@ def holdout_region(sample: TrainSample, fraction: float) -> tuple[TrainSample, T
                       np.ascontiguousarray(sample.mask[strip]), np.ascontiguousarray(sample.weight[strip]), fov, sample.source)
     return dataclasses.replace(sample, weight=weight), val
 
+
+
+def holdout_blocks(sample: TrainSample, fraction: float, margin: int = 32) -> tuple[TrainSample, list[TrainSample]]:
+    """Validate on blocks of one image that represent it, not on one strip of its edge.
+
+    The image is cut into a grid of square-ish blocks (about 64 px or more, at most 6 x 6);
+    blocks with under a quarter of their pixels valid (outside the field of view, or of weight 0)
+    are passed over. Of the others, ``fraction`` (at least one) are held out, chosen at evenly
+    spaced ranks of their foreground density, so that sparse and dense parts are both judged.
+    Returns ``(train, vals)``: ``train`` is the whole image with loss weight 0 on those blocks;
+    each of ``vals`` (id ``<id>:holdout<k>``) is one block with ``margin`` pixels of context
+    around it, its field of view the block alone. An image under 128 px a side falls back to
+    :func:`holdout_region`'s strip.
+    """
+    if not 0 < fraction < 1:
+        raise R2UNetError(f"hold-out fraction {fraction} must be between 0 and 1")
+    h, w = sample.mask.shape
+    grid = min(6, min(h, w) // 64)
+    if grid < 2:
+        train, val = holdout_region(sample, fraction)
+        return train, [val]
+    valid = sample.weight > 0 if sample.fov is None else sample.fov & (sample.weight > 0)
+    ys, xs = np.linspace(0, h, grid + 1).astype(int), np.linspace(0, w, grid + 1).astype(int)
+    blocks = []
+    for i in range(grid):
+        for j in range(grid):
+            box = (slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1]))
+            n = int(valid[box].sum())
+            if n >= valid[box].size / 4:
+                blocks.append((float(((sample.mask[box] > 0) & valid[box]).sum()) / n, i * grid + j, box))
+    if not blocks:
+        raise R2UNetError(f"image {sample.id} has too few valid pixels to hold out a part of it for validation; choose no validation")
+    blocks.sort(key=lambda b: (b[0], b[1]))
+    k = max(1, int(round(fraction * len(blocks))))
+    chosen = [blocks[int((r + 0.5) * len(blocks) / k)] for r in range(k)]
+    weight = sample.weight.copy()
+    vals = []
+    for number, (_, _, (rows, cols)) in enumerate(sorted(chosen, key=lambda b: b[1])):
+        weight[rows, cols] = 0
+        outer = (slice(max(0, rows.start - margin), min(h, rows.stop + margin)), slice(max(0, cols.start - margin), min(w, cols.stop + margin)))
+        inside = np.zeros((h, w), dtype=bool)
+        inside[rows, cols] = True
+        fov = inside[outer] & (sample.fov[outer] if sample.fov is not None else True)
+        vals.append(TrainSample(f"{sample.id}:holdout{number}", np.ascontiguousarray(sample.image[(slice(None), *outer)]),
+                                np.ascontiguousarray(sample.mask[outer]), np.ascontiguousarray(sample.weight[outer]),
+                                np.ascontiguousarray(fov), sample.source))
+    return dataclasses.replace(sample, weight=weight), vals
 
 
 def letterbox_sample(sample: TrainSample, size: int) -> TrainSample:

@@ -222,6 +222,13 @@ class Trainer:
             acc.add(fg, target, valid)
         return acc.pooled()
 
+    def _validation_pixels(self) -> str:
+        """How much the validation score rests on: its pixels and foreground pixels, in words."""
+        valid = [s.weight > 0 if s.fov is None else s.fov & (s.weight > 0) for s in self.val_samples]
+        pixels = sum(int(v.sum()) for v in valid)
+        foreground = sum(int(((s.mask > 0) & v).sum()) for s, v in zip(self.val_samples, valid))
+        return f"{pixels:,} pixels, {foreground:,} foreground"
+
     def _validate_unless_cancelled(self) -> dict[str, float] | None:
         """Validation that a cancel request interrupts (the run then ends as cancelled)."""
         try:
@@ -341,7 +348,7 @@ class Trainer:
             metrics = self._validate_unless_cancelled()
             if metrics:
                 self.state.base_metrics = metrics
-                yield self._event(EventKind.BASELINE, metrics=metrics, message="the base model on the validation images")
+                yield self._event(EventKind.BASELINE, metrics=metrics, message=f"the base model on the validation images ({self._validation_pixels()})")
                 if self.config.keep_base and math.isfinite(metrics["F1"]):  # the base is epoch 0, the one to beat
                     self.state.best_score, self.state.best_epoch, self.state.best_metrics = metrics["F1"], 0, metrics
                     self._save_best(metrics)
