@@ -97,6 +97,7 @@ def score(model, checkpoint, images) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="r2unet-drive", help="the base model: a pretrained name or a checkpoint (default: r2unet-drive)")
     parser.add_argument("--kind", choices=["synthetic", "angiography", "camera"], default="synthetic")
     parser.add_argument("--minutes", type=float, default=None, help="a time budget (with --epochs: whichever ends first)")
     parser.add_argument("--l2sp", type=float, default=None, help="L2-SP strength (default: the fine-tuning default)")
@@ -129,7 +130,7 @@ def main() -> int:
     train, test = (make() for make in kinds[args.kind])
     curve = test[: args.curve_images]
 
-    base = load_model("r2unet-drive")
+    base = load_model(args.model)
     from src_models.inference import Segmenter
 
     segmenter = Segmenter(base, device="cpu")
@@ -145,7 +146,7 @@ def main() -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        request = FinetuneRequest(base="r2unet-drive", pairs=pairs, out=Path(tmp) / "v.safetensors", name="bench",
+        request = FinetuneRequest(base=base, pairs=pairs, out=Path(tmp) / "v.safetensors", name="bench",
                                   epochs=args.epochs or (None if args.minutes else 12), minutes=args.minutes, validation=args.validation, device="cpu",
                                   settings={"l2sp": args.l2sp, "lr": args.lr})
         trainer = build_trainer(request)

@@ -211,12 +211,14 @@ class FinetuneWidget(DockWidget):
         if version is None:
             self.status.setText(f"training ended in {seconds:.0f} s but wrote no version")
             return
-        scores = ""
+        scores, advice = "", " Re-segment the other images with it."
         if "F1" in version.metrics:
             before = version.metrics_before.get("F1")
             scores = f"; validation Dice {before:.3f} -> {version.metrics['F1']:.3f}" if before is not None else f"; validation Dice {version.metrics['F1']:.3f}"
+            if before is not None and not version.metrics["F1"] > before:
+                advice = " It is no better than its base on the validation parts: correct more images, or train longer, before re-segmenting with it."
         self._notify_info(f"Fine-tuning {self._finish_message} ({seconds:.0f} s in all); "
-                          f"new version '{version.name}'{scores}. Re-segment the other images with it.")
+                          f"new version '{version.name}'{scores}.{advice}")
 
     # -- re-segment --------------------------------------------------------------------------
     def resegment_targets(self) -> list[Any]:

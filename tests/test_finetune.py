@@ -230,6 +230,25 @@ def viewer_and_widgets(make_napari_viewer, trained_checkpoint, qtbot):
     return viewer, seg, fine
 
 
+def test_a_version_no_better_than_its_base_is_not_recommended(viewer_and_widgets, trained_checkpoint, user_models_dir):
+    from src_models.checkpoint import save_checkpoint
+
+    _, _, fine = viewer_and_widgets
+    base = load_checkpoint(trained_checkpoint)
+    said = []
+    fine._notify_info = said.append
+    fine._started = time.perf_counter()
+    for after, better in ((0.50, False), (0.61, True)):
+        path = new_version_path("trained", now=dt.datetime(2026, 1, 1, 12, 0, int(after * 100) % 60))
+        save_checkpoint(path, base.state_dict, base.config, base.preprocess, base.class_names,
+                        {"name": "v", "metrics": {"F1": after}, "metrics_before": {"F1": 0.50}, "parent": "trained"})
+        fine._finish_message = "finished at epoch 3 (step 45): the 3 epochs are done"
+        fine._trained(str(path))
+        assert "validation Dice 0.500 -> " in said[-1]
+        assert ("Re-segment the other images with it." in said[-1]) == better
+        assert ("no better than its base" in said[-1]) == (not better)
+
+
 def _correct_with_truth(viewer):
     layer = viewer.layers["synthetic vessels [trained]"]
     truth = viewer.layers["synthetic vessels truth"].data
