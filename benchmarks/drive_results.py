@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_io import ROOT, kept_sections
+from results_io import ROOT, inherit_parent_command, kept_sections, parent_line
 
 from src_models.checkpoint import load_checkpoint, save_checkpoint
 from src_models.data import pair_files, read_image, read_mask
@@ -93,6 +93,15 @@ def _reading(scores: dict[str, dict[str, float]]) -> list[str]:
         "threshold 0.5): half of the training patches are centred on vessel pixels and the loss includes Dice."
     )
     return lines
+
+
+def _augmentation(train: dict) -> str:
+    """The camera augmentation of a run, in words (empty for the defaults)."""
+    parts = [f"zoom {train['zoom'][0]:g}-{train['zoom'][1]:g}" if train.get("zoom") else ""]
+    parts += [f"gamma exp(+-{train['gamma']:g})" if train.get("gamma", 0.25) != 0.25 else "",
+              f"blur up to sigma {train['blur']:g}" if train.get("blur") else "", f"JPEG down to {train['jpeg']}" if train.get("jpeg") else ""]
+    parts = [p for p in parts if p]
+    return f"augmentation {', '.join(parts)}; " if parts else ""
 
 
 def plot_curves(runs: list[Path], target: Path) -> bool:
@@ -170,12 +179,14 @@ def main() -> None:
             f"{sum(v.numel() for k, v in ck.state_dict.items() if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))):,} parameters; "
             f"best epoch {prov.get('best_epoch')} of {prov.get('train_config', {}).get('epochs')}, seed {prov.get('train_config', {}).get('seed')}; "
             f"training wall time to the best epoch {prov.get('wall_time_s', 0) / 60:.1f} min on {prov.get('machine')}; "
-            f"inference {seconds:.2f} s per test image.\n  Command: `{prov.get('command')}`"
+            f"{_augmentation(prov.get('train_config', {}))}inference {seconds:.2f} s per test image.\n  Command: `{prov.get('command')}`"
         )
+        weights = ROOT / "src_models" / "weights" / run.name
+        prov = inherit_parent_command(prov, weights)
+        details[-1] += parent_line(prov)
         if args.install:
-            weights = ROOT / "src_models" / "weights" / run.name
             installed = dict(prov)
-            installed["validation_metrics"] = prov.get("metrics", {})
+            installed["validation_metrics"] = prov.get("validation_metrics") or prov.get("metrics", {})  # an installed model: kept
             installed["metrics"] = {k: round(v, 4) for k, v in metrics.items()}
             installed["metrics_on"] = "DRIVE test set, 20 images, 1st_manual, inside FOV, pooled, threshold 0.5"
             installed["license"] = "weights: BSD-3-Clause (this project); trained on DRIVE (research use)"

@@ -102,3 +102,29 @@ def cpu_description() -> str:
     isa = torch.backends.cpu.get_cpu_capability()
     return (f"{cpu_name()} ({platform.machine()}, torch ISA {isa}), {os.cpu_count()} logical CPUs; "
             f"{platform.system()} {platform.release()}")
+
+
+def inherit_parent_command(provenance: dict, target: Path) -> dict:
+    """``provenance`` of a run about to replace the installed ``target``, with the command of the
+    model it started from (``--init``): taken from ``target`` when that is the parent, or carried
+    over when ``target`` is an earlier install of a run from the same parent."""
+    from src_models.checkpoint import load_checkpoint
+
+    if not (target.exists() and provenance.get("parent_sha256") and "parent_command" not in provenance):
+        return provenance
+    shipped = load_checkpoint(target)
+    if shipped.sha256 == provenance["parent_sha256"]:
+        return {**provenance, "parent_command": shipped.provenance.get("command", ""),
+                "parent_wall_time_s": shipped.provenance.get("wall_time_s", 0)}
+    if shipped.provenance.get("parent_sha256") == provenance["parent_sha256"] and shipped.provenance.get("parent_command"):
+        return {**provenance, "parent_command": shipped.provenance["parent_command"],
+                "parent_wall_time_s": shipped.provenance.get("parent_wall_time_s", 0)}
+    return provenance
+
+
+def parent_line(provenance: dict) -> str:
+    """The docs' line on the model a ``--init`` run started from (empty for a run from scratch)."""
+    if not provenance.get("parent_command"):
+        return ""
+    return (f"\n  It started (`--init`) from {provenance['parent']}, trained by `{provenance['parent_command']}` "
+            f"({provenance.get('parent_wall_time_s', 0) / 60:.0f} min)")

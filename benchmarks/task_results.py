@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from results_io import ROOT, TASKS_HEADING, cli_evaluate, write_section
+from results_io import ROOT, TASKS_HEADING, cli_evaluate, inherit_parent_command, parent_line, write_section
 
 HEADING = TASKS_HEADING
 TASKS = {  # task -> test split, short data name for menus, reference figures, targets (must, aim)
@@ -75,8 +75,7 @@ def _details(path: Path, seconds: float) -> str:
             f"training wall time to the best epoch {prov.get('wall_time_s', 0) / 60:.0f} min on {prov.get('machine')}; "
             f"evaluation {seconds:.2f} s per test image (read, infer, write; whole command).\n"
             f"  Command (its last invocation): `{prov.get('command')}`"
-            + (f"\n  It started (`--init`) from {prov['parent']}, trained by `{prov['parent_command']}` "
-               f"({prov.get('parent_wall_time_s', 0) / 60:.0f} min)" if prov.get("parent_command") else ""))
+            + parent_line(prov))
 
 
 def install(path: Path, task: str, result: dict) -> Path:
@@ -88,18 +87,10 @@ def install(path: Path, task: str, result: dict) -> Path:
     card = ck.model_card.with_(metrics=metrics, data_short=TASKS[task]["short"], tta=TASKS[task]["tta"],
                                metrics_on=f"{TASKS[task]['split']}, pooled (and mean per image), the card's threshold, "
                                           f"post-processing and test-time augmentation")
-    provenance = {**ck.provenance, "validation_metrics": ck.provenance.get("metrics", {}), "metrics": metrics,
+    provenance = {**ck.provenance, "validation_metrics": ck.provenance.get("validation_metrics") or ck.provenance.get("metrics", {}), "metrics": metrics,
                   "metrics_on": card.metrics_on}
     target = ROOT / "src_models" / "weights" / path.name
-    if target.exists() and provenance.get("parent_sha256") and "parent_command" not in provenance:
-        shipped = load_checkpoint(target)  # the model this run started from (--init): keep how it was made
-        if shipped.sha256 == provenance["parent_sha256"]:
-            provenance["parent_command"] = shipped.provenance.get("command", "")
-            provenance["parent_wall_time_s"] = shipped.provenance.get("wall_time_s", 0)
-        elif shipped.provenance.get("parent_sha256") == provenance["parent_sha256"] and shipped.provenance.get("parent_command"):
-            # this run was installed before: its parent's command came with it
-            provenance["parent_command"] = shipped.provenance["parent_command"]
-            provenance["parent_wall_time_s"] = shipped.provenance.get("parent_wall_time_s", 0)
+    provenance = inherit_parent_command(provenance, target)
     save_checkpoint(target, ck.state_dict, ck.config, ck.preprocess, ck.class_names, provenance, card=card)
     return target
 
