@@ -119,10 +119,11 @@ def test_default_overlap_keeps_the_shipped_model_seamless_on_a_real_retina():
     seg = Segmenter(load_model("r2unet-drive"), "cpu", scale=1)  # the tiler at native resolution
     whole = seg.predict(image, channel_axis=-1, tile=1856)
     tiled = seg.predict(image, channel_axis=-1, tile=1024)  # default overlap
-    assert AUTO_OVERLAP_PIXELS == 192 and np.abs(tiled - whole).max() < 1e-3
+    # measured with the camera-robust r2unet-drive: 1.3e-3 at 192 px, 1.2e-3 at 256 px (a floor), 2.8e-2 at 128 px
+    assert AUTO_OVERLAP_PIXELS == 192 and np.abs(tiled - whole).max() < 2e-3
     np.testing.assert_array_equal(tiled >= 0.5, whole >= 0.5)
     # and what a 128-pixel overlap would lose here (why the default is not smaller)
-    assert np.abs(seg.predict(image, channel_axis=-1, tile=1024, overlap=128 / 1024) - whole).max() > 2e-3
+    assert np.abs(seg.predict(image, channel_axis=-1, tile=1024, overlap=128 / 1024) - whole).max() > 8e-3
 
 
 def test_progress_and_cancel(tiny_checkpoint):
