@@ -153,7 +153,7 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
     """The training (and validation) samples of a request, and ``config`` with their validation IDs."""
     from .preprocessing import to_chw
     from .scale import scale_factor
-    from .training.samples import emphasize_corrections, holdout_blocks, make_sample, rescale_sample
+    from .training.samples import emphasize_corrections, holdout_blocks, holdout_region, make_sample, rescale_sample
 
     val_ids = _held_out_ids(request)
     samples, holdout_ids = [], []
@@ -167,7 +167,11 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
         if tiled:  # trained at the scale inference runs it (--scale auto): the card's training scale
             sample = rescale_sample(sample, scale_factor("auto", base.model_card.scale, to_chw(np.asarray(pair.image), pair.channel_axis))[0])
         if request.validation == VALIDATION_HOLDOUT:  # blocks that represent the image (a resize model: a strip)
-            train, vals = holdout_blocks(sample, request.holdout_fraction) if tiled else _strip(sample, request.holdout_fraction)
+            if tiled:
+                train, vals = holdout_blocks(sample, request.holdout_fraction)
+            else:
+                train, val = holdout_region(sample, request.holdout_fraction)
+                vals = [val]
             samples += [train, *vals]
             holdout_ids += [val.id for val in vals]
         else:
@@ -177,13 +181,6 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
     if holdout_ids or val_ids:
         config = dataclasses.replace(config, val_ids=tuple(holdout_ids) or val_ids)
     return samples, config
-
-
-def _strip(sample: TrainSample, fraction: float) -> tuple[TrainSample, list[TrainSample]]:
-    from .training.samples import holdout_region
-
-    train, val = holdout_region(sample, fraction)
-    return train, [val]
 
 
 def _provenance(request: FinetuneRequest, base: Checkpoint) -> dict[str, Any]:

@@ -39,6 +39,11 @@ class TrainSample:
     fov: np.ndarray | None = None
     source: str = ""
 
+    @property
+    def valid(self) -> np.ndarray:
+        """The pixels that count in validation: weight > 0, inside the field of view if any."""
+        return self.weight > 0 if self.fov is None else self.fov & (self.weight > 0)
+
 
 def make_sample(
     sample_id: str,
@@ -195,7 +200,7 @@ def holdout_blocks(sample: TrainSample, fraction: float, margin: int = 32) -> tu
     if grid < 2:
         train, val = holdout_region(sample, fraction)
         return train, [val]
-    valid = sample.weight > 0 if sample.fov is None else sample.fov & (sample.weight > 0)
+    valid = sample.valid
     ys, xs = np.linspace(0, h, grid + 1).astype(int), np.linspace(0, w, grid + 1).astype(int)
     blocks = []
     for i in range(grid):
@@ -214,9 +219,10 @@ def holdout_blocks(sample: TrainSample, fraction: float, margin: int = 32) -> tu
     for number, (_, _, (rows, cols)) in enumerate(sorted(chosen, key=lambda b: b[1])):
         weight[rows, cols] = 0
         outer = (slice(max(0, rows.start - margin), min(h, rows.stop + margin)), slice(max(0, cols.start - margin), min(w, cols.stop + margin)))
-        inside = np.zeros((h, w), dtype=bool)
-        inside[rows, cols] = True
-        fov = inside[outer] & (sample.fov[outer] if sample.fov is not None else True)
+        fov = np.zeros((outer[0].stop - outer[0].start, outer[1].stop - outer[1].start), dtype=bool)
+        fov[rows.start - outer[0].start : rows.stop - outer[0].start, cols.start - outer[1].start : cols.stop - outer[1].start] = True
+        if sample.fov is not None:
+            fov &= sample.fov[outer]
         vals.append(TrainSample(f"{sample.id}:holdout{number}", np.ascontiguousarray(sample.image[(slice(None), *outer)]),
                                 np.ascontiguousarray(sample.mask[outer]), np.ascontiguousarray(sample.weight[outer]),
                                 np.ascontiguousarray(fov), sample.source))

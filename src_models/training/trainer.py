@@ -218,13 +218,12 @@ class Trainer:
                                              size_multiple=self.model_config.size_multiple, should_stop=self._should_stop)
             fg = probs[0] if probs.shape[0] == 1 else 1 - probs[0]  # multi-class: any foreground
             target = s.mask > 0
-            valid = s.weight > 0 if s.fov is None else s.fov & (s.weight > 0)
-            acc.add(fg, target, valid)
+            acc.add(fg, target, s.valid)
         return acc.pooled()
 
     def _validation_pixels(self) -> str:
         """How much the validation score rests on: its pixels and foreground pixels, in words."""
-        valid = [s.weight > 0 if s.fov is None else s.fov & (s.weight > 0) for s in self.val_samples]
+        valid = [s.valid for s in self.val_samples]
         pixels = sum(int(v.sum()) for v in valid)
         foreground = sum(int(((s.mask > 0) & v).sum()) for s, v in zip(self.val_samples, valid))
         return f"{pixels:,} pixels, {foreground:,} foreground"
