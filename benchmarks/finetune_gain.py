@@ -21,7 +21,7 @@ Kinds:
 
 Prints one line per epoch (and after steps 2, 5 and 10): training seconds, F1 and AUC on the
 held-out images; then the saved version (with ``--validation holdout``, the default as in the
-widget, the epoch that scored best on the held-out strips, the base model being the one to beat)
+widget, the epoch that scored best on the held-out blocks, the base model being the one to beat)
 scored on all the held-out images.
 """
 
@@ -71,14 +71,6 @@ def camera(split: str, ids: list[int], factor: float = 1.7) -> list[tuple[str, n
              rescale_mask(fov.astype(np.uint8), factor) > 0) for name, image, truth, fov in drive_images(split, ids)]
 
 
-def build_model(checkpoint):
-    from src_models.nets import build_model as build
-
-    model = build(checkpoint.config)
-    model.load_state_dict(checkpoint.state_dict)
-    return model
-
-
 def score(model, checkpoint, images) -> dict[str, float]:
     import torch
 
@@ -104,7 +96,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the fine-tuning default)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 12 without --minutes)")
     parser.add_argument("--validation", choices=["holdout", "none"], default="holdout",
-                        help="holdout (the widget's default: the last 20%% of each image picks the best epoch, the base "
+                        help="holdout (the widget's default: 20%% of each image, in blocks, picks the best epoch, the base "
                              "model the one to beat) or none (the last epoch is the version)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch threads (default: cores - 1, what the napari widget uses)")
@@ -173,7 +165,7 @@ def main() -> int:
         from src_models.checkpoint import load_checkpoint
 
         version = load_checkpoint(request.out)  # what the user gets: the best epoch (or the base weights)
-        after = score(build_model(version), version, test)
+        after = score(version.build(), version, test)
     print(f"all {len(test)} held-out images: F1 {before['F1']:.4f} -> {after['F1']:.4f}, AUC {before['AUC']:.4f} -> {after['AUC']:.4f} "
           f"after {train_s:.0f} s of fine-tuning (the saved version: epoch {version.provenance.get('best_epoch')}, validation {args.validation})")
     return 0
