@@ -45,6 +45,18 @@ def docked_finetune(viewer, base: str, labels: str):
     return fine
 
 
+def image_folder(folder: Path, count: int = 4, size: int = 64) -> tuple[Path, Path]:
+    """``count`` synthetic vessel images (PNG) and their true masks (0/255 PNG) in two folders."""
+    images, masks = folder / "images", folder / "truth"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    for i in range(count):
+        img, mask = vessel_image((size, size), seed=10 + i)
+        Image.fromarray(img).save(images / f"im{i}.png")
+        Image.fromarray(mask * 255).save(masks / f"im{i}.png")
+    return images, masks
+
+
 @pytest.fixture(autouse=True)
 def user_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Fine-tuned versions go to a temporary folder, never to the real per-user one."""
