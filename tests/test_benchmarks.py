@@ -246,3 +246,32 @@ def test_the_recorded_command_leaves_out_the_json_copy_only(robustness):
     assert robustness.reproduce_command(["M", "--json", "/tmp/o.json", "--write", "--", "--json", "--tta"]) == \
         "benchmarks/robustness.py M --write -- --json --tta"
     assert robustness.reproduce_command(["M", "--json=o.json", "--threads", "1"]) == "benchmarks/robustness.py M --threads 1"
+
+
+def test_hitl_simulation_short_form_on_synthetic_data(tmp_path, trained_checkpoint, monkeypatch):
+    """The human-in-the-loop simulation end to end: 3 corrections, one retraining, the JSON steps."""
+    from conftest import image_folder
+
+    simulation = _benchmark("hitl_simulation", monkeypatch)
+    images, truth = image_folder(tmp_path, count=4, size=64)
+    out = tmp_path / "steps.json"
+    monkeypatch.setenv("R2UNET_MODELS_DIR", str(tmp_path / "user-menu"))
+    assert simulation.main([str(trained_checkpoint), "--images", str(images), "--masks", str(truth), "--order", "sequential",
+                            "--finetune-every", "2", "--minutes", "0.05", "--epochs", "1", "--steps", "3",
+                            "--validation", "none", "--json", str(out), "--threads", "1"]) == 0
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["images_corrected"] for s in steps] == [0, 1, 2, 3]
+    assert [s.get("image") for s in steps] == [None, "im0", "im1", "im2"]
+    assert steps[0]["pixels_to_fix"] is None and all(isinstance(s["pixels_to_fix"], int) for s in steps[1:])
+    assert all(0.0 <= s["f1_rest"] <= 1.0 for s in steps)
+    assert [s["retrained"] for s in steps] == [False, False, True, False]
+    assert steps[2]["model"] != steps[1]["model"]  # retrained on 2 corrections, the rest predicted again by the new version
+    from src_models.inference import Segmenter
+    from src_models.model_names import load_model
+    from src_models.predict import card_options, final_labels
+
+    model = load_model(str(trained_checkpoint))  # what the base model predicts for im0, counted here independently
+    probs = Segmenter(model, device="cpu").predict(np.asarray(Image.open(images / "im0.png")))
+    wrong = final_labels(probs, card_options(model), binary=True).astype(bool) != (np.asarray(Image.open(truth / "im0.png")) > 0)
+    assert steps[1]["pixels_to_fix"] == int(wrong.sum()) > 0
+    assert not (tmp_path / "user-menu").exists()  # its versions never reach the user's model menu
