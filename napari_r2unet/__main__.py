@@ -1,4 +1,4 @@
-"""``python -m napari_r2unet [IMAGE ...] [--screenshot PNG]``: napari with the Segment and Fine-tune widgets.
+"""``python -m napari_r2unet [IMAGE ...] [--screenshot PNG]``: napari with the Segment, Fine-tune and Annotate folder widgets.
 
 Without images it opens the retina sample. With ``--screenshot`` it segments the first image
 with the default model, saves a PNG of the whole window and exits (0 on success): the headless
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             viewer.open(path, plugin="napari-r2unet" if medical_kind(path, sniff=False) else "napari")
     else:
         viewer.open_sample("napari-r2unet", "retina")
-    viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
+    viewer.window.add_plugin_dock_widget("napari-r2unet", "Annotate folder")
+    viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune", tabify=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment", tabify=True)
     if not args.screenshot:
         napari.run()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -48,6 +48,13 @@ AUTOSAVE_SECONDS = 10  # at most this many seconds of edits can be lost in a cra
 ORDER_LABELS = {"uncertainty": "most uncertain first", "sequential": "in file order"}
 
 
+class _Lines(QObject):
+    """Lines from the prediction worker (a model's notices, a skipped image), for the status line only:
+    predictions run in the background and must not fill the canvas with notifications."""
+
+    line = Signal(str)
+
+
 class AnnotateWidget(DockWidget):
     """Dock widget: open a folder, Next, correct, (autosaved), Done, Retrain now."""
 
@@ -64,7 +71,9 @@ class AnnotateWidget(DockWidget):
         self._predict_stop = threading.Event()
         self._last_error = ""
         self._bridge.event.connect(self._on_event)
+        self._lines = _Lines()
         self._build()
+        self._lines.line.connect(self.status.setText)
         self.autosave_timer = QTimer(self)
         self.autosave_timer.timeout.connect(self.autosave)
         self.set_autosave_seconds(AUTOSAVE_SECONDS)
@@ -254,7 +263,7 @@ class AnnotateWidget(DockWidget):
         if session is None or not session.model or not session.to_predict():
             return
         stop = self._predict_stop = threading.Event()
-        worker = create_worker(predict_folder, session, session.model, lambda: self.current, stop, self._bridge.message.emit,
+        worker = create_worker(predict_folder, session, session.model, lambda: self.current, stop, self._lines.line.emit,
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_predicted)
         worker.errored.connect(lambda exc: self._notify_error(user_message(exc)))
@@ -277,6 +286,8 @@ class AnnotateWidget(DockWidget):
     def _predictions_ended(self, worker: Any) -> None:
         if self._predictor is worker:
             self._predictor = None
+        if self.session is not None:
+            self.table.show_session(self.session, current=self.current)  # skipped images too
 
     def _on_predicted(self, image_id: str) -> None:
         session = self.session

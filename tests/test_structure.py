@@ -34,6 +34,12 @@ TORCH_FREE_USES = {
     "reading NIfTI and writing labels (DICOM: the same module)": "from src_models.medical_io import read_nifti, write_nifti_labels; "
                                                                  "write_nifti_labels('{tmp}/l.nii.gz', np.ones((2, 4, 4), np.uint8), np.eye(4)); "
                                                                  "read_nifti('{tmp}/l.nii.gz'); import pydicom.pixels",
+    "a folder session and its label files": "import os; from PIL import Image; os.makedirs('{tmp}/im'); "
+                                            "Image.fromarray(np.zeros((8, 8), np.uint8)).save('{tmp}/im/a.png'); "
+                                            "from src_models.annotation import FolderSession; from src_models.label_files import read_label_file; "
+                                            "s = FolderSession('{tmp}/im'); s.save_prediction('a', np.full((1, 8, 8), 0.4, np.float32), "
+                                            "np.zeros((8, 8), np.uint8), 'm'); s.save_correction('a', np.ones((8, 8), np.uint8)); "
+                                            "assert read_label_file('{tmp}/im/labels/a.tif')[0].all(); s.close()",
 }
 
 
