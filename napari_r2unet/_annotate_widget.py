@@ -159,7 +159,7 @@ class AnnotateWidget(DockWidget):
         self.images_edit.setText(str(session.images_dir))
         self.labels_edit.setText(str(session.labels_dir))
         if session.model:
-            self._guard(lambda: self.model_combo.choose(session.model))
+            self._guard(lambda: self._select_model(session.model))
         else:
             choice = self.model_combo.current_choice()
             if choice is not None:
@@ -174,6 +174,15 @@ class AnnotateWidget(DockWidget):
             self.open_image(session.current)
         self.start_predictions()
         return session
+
+    def _select_model(self, spec: str) -> None:
+        """Show the folder's model in the menu (a checkpoint file not listed yet is added)."""
+        try:
+            self.model_combo.choose(spec)
+        except R2UNetError:
+            if not spec.endswith(".safetensors"):
+                raise
+            self.model_combo.add_file(spec)
 
     def _require_session(self) -> FolderSession:
         if self.session is None:

@@ -103,3 +103,54 @@ def test_kill_9_then_reopen_restores_the_edits_and_retrain_now_repredicts_the_re
     assert session.correction_path(image_id).read_bytes() == correction  # corrections are never replaced
     assert session.entries[image_id].model == str(trained_checkpoint)
     widget.close_session()
+
+
+def test_a_new_prediction_goes_through_undo_and_keeps_painted_pixels(make_napari_viewer, qtbot, tmp_path, trained_checkpoint):
+    images, _ = image_folder(tmp_path, count=2, size=96)
+    widget = docked(make_napari_viewer(show=True), trained_checkpoint)
+    session = widget.open_folder(str(images))
+    qtbot.waitUntil(lambda: not widget.predicting, timeout=60_000)
+    widget.table.cellDoubleClicked.emit(1, 0)  # double-click opens that row's image
+    assert widget.current == "im1"
+    layer = widget._labels_layer
+    old = np.array(layer.data)
+    layer.data_setitem((np.array([0]), np.array([0])), np.array([1 - old[0, 0]], np.uint8))  # a brush stroke
+    painted = np.array(layer.data)
+    probs = np.full((1, 96, 96), 0.9, np.float32)  # a new model says: everything is vessel
+    session.save_prediction("im1", probs, np.ones((96, 96), np.uint8), model="new")
+    widget._on_predicted("im1")
+    assert layer.data[0, 0] == painted[0, 0] and (np.asarray(layer.data)[1:] == 1).all()  # the painted pixel kept
+    layer.undo()
+    assert np.array_equal(layer.data, painted)  # the replacement was one undoable step
+    widget.close_session()
+
+
+def test_a_full_disk_keeps_the_edits_open_and_says_so_once(make_napari_viewer, qtbot, tmp_path, trained_checkpoint, monkeypatch):
+    from src_models import label_files
+    from src_models.errors import R2UNetError
+
+    images, _ = image_folder(tmp_path, count=2, size=96)
+    widget = docked(make_napari_viewer(show=True), trained_checkpoint)
+    session = widget.open_folder(str(images))
+    qtbot.waitUntil(lambda: not widget.predicting, timeout=60_000)
+    first = widget.next_image()
+    layer = widget._labels_layer
+    layer.data_setitem((np.arange(5), np.arange(5)), np.full(5, 1, np.uint8) - np.asarray(layer.data)[np.arange(5), np.arange(5)])
+    edited = np.array(layer.data)
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+
+    def full(*args, **kwargs):
+        raise R2UNetError("cannot write in the labels folder: No space left on device; check the folder's space and permissions")
+
+    original = label_files.atomic_write
+    monkeypatch.setattr(label_files, "atomic_write", full)
+    widget.autosave()
+    widget.autosave()
+    assert len(shown) == 1 and "No space left on device" in shown[0] and "nothing was lost" in shown[0]
+    widget.next_button.click()  # refused: the image with unsaved edits stays open
+    assert widget.current == first and np.array_equal(widget._labels_layer.data, edited)
+    monkeypatch.setattr(label_files, "atomic_write", original)  # space again
+    widget.autosave()
+    assert np.array_equal(read_label_file(session.correction_path(first))[0], edited)
+    widget.close_session()

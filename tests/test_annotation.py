@@ -132,12 +132,14 @@ def test_a_full_or_read_only_labels_folder_loses_nothing(tmp_path, monkeypatch):
 
     from src_models import label_files
 
+    original = annotation.atomic_write
     monkeypatch.setattr(annotation, "atomic_write", full)
     monkeypatch.setattr(label_files, "atomic_write", full)
     with pytest.raises(R2UNetError, match="No space left on device"):
         session.save_correction("im0", np.ones((64, 64), np.uint8))
     assert session.state_path.read_text() == before and not session.correction_path("im0").exists()
-    monkeypatch.undo()
+    monkeypatch.setattr(annotation, "atomic_write", original)
+    monkeypatch.setattr(label_files, "atomic_write", original)
     session.close()
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the labels folder should be")
