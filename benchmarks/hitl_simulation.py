@@ -3,7 +3,8 @@
 Usage:
     .venv/bin/python benchmarks/hitl_simulation.py MODEL --images DIR --masks DIR [--fov DIR]
         [--order uncertainty|sequential|random] [--finetune-every K] [--minutes M] [--steps N]
-        [--transform NAME] [--limit L] [--json OUT] [--plot PNG] [--threads T] [--seed S]
+        [--transform NAME] [--limit L] [--json OUT] [--plot PNG] [--write] [--threads T] [--seed S]
+    .venv/bin/python benchmarks/hitl_simulation.py --write-from OUT.json   (the --write table of a saved run)
 
 It runs the Annotate folder widget's own code (:class:`src_models.annotation.FolderSession`,
 :mod:`src_models.annotation_run`) on a copy of the folder outside the repository:
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -41,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+HITL_HEADING = "## Human in the loop: a simulated clinician over a folder"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation", choices=("holdout", "none"), default="holdout")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--write", action="store_true", help=f"put this run's table in docs/RESULTS.md ({HITL_HEADING!r})")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="for --order random")
     args = parser.parse_args(argv)
@@ -169,7 +173,8 @@ def simulate(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             session.save_correction(current, truth[current], done=True)
             retrained, why = retrain(session, args) if n % args.finetune_every == 0 else (False, "")
             steps.append({"images_corrected": n, "image": current, "pixels_to_fix": fix, "f1_rest": f1_rest(session, truth, fov),
-                          "seconds": time.perf_counter() - start, "retrained": retrained, "model": Path(session.model).stem})
+                          "seconds": time.perf_counter() - start, "retrain": n % args.finetune_every == 0, "retrained": retrained,
+                          "model": Path(session.model).stem})
             rest = steps[-1]["f1_rest"]
             print(f"step {n}: {current} had {fix:,} px to fix; F1 of the rest {'-' if rest is None else f'{rest:.4f}'}"
                   + (f"; retrained: {why}" if why else ""), flush=True)
@@ -201,7 +206,57 @@ def plot(steps: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path)
 
 
+def run_lines(about: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
+    """One run's block for docs/RESULTS.md: its heading, how it was measured and the table of steps."""
+    from results_io import cpu_description
+
+    start, last = steps[0], steps[-1]
+    fixes = [s["pixels_to_fix"] for s in steps[1:]]
+    lines = [run_heading(about), "",
+             f"Reproduce with `.venv/bin/python {about['command']}`. Measured {about['date']} on {cpu_description()}, "
+             f"{about['threads']} thread(s); wall time {last['seconds'] / 60:.1f} min. F1 of the images not yet corrected: "
+             f"{start['f1_rest']:.4f} before any correction, {last['f1_rest']:.4f} after {last['images_corrected']}"
+             + (f"; pixels to fix per image: {fixes[0]:,} for the first, {fixes[-1]:,} for the last." if fixes else "."), "",
+             "| images corrected | image | pixels to fix | F1 of the rest | retrained (version adopted) | minutes |",
+             "|---|---|---|---|---|---|"]
+    for s in steps:
+        fix = "-" if s["pixels_to_fix"] is None else f"{s['pixels_to_fix']:,}"
+        rest = "-" if s["f1_rest"] is None else f"{s['f1_rest']:.4f}"
+        retrained = "" if not s.get("retrain") else "yes (adopted)" if s["retrained"] else "yes (kept the model)"
+        lines.append(f"| {s['images_corrected']} | {s.get('image', '-')} | {fix} | {rest} | {retrained} | {s['seconds'] / 60:.1f} |")
+    return [*lines, ""]
+
+
+def run_heading(about: dict[str, Any]) -> str:
+    return f"### `{about['model']}`, {about['transform']}, order {about['order']}, retrain every {about['finetune_every']} for {about['minutes']:g} min"
+
+
+def write_run(about: dict[str, Any], steps: list[dict[str, Any]]) -> None:
+    """Replace this run's block (same heading) in the section :data:`HITL_HEADING`, keeping the others."""
+    import results_io
+
+    body = results_io.section_body(results_io.RESULTS.read_text(), HITL_HEADING) or ""
+    parts = re.split(r"(?m)^(?=### )", body)
+    intro = "" if parts[0].startswith("### ") else parts[0].strip()
+    heading = run_heading(about)
+    kept = [p.rstrip("\n") + "\n" for p in parts if p.startswith("### ") and p.splitlines()[0] != heading]
+    lines = [intro or HITL_INTRO, "", *kept, *run_lines(about, steps)]
+    results_io.write_section(HITL_HEADING, lines, results_io.RESULTS)
+
+
+HITL_INTRO = ("`benchmarks/hitl_simulation.py` runs the Annotate folder widget's own code: it predicts the folder, takes the next "
+              "image in the chosen order, counts the pixels a person would fix (prediction vs. ground truth, inside the FOV), saves "
+              "the ground truth as that image's correction and, every K corrections, retrains (Retrain now: the widget's settings, "
+              "validated on held-out blocks, the version adopted only if it beats the folder's model there) and predicts the rest "
+              "again. 'F1 of the rest' is the pooled F1 of the images not yet corrected.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--write-from"] and len(argv) == 2:  # the table of a run saved with --json
+        saved = json.loads(Path(argv[1]).read_text())
+        write_run({"threads": "all", "date": "?", **saved}, saved["steps"])
+        return 0
     args = parse_args(argv)
     if args.threads:
         import torch
@@ -210,10 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="r2unet-hitl-") as work:
         os.environ["R2UNET_MODELS_DIR"] = str(Path(work) / "versions")  # never the user's model menu
         steps = simulate(args, Path(work))
+    import datetime
+
     about = {"model": args.model, "order": args.order, "finetune_every": args.finetune_every, "minutes": args.minutes,
-             "transform": args.transform, "command": " ".join(sys.argv)}
+             "transform": args.transform, "threads": args.threads or "all", "date": datetime.date.today().isoformat(),
+             "command": "benchmarks/hitl_simulation.py " + " ".join(argv)}
     if args.json:
         args.json.write_text(json.dumps({**about, "steps": steps}, indent=1))
+    if args.write:
+        write_run(about, steps)
     if args.plot:
         plot(steps, args.plot, f"{args.model}, {args.transform}, order {args.order}, retrain every {args.finetune_every} for {args.minutes:g} min")
     return 0

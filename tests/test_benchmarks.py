@@ -275,3 +275,23 @@ def test_hitl_simulation_short_form_on_synthetic_data(tmp_path, trained_checkpoi
     wrong = final_labels(probs, card_options(model), binary=True).astype(bool) != (np.asarray(Image.open(truth / "im0.png")) > 0)
     assert steps[1]["pixels_to_fix"] == int(wrong.sum()) > 0
     assert not (tmp_path / "user-menu").exists()  # its versions never reach the user's model menu
+
+
+def test_hitl_write_replaces_only_its_own_run(tmp_path, monkeypatch):
+    simulation = _benchmark("hitl_simulation", monkeypatch)
+    import results_io
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## Other\n\nkept\n")
+    monkeypatch.setattr(results_io, "RESULTS", results)
+    steps = [{"images_corrected": 0, "pixels_to_fix": None, "f1_rest": 0.5, "seconds": 1.0, "retrained": False},
+             {"images_corrected": 1, "image": "a", "pixels_to_fix": 1234, "f1_rest": 0.6, "seconds": 70.0, "retrain": True, "retrained": True}]
+    about = {"model": "m", "order": "uncertainty", "finetune_every": 1, "minutes": 2.0, "transform": "native", "threads": 1,
+             "date": "2026-12-02", "command": "benchmarks/hitl_simulation.py m"}
+    simulation.write_run(about, steps)
+    simulation.write_run({**about, "order": "random"}, steps)
+    simulation.write_run(about, [*steps[:1], {**steps[1], "f1_rest": 0.7}])  # a rerun replaces its block only
+    text = results.read_text()
+    assert "## Other\n\nkept" in text and text.count(simulation.HITL_HEADING) == 1 and text.count("### ") == 2
+    assert "| 1 | a | 1,234 | 0.7000 | yes (adopted) | 1.2 |" in text and "| 1 | a | 1,234 | 0.6000 |" in text
+    assert text.index("order random") < text.index("order uncertainty")  # the rerun moved to the end
