@@ -30,7 +30,9 @@ def main() -> None:
 
     viewer = napari.Viewer(show=True)
     if args.image:
-        viewer.open(args.image)
+        from napari_r2unet._io import reader_plugin
+
+        viewer.open(args.image, plugin=reader_plugin(args.image))  # napari and we both claim .tif
     else:
         viewer.open_sample("napari-r2unet", "synthetic_vessels" if args.finetune else "retina")
     _, widget = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")

@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     viewer = napari.Viewer(title="napari-r2unet")
     viewer.window.resize(1400, 860)
     if args.images:
-        from src_models.medical_io import medical_kind
+        from ._io import reader_plugin
 
-        for path in args.images:  # napari's builtins claim DICOM/NIfTI too: ours keeps the spacing and the affine
-            viewer.open(path, plugin="napari-r2unet" if medical_kind(path, sniff=False) else "napari")
+        for path in args.images:
+            viewer.open(path, plugin=reader_plugin(path))
     else:
         viewer.open_sample("napari-r2unet", "retina")
     viewer.window.add_plugin_dock_widget("napari-r2unet", "Annotate folder")

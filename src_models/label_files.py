@@ -6,7 +6,8 @@ masks). It is torch-free.
 
 - A binary mask is stored 0/255 (uint8): 0/1 looks black in other viewers. Multi-class labels
   are stored as they are (uint8, uint16 or uint32).
-- The TIFF's ImageDescription holds one JSON object ``{"napari-r2unet": {...}}``: ``kind``
+- The TIFF's ImageDescription is tifffile's JSON (``shape``, so a stack of stacks reads back
+  whole) with our object under ``"napari-r2unet"``: ``kind``
   ("labels"), ``binary``, ``stored`` ("0/255" or "classes") and the provenance the writer gave
   (image, model, threshold, status, date, ...). A file without it is not ours:
   :func:`read_label_file` returns None and other readers take it.
@@ -54,9 +55,9 @@ def write_label_file(path: str | os.PathLike[str], labels: np.ndarray, *, binary
     stored, form = storable_labels(labels, binary)
     header = {"kind": KIND, "binary": bool(binary), "stored": form,
               "written": _dt.datetime.now().isoformat(timespec="seconds"), **(provenance or {})}
-    description = json.dumps({TAG: header}, default=str)
-    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, stored, compression="zlib", description=description,
-                                                     metadata=None), suffix=".tif")
+    # tifffile's own JSON description, our header inside: it keeps the shape (a stack of stacks too)
+    metadata = {TAG: json.loads(json.dumps(header, default=str))}
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, stored, compression="zlib", metadata=metadata), suffix=".tif")
     return path
 
 

@@ -16,7 +16,7 @@ file, apart from parsing and printing (that is :mod:`src_models.cli`'s job):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +115,23 @@ def options_for(options: PredictOptions, meta: Any) -> PredictOptions:
     return replace(options, stack=True) if meta.stack and not options.stack else options
 
 
+def mask_provenance(segmenter: Any, path: Path, options: PredictOptions) -> dict[str, Any]:
+    """What a mask file records of how it was made: the model, the source image, the threshold, the post-processing."""
+    checkpoint = segmenter.checkpoint
+    return {"model": checkpoint.name, "model_sha256": getattr(checkpoint, "sha256", None) or "", "image": str(path),
+            "threshold": float(options.threshold), "postprocess": asdict(options.postprocess)}
+
+
 def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | None, options: PredictOptions,
                  progress: Progress | None = None, notice: Callable[[str], None] | None = None,
                  log: Callable[[str], None] | None = None) -> float:
     """One file through the whole pipeline (read, preprocess, tile, infer, blend, threshold,
     post-process, write); returns the foreground fraction. ``make bench`` times exactly this.
 
-    The mask is uint8: a TIFF with 0/255 for a binary model (class labels otherwise), or, for a
-    ``mask_path`` ending with ``.nii``/``.nii.gz``, a NIfTI label volume (0/1, or class labels)
-    with the input's affine. ``prob_path`` gets the float32 probabilities (P(foreground) for a
+    The mask is uint8: our label file (:mod:`~src_models.label_files`: a TIFF with 0/255 for a
+    binary model, class labels otherwise, and :func:`mask_provenance` in its description; napari
+    opens it as Labels), or, for a ``mask_path`` ending with ``.nii``/``.nii.gz``, a NIfTI label
+    volume (0/1, or class labels) with the input's affine. ``prob_path`` gets the float32 probabilities (P(foreground) for a
     binary model) as a TIFF, never post-processed. ``log`` gets one line describing a DICOM or
     NIfTI input (spacing); ``notice`` gets :func:`channel_notice`'s line once all is written (a
     failed file gets its error alone).
@@ -131,6 +139,7 @@ def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | 
     import numpy as np
 
     from .data import read_image_with_meta, write_tiff
+    from .label_files import write_label_file
     from .medical_io import NIFTI_SUFFIXES, write_nifti_labels
 
     image, meta = read_image_with_meta(path)
@@ -145,7 +154,7 @@ def predict_file(segmenter: Any, path: Path, mask_path: Path, prob_path: Path | 
     if Path(mask_path).name.lower().endswith(NIFTI_SUFFIXES):
         write_nifti_labels(mask_path, labels, meta.affine if meta.affine is not None else np.eye(4), meta.header)
     else:
-        write_tiff(mask_path, labels * 255 if binary else labels)
+        write_label_file(mask_path, labels, binary=binary, provenance=mask_provenance(segmenter, path, options))
     if prob_path is not None:
         write_tiff(prob_path, np.squeeze(probs, axis=-3) if binary else probs)
     line = channel_notice(segmenter, image, options)

@@ -15,6 +15,7 @@ import tifffile
 from PIL import Image
 
 from src_models.cli import main
+from src_models.label_files import read_label_file
 from src_models.synthetic import vessel_image
 
 SUBCOMMANDS = ["models", "info", "predict", "evaluate", "train", "finetune", "export"]
@@ -80,6 +81,10 @@ def test_predict_writes_masks_and_probabilities(capsys, tiny_checkpoint, image_f
     assert set(np.unique(mask)) <= {0, 255}
     assert np.array_equal(mask > 0, prob >= 0.5)
     assert sorted(p.name for p in out_dir.iterdir()) == ["01_test.tif", "01_test_prob.tif", "02_test.tif", "02_test_prob.tif"]
+    labels, header = read_label_file(out_dir / "01_test.tif")  # our label file: napari opens it as Labels, 0/1
+    assert np.array_equal(labels, mask > 0) and header["binary"] is True
+    assert header["image"] == str(image_folder / "01_test.tif") and header["threshold"] == 0.5 and header["model"]
+    assert header["postprocess"]["kind"] in ("none", "largest_component", "largest_components") and len(header["model_sha256"]) == 64
 
 
 def test_predict_stack_and_multiclass(capsys, tmp_path):

@@ -58,14 +58,51 @@ def test_writer_and_reader(tmp_path):
     import tifffile
 
     from napari_r2unet._io import get_checkpoint_reader, write_labels
+    from src_models.label_files import label_file_header
 
     labels = np.zeros((5, 6), np.int64)
     labels[1, 2] = 3
     assert write_labels(str(tmp_path / "l.tif"), labels, {}) == [str(tmp_path / "l.tif")]
-    assert np.array_equal(tifffile.imread(tmp_path / "l.tif"), labels)
+    assert np.array_equal(tifffile.imread(tmp_path / "l.tif"), labels)  # classes stored as they are
+    assert label_file_header(tmp_path / "l.tif")["binary"] is False
     ckpt = random_checkpoint(tmp_path / "m.safetensors")
     assert callable(get_checkpoint_reader(str(ckpt)))
     assert get_checkpoint_reader(str(tmp_path / "l.tif")) is None
+
+
+@pytest.mark.gui
+def test_saved_labels_open_again_as_labels_with_their_provenance(make_napari_viewer, tmp_path):
+    import tifffile
+    from napari.layers import Image, Labels
+
+    from napari_r2unet._io import get_label_reader, read_labels, reader_plugin
+
+    viewer = make_napari_viewer()
+    mask = np.zeros((2, 3, 8, 9), np.uint8)  # a time series of stacks
+    mask[1, 2, 2:5, 3:7] = 1
+    probs = np.full((1, 8, 9), 0.7, np.float16)
+    meta = {"model": "tiny", "spec": "/m/tiny.safetensors", "image": "vessels", "threshold": 0.35, "probabilities": probs, "prediction": mask}
+    layer = viewer.add_labels(mask, name="vessels [tiny]", metadata={"r2unet": meta})
+    path = tmp_path / "saved.tif"
+    layer.save(str(path), plugin="napari-r2unet")  # File > Save Selected Layers, our writer
+    assert set(np.unique(tifffile.imread(path))) == {0, 255}  # visible in other viewers
+    [opened] = viewer.open(str(path), plugin="napari-r2unet")
+    assert isinstance(opened, Labels) and opened.name == "saved"
+    assert opened.data.shape == mask.shape and np.array_equal(opened.data, mask)  # 0/1 again
+    header = opened.metadata["r2unet_file"]
+    assert (header["model"], header["spec"], header["image"], header["threshold"]) == ("tiny", "/m/tiny.safetensors", "vessels", 0.35)
+    assert header["layer"] == "vessels [tiny]" and "probabilities" not in header and "prediction" not in header
+    assert reader_plugin(str(path)) == "napari-r2unet"
+
+    opened.save(str(tmp_path / "again.tif"), plugin="napari-r2unet")  # saved again: the provenance carries over
+    assert get_label_reader(str(tmp_path / "again.tif")) is read_labels
+
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.arange(64, dtype=np.uint8).reshape(8, 8))
+    assert get_label_reader(str(plain)) not in (None, read_labels)  # not ours: napari's builtin reader reads it
+    [image] = viewer.open(str(plain), plugin="napari-r2unet")  # even when "remember" chose our reader for .tif
+    assert isinstance(image, Image) and reader_plugin(str(plain)) == "napari"
+    assert get_label_reader(str(tmp_path / "a.png")) is None and get_label_reader([str(path)]) is None
 
 
 def test_the_reader_refuses_other_safetensors_files_with_one_line(tmp_path, monkeypatch):
