@@ -19,6 +19,7 @@ the version's card threshold) and applies the version's card post-processing.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from src_models.errors import R2UNetError  # torch-free
 from src_models.model_card import ModelCard
 from src_models.settings import DEFAULT_THRESHOLD
 from src_models.training.events import EventKind  # torch-free
-from src_models.user_versions import list_versions, new_version_path
+from src_models.user_versions import Version, list_versions, new_version_path, rename_version, scored_name, version_name
 
 from ._dock import PROGRESS_STEPS, DockWidget
 from ._finetune import FinetuneRequest, PairChoice, corrections, doubtful_regions, finetune, is_output_layer, pair_data
@@ -162,7 +163,8 @@ class FinetuneWidget(DockWidget):
         base = choice.spec
         data = [piece for p in pairs for piece in pair_data(self.viewer, p)]
         out = new_version_path(Path(base).stem if base.endswith(".safetensors") else base)
-        return FinetuneRequest(base=base, pairs=data, out=out, name=f"{choice.name} + {len(data)} corrected", epochs=epochs, minutes=minutes,
+        name = version_name(choice.name, len(pairs), [v.name for v in list_versions()])
+        return FinetuneRequest(base=base, pairs=data, out=out, name=name, epochs=epochs, minutes=minutes,
                                validation=self.pairs.validation(), settings=self.settings.advanced_settings())
 
     def start(self) -> None:
@@ -204,9 +206,9 @@ class FinetuneWidget(DockWidget):
         if not path:
             self.status.setText("cancelled before the first training step: no version was written")
             return
+        version = self._score_in_name(next((v for v in list_versions() if str(v.path) == path), None))
         self.refresh_versions(select=path)
         self._refresh_model_menus()
-        version = next((v for v in list_versions() if str(v.path) == path), None)
         seconds = time.perf_counter() - self._started
         if version is None:
             self.status.setText(f"training ended in {seconds:.0f} s but wrote no version")
@@ -219,6 +221,18 @@ class FinetuneWidget(DockWidget):
                 advice = " It is no better than its base on the validation parts: correct more images, or train longer, before re-segmenting with it."
         self._notify_info(f"Fine-tuning {self._finish_message} ({seconds:.0f} s in all); "
                           f"new version '{version.name}'{scores}.{advice}")
+
+    @staticmethod
+    def _score_in_name(version: Version | None) -> Version | None:
+        """The new version, its validation Dice added to its name once known (the weights untouched)."""
+        if version is None or "F1" not in version.metrics:
+            return version
+        name = scored_name(version.name, version.metrics["F1"])
+        try:
+            rename_version(version.path, name)
+        except R2UNetError:
+            return version  # the name stays as it was: the version is there all the same
+        return dataclasses.replace(version, name=name)
 
     # -- re-segment --------------------------------------------------------------------------
     def resegment_targets(self) -> list[Any]:

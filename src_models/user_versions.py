@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,33 @@ def new_version_path(base_name: str, folder: Path | None = None, now: _dt.dateti
         n += 1
         path = folder / f"{stem}-{n}.safetensors"
     return path
+
+
+_SCORE = re.compile(r", val Dice \d+(\.\d+)?$")
+
+
+def version_base(name: str) -> str:
+    """The model a name descends from: ``"r2unet-drive ft 12-02 21:05, 3 images"`` -> ``"r2unet-drive"``
+    (a version of a version is named after the first base; a file's ``.safetensors`` is dropped)."""
+    return name.split(" ft ")[0].strip().removesuffix(".safetensors").strip() or "model"
+
+
+def version_name(base_name: str, images: int, existing_names: Iterable[str], now: _dt.datetime | None = None) -> str:
+    """A new version's display name, unique among ``existing_names``: ``"r2unet-drive ft 12-02 21:05,
+    3 images"`` (then `` (2)``, `` (3)``, ... in the same minute); :func:`scored_name` adds its score."""
+    stamp = (now or _dt.datetime.now()).strftime("%m-%d %H:%M")
+    name = f"{version_base(base_name)} ft {stamp}, {images} image{'' if images == 1 else 's'}"
+    taken = {_SCORE.sub("", existing) for existing in existing_names}
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name} ({n})"
+    return candidate
+
+
+def scored_name(name: str, dice: float) -> str:
+    """``name`` with its validation score: ``"..., 3 images, val Dice 0.812"`` (an older score replaced)."""
+    return f"{_SCORE.sub('', name)}, val Dice {dice:.3f}"
 
 
 def rename_version(path: str | os.PathLike[str], name: str) -> None:

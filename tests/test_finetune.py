@@ -62,6 +62,23 @@ def test_versions_are_new_files_renamed_and_exported_without_touching_weights(tm
         rename_version(first, "   ")
 
 
+def test_version_names_are_unique_and_say_when_on_what_and_how_well():
+    from src_models.user_versions import scored_name, version_name
+
+    now = dt.datetime(2026, 12, 2, 21, 5, 30)
+    first = version_name("r2unet-drive", 3, [], now)
+    assert first == "r2unet-drive ft 12-02 21:05, 3 images"
+    scored = scored_name(first, 0.8123)
+    assert scored == "r2unet-drive ft 12-02 21:05, 3 images, val Dice 0.812"
+    assert scored_name(scored, 0.9) == "r2unet-drive ft 12-02 21:05, 3 images, val Dice 0.900"  # one score, the latest
+    names: list[str] = [scored]
+    for _ in range(7):  # eight runs in the same minute: eight names
+        names.append(version_name("r2unet-drive", 3, names, now))
+    assert len(set(names)) == 8 and names[1] == "r2unet-drive ft 12-02 21:05, 3 images (2)" and names[-1].endswith("(8)")
+    assert version_name(scored, 1, names, now + dt.timedelta(hours=1)) == "r2unet-drive ft 12-02 22:05, 1 image"  # of a version: the first base
+    assert version_name("tiny.safetensors", 2, [], now) == "tiny ft 12-02 21:05, 2 images"
+
+
 def test_holdout_region_never_trains_on_the_validation_strip():
     image, truth = vessel_image((80, 64), seed=3)
     sample = make_sample("a", image, truth, PreprocessConfig())
@@ -245,6 +262,9 @@ def test_a_version_no_better_than_its_base_is_not_recommended(viewer_and_widgets
         fine._finish_message = "finished at epoch 3 (step 45): the 3 epochs are done"
         fine._trained(str(path))
         assert "validation Dice 0.500 -> " in said[-1]
+        name = f"v, val Dice {after:.3f}"  # the score joins the name once known
+        assert next(v.name for v in list_versions() if v.path == path) == name and f"new version '{name}'" in said[-1]
+        assert fine.version_combo.currentText() == name  # selected in the versions menu under its new name
         assert ("Re-segment the other images with it." in said[-1]) == better
         assert ("no better than its base" in said[-1]) == (not better)
 
