@@ -20,7 +20,9 @@ It runs the Annotate folder widget's own code (:class:`src_models.annotation.Fol
 ``--json`` writes ``{"steps": [{"images_corrected": n, "pixels_to_fix": p, "f1_rest": f,
 "seconds": s, "retrained": bool, "model": ...}, ...]}``: step 0 is the model before any
 correction (``pixels_to_fix`` null); ``f1_rest`` is the pooled F1 (inside the FOV) of the
-predictions of the images not yet corrected, after that step's retraining; ``seconds`` the
+predictions of the images not yet corrected, after that step's retraining, and
+``f1_rest_base`` the starting model's on the same images (the paired reference: the rest
+changes at every step, so only the difference of the two tells what the corrections bought); ``seconds`` the
 wall time since the start. ``--plot`` draws both curves (needs matplotlib). The versions it
 trains go to a temporary folder, never to the user's model menu.
 """
@@ -59,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, metavar="N", help="images to correct")
     parser.add_argument("--transform", default="native", help="a benchmarks/robustness.py transform applied to the images")
     parser.add_argument("--limit", type=int, default=None, help="use the first L images of the folder only")
-    parser.add_argument("--validation", choices=("holdout", "none"), default="holdout")
+    parser.add_argument("--validation", choices=("auto", "holdout", "images", "none"), default="auto",
+                        help="how each retraining is validated (auto: the widget's; see src_models.annotation_run.auto_validation)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--write", action="store_true", help=f"put this run's table in docs/RESULTS.md ({HITL_HEADING!r})")
@@ -110,8 +113,8 @@ def predict_all(session: Any, threads: int | None) -> None:
         pass
 
 
-def f1_rest(session: Any, truth: dict, fov: dict) -> float | None:
-    """Pooled F1 of the stored predictions of the images not yet corrected (inside the FOV)."""
+def f1_rest(session: Any, truth: dict, fov: dict, labels: dict | None = None) -> float | None:
+    """Pooled F1 (inside the FOV) of the images not yet corrected: their stored predictions, or ``labels`` by ID."""
     from src_models.metrics import confusion
 
     rest = [i for i, e in session.entries.items() if not e.saved]
@@ -119,7 +122,8 @@ def f1_rest(session: Any, truth: dict, fov: dict) -> float | None:
         return None
     total = None
     for image_id in rest:
-        counts = confusion(session.prediction(image_id)[1].astype(np.float32), truth[image_id], fov[image_id])
+        predicted = labels[image_id] if labels is not None else session.prediction(image_id)[1]
+        counts = confusion(predicted.astype(np.float32), truth[image_id], fov[image_id])
         total = counts if total is None else total + counts
     return float(total.metrics()["F1"])
 
@@ -161,7 +165,9 @@ def simulate(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     with FolderSession(images, work / "labels") as session:
         session.set_model(args.model)
         predict_all(session, args.threads)
-        steps = [{"images_corrected": 0, "pixels_to_fix": None, "f1_rest": f1_rest(session, truth, fov),
+        base = {i: session.prediction(i)[1] for i in session.entries}  # the starting model's masks: the paired reference
+        everything = f1_rest(session, truth, fov)
+        steps = [{"images_corrected": 0, "pixels_to_fix": None, "f1_rest": everything, "f1_rest_base": everything,
                   "seconds": time.perf_counter() - start, "retrained": False, "model": Path(session.model).stem}]
         print(f"start: {len(truth)} images, F1 of all {steps[0]['f1_rest']:.4f}", flush=True)
         current = ""
@@ -173,10 +179,11 @@ def simulate(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             session.save_correction(current, truth[current], done=True)
             retrained, why = retrain(session, args) if n % args.finetune_every == 0 else (False, "")
             steps.append({"images_corrected": n, "image": current, "pixels_to_fix": fix, "f1_rest": f1_rest(session, truth, fov),
+                          "f1_rest_base": f1_rest(session, truth, fov, base),
                           "seconds": time.perf_counter() - start, "retrain": n % args.finetune_every == 0, "retrained": retrained,
                           "model": Path(session.model).stem})
-            rest = steps[-1]["f1_rest"]
-            print(f"step {n}: {current} had {fix:,} px to fix; F1 of the rest {'-' if rest is None else f'{rest:.4f}'}"
+            rest, ref = steps[-1]["f1_rest"], steps[-1]["f1_rest_base"]
+            print(f"step {n}: {current} had {fix:,} px to fix; F1 of the rest {'-' if rest is None else f'{rest:.4f} (base {ref:.4f})'}"
                   + (f"; retrained: {why}" if why else ""), flush=True)
     return steps
 
@@ -196,6 +203,8 @@ def plot(steps: list[dict[str, Any]], path: Path, title: str) -> None:
     right = left.twinx()
     scored = [s for s in steps if s["f1_rest"] is not None]
     right.plot([s["images_corrected"] for s in scored], [s["f1_rest"] for s in scored], "o-", color="#d62728", label="F1 of the rest")
+    right.plot([s["images_corrected"] for s in scored], [s["f1_rest_base"] for s in scored], "--", color="#555555",
+               label="F1 of the rest, starting model")
     right.set_ylabel("pooled F1 of the images not yet corrected")
     for s in steps:
         if s["retrained"]:
@@ -215,15 +224,17 @@ def run_lines(about: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
     lines = [run_heading(about), "",
              f"Reproduce with `.venv/bin/python {about['command']}`. Measured {about['date']} on {cpu_description()}, "
              f"{about['threads']} thread(s); wall time {last['seconds'] / 60:.1f} min. F1 of the images not yet corrected: "
-             f"{start['f1_rest']:.4f} before any correction, {last['f1_rest']:.4f} after {last['images_corrected']}"
+             f"{start['f1_rest']:.4f} before any correction, {last['f1_rest']:.4f} after {last['images_corrected']} "
+             f"(the starting model on those: {last['f1_rest_base']:.4f})"
              + (f"; pixels to fix per image: {fixes[0]:,} for the first, {fixes[-1]:,} for the last." if fixes else "."), "",
-             "| images corrected | image | pixels to fix | F1 of the rest | retrained (version adopted) | minutes |",
-             "|---|---|---|---|---|---|"]
+             "| images corrected | image | pixels to fix | F1 of the rest | starting model on the rest | gain | retrained | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in steps:
         fix = "-" if s["pixels_to_fix"] is None else f"{s['pixels_to_fix']:,}"
-        rest = "-" if s["f1_rest"] is None else f"{s['f1_rest']:.4f}"
+        rest, ref = s["f1_rest"], s.get("f1_rest_base")
+        scores = "- | - | -" if rest is None or ref is None else f"{rest:.4f} | {ref:.4f} | {rest - ref:+.4f}"
         retrained = "" if not s.get("retrain") else "yes (adopted)" if s["retrained"] else "yes (kept the model)"
-        lines.append(f"| {s['images_corrected']} | {s.get('image', '-')} | {fix} | {rest} | {retrained} | {s['seconds'] / 60:.1f} |")
+        lines.append(f"| {s['images_corrected']} | {s.get('image', '-')} | {fix} | {scores} | {retrained} | {s['seconds'] / 60:.1f} |")
     return [*lines, ""]
 
 

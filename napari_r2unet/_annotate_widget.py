@@ -115,9 +115,10 @@ class AnnotateWidget(DockWidget):
         self.minutes_spin.setValue(5.0)
         self.minutes_spin.setSuffix(" min")
         form.addRow("retrain for", self.minutes_spin)
-        self.validate_check = QCheckBox("keep the new version only if it beats the model on held-out blocks")
+        self.validate_check = QCheckBox("adopt the new version only if it beats the folder's model on held-out corrections")
         self.validate_check.setChecked(True)
-        self.validate_check.setToolTip("validation: 20% of each corrected image (blocks across its foreground density) is held out")
+        self.validate_check.setToolTip("from 3 corrected images on, one in five is held out whole and the version must score better there; "
+                                       "with fewer, 20% of each image (blocks across its foreground) for a tiled model, nothing for a whole-image one")
         form.addRow("", self.validate_check)
         buttons = QHBoxLayout()
         self.open_button, self.next_button, self.done_button = QPushButton("Open folder"), QPushButton("Next"), QPushButton("Done, next")
@@ -323,7 +324,7 @@ class AnnotateWidget(DockWidget):
         self.save_current()
         base = Path(session.model).stem if session.model.endswith(".safetensors") else session.model
         name = f"{base.split('-ft-')[0]} + {len(session.saved_ids())} corrected ({session.images_dir.name})"
-        validation = "holdout" if self.validate_check.isChecked() else "none"
+        validation = "auto" if self.validate_check.isChecked() else "none"
         request = retrain_request(session, new_version_path(base), name, minutes=self.minutes_spin.value(), validation=validation)
         self.stop_predictions()
         self._launch(finetune, request, self._bridge.event.emit, self._stop.is_set, on_result=self._retrained,

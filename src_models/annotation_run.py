@@ -25,7 +25,17 @@ import numpy as np
 
 from .annotation import FolderSession
 from .errors import CancelledError, R2UNetError
-from .finetune import VALIDATION_HOLDOUT, FinetuneRequest, PairData
+from .finetune import (
+    HOLDOUT_FRACTION,
+    VALIDATION_HOLDOUT,
+    VALIDATION_IMAGES,
+    VALIDATION_NONE,
+    FinetuneRequest,
+    PairData,
+)
+
+VALIDATION_AUTO = "auto"
+MIN_IMAGES_TO_HOLD_OUT = 3  # from this many corrected images on, "auto" validates on whole held-out images
 
 
 def predict_image(session: FolderSession, segmenter: Any, image_id: str, options: Any,
@@ -82,9 +92,32 @@ def training_pairs(session: FolderSession) -> list[PairData]:
     return pairs
 
 
+def held_out_images(ids: list[str], fraction: float = HOLDOUT_FRACTION) -> tuple[str, ...]:
+    """``round(fraction * n)`` (at least 1) of ``ids``, evenly spaced through them (deterministic)."""
+    count = max(1, round(fraction * len(ids)))
+    return tuple(ids[int((i + 0.5) * len(ids) / count)] for i in range(count))
+
+
+def auto_validation(spec: str, ids: list[str]) -> tuple[str, tuple[str, ...]]:
+    """What "auto" validates a folder retrain on: whole corrected images held out once there are
+    :data:`MIN_IMAGES_TO_HOLD_OUT` (the next image is another image, not another part of one);
+    with fewer, blocks of each image for a tiled model and nothing for a resize (whole-image) one."""
+    if len(ids) >= MIN_IMAGES_TO_HOLD_OUT:
+        return VALIDATION_IMAGES, held_out_images(ids)
+    from .checkpoint_files import describe, pretrained_catalog
+
+    try:
+        entry = pretrained_catalog().get(spec) or describe(spec)
+        tiled = entry["card"].geometry.kind == "tiled"
+    except (R2UNetError, KeyError):
+        tiled = True
+    return (VALIDATION_HOLDOUT if tiled else VALIDATION_NONE), ()
+
+
 def retrain_request(session: FolderSession, out: Path, name: str, minutes: float | None = 5.0, epochs: int | None = None,
-                    validation: str = VALIDATION_HOLDOUT, settings: dict[str, Any] | None = None) -> FinetuneRequest:
-    """A fine-tune of the session's model on every saved correction of the folder."""
+                    validation: str = VALIDATION_AUTO, settings: dict[str, Any] | None = None) -> FinetuneRequest:
+    """A fine-tune of the session's model on every saved correction of the folder (``validation``:
+    ``auto`` (:func:`auto_validation`), ``holdout``, ``images`` or ``none``)."""
     if not session.model:
         raise R2UNetError("the folder has no model yet: choose a model and press Next first")
     pairs = training_pairs(session)
@@ -93,8 +126,13 @@ def retrain_request(session: FolderSession, out: Path, name: str, minutes: float
     changed = sum(int(np.count_nonzero(p.changed)) for p in pairs if p.changed is not None)
     description = (f"{Path(session.model).stem} fine-tuned on {len(pairs)} corrected image(s) of {session.images_dir} "
                    f"({changed:,} pixels changed from the predictions)")
+    held: tuple[str, ...] = ()
+    if validation == VALIDATION_AUTO:
+        validation, held = auto_validation(session.model, [p.id for p in pairs])
+    elif validation == VALIDATION_IMAGES:
+        held = held_out_images([p.id for p in pairs]) if len(pairs) > 1 else ()
     return FinetuneRequest(base=session.model, pairs=pairs, out=out, name=name, epochs=epochs, minutes=minutes,
-                           validation=validation, settings=dict(settings or {}), description=description)
+                           validation=validation, held_out=held, settings=dict(settings or {}), description=description)
 
 
 def adopt_version(session: FolderSession, path: str) -> tuple[bool, str]:
@@ -109,5 +147,6 @@ def adopt_version(session: FolderSession, path: str) -> tuple[bool, str]:
         return False, (f"the new version is no better than {Path(session.model).stem} on its validation blocks "
                        f"(Dice {before:.3f} -> {after:.3f}): the folder keeps its model; correct more images first")
     session.set_model(str(path))
-    score = f" (validation Dice {before:.3f} -> {after:.3f})" if after is not None and before is not None else ""
+    score = (f" (validation Dice {before:.3f} -> {after:.3f})" if after is not None and before is not None else
+             f" (not validated: from {MIN_IMAGES_TO_HOLD_OUT} corrected images on, one in five is held out to check it)")
     return True, f"the folder now predicts with {version.name}{score}"

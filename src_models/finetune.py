@@ -11,8 +11,9 @@ widget (pairs copied out of layers by ``napari_r2unet._finetune.pair_data``) and
 - :func:`build_trainer`: loads the base model (read-only), checks the labels against it,
   weights up the corrected pixels, sets validation images or strips apart and builds the
   :class:`~src_models.training.trainer.Trainer`;
-- :func:`finetune`: the worker body: runs the engine, forwards its events, and leaves no file
-  behind for a run cancelled before its first step (that version would equal its base).
+- :func:`finetune`: the worker body: runs the engine, forwards its events, keeps the training
+  masks beside the new version (:func:`write_training_masks`), and leaves no file behind for a
+  run cancelled before its first step (that version would equal its base).
 
 The fine-tuning defaults are :data:`~src_models.training.config.FINETUNE_DEFAULTS` (learning
 rate, epochs, batch, steps, freezing) and the constants below (the widget's time budget, the
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 DEFAULT_MINUTES = 5.0  # the Fine-tune widget's time budget
 WIDGET_BUDGET = MappingProxyType({"epochs": None, "minutes": DEFAULT_MINUTES})  # what the widget starts with: a time budget
 HOLDOUT_FRACTION = 0.2  # validation = "holdout": this part of each image (blocks that represent it) is validated on, never trained on
-VALIDATION_NONE, VALIDATION_HOLDOUT, VALIDATION_PAIR = "none", "holdout", "pair:"
+VALIDATION_NONE, VALIDATION_HOLDOUT, VALIDATION_PAIR, VALIDATION_IMAGES = "none", "holdout", "pair:", "images"
 
 
 @dataclass
@@ -71,8 +72,8 @@ class FinetuneRequest:
 
     ``validation``: ``none``; ``holdout`` (``holdout_fraction`` of each image: blocks of it chosen
     across its foreground density, see :func:`~src_models.training.samples.holdout_blocks`; the
-    last strip for a ``resize`` model); or
-    ``pair:<id>`` (hold out that pair, all its slices). ``epochs`` and ``minutes``: the budget as
+    last strip for a ``resize`` model); ``pair:<id>`` (hold out that pair, all its slices); or
+    ``images`` (hold out the pairs ``held_out`` names, whole). ``epochs`` and ``minutes``: the budget as
     given (``None``: not given), made into the run's by
     :func:`~src_models.training.config.resolve_budget` (only minutes: no epoch limit; only
     epochs: no time limit; both: whichever ends first; neither: :data:`FINETUNE_DEFAULTS`'s).
@@ -89,6 +90,7 @@ class FinetuneRequest:
     minutes: float | None = None
     validation: str = VALIDATION_NONE
     holdout_fraction: float = HOLDOUT_FRACTION
+    held_out: tuple[str, ...] = ()  # the pairs validation ``images`` holds out
     device: str = "auto"
     settings: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -142,11 +144,14 @@ def file_pairs(images: str | Path, masks: str | Path, fov: str | Path | None = N
 
 
 def _held_out_ids(request: FinetuneRequest) -> tuple[str, ...]:
-    """The pieces of the pair that ``pair:<id>`` validation holds out (a stack gives ``id[i]`` pieces)."""
-    if not request.validation.startswith(VALIDATION_PAIR):
+    """The pieces of the pairs that ``pair:<id>`` or ``images`` validation holds out (a stack gives ``id[i]`` pieces)."""
+    if request.validation == VALIDATION_IMAGES:
+        held = set(request.held_out)
+    elif request.validation.startswith(VALIDATION_PAIR):
+        held = {request.validation.removeprefix(VALIDATION_PAIR)}
+    else:
         return ()
-    held = request.validation.removeprefix(VALIDATION_PAIR)
-    return tuple(p.id for p in request.pairs if p.id == held or p.id.startswith(held + "["))
+    return tuple(p.id for p in request.pairs if any(p.id == h or p.id.startswith(h + "[") for h in held))
 
 
 def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfig) -> tuple[list[TrainSample], TrainConfig]:
@@ -176,7 +181,8 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
             holdout_ids += [val.id for val in vals]
         else:
             samples.append(sample)
-    if request.validation.startswith(VALIDATION_PAIR) and (not val_ids or len(val_ids) == len(samples)):
+    held_out = request.validation.startswith(VALIDATION_PAIR) or request.validation == VALIDATION_IMAGES
+    if held_out and (not val_ids or len(val_ids) == len(samples)):
         raise R2UNetError(f"holding out a pair needs at least two pairs; choose 'hold out {HOLDOUT_FRACTION:.0%} of each image' or none")
     if holdout_ids or val_ids:
         config = dataclasses.replace(config, val_ids=tuple(holdout_ids) or val_ids)
@@ -230,6 +236,37 @@ def remove_run_files(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def write_training_masks(request: FinetuneRequest, classes: int) -> Path:
+    """Keep a version's training data with it: ``<version>.training/<pair>.tif``, the labels it was
+    trained on, and ``<pair>.changed.tif``, the pixels the user corrected (when known); our label
+    files (:mod:`~src_models.label_files`), binary for a binary model. Returns the folder."""
+    from .label_files import write_label_file
+    from .user_versions import slug, training_folder
+
+    version = Path(request.out)
+    folder = training_folder(version)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        stems: set[str] = set()
+        for pair in request.pairs:
+            stem, n = slug(pair.id), 1
+            while stem in stems:
+                n += 1
+                stem = f"{slug(pair.id)}-{n}"
+            stems.add(stem)
+            about = {"pair": pair.id, "source": pair.source or f"napari layer {pair.id}", "version": version.name}
+            if pair.changed is not None:
+                about["corrected_pixels"] = int(np.count_nonzero(pair.changed))
+                write_label_file(folder / f"{stem}.changed.tif", np.asarray(pair.changed, bool).astype(np.uint8), binary=True,
+                                 provenance={**about, "role": "corrected pixels"})
+            write_label_file(folder / f"{stem}.tif", training_labels(pair, classes), binary=classes == 1,
+                             provenance={**about, "role": "training labels"})
+    except (OSError, R2UNetError) as exc:  # the version is there: say so, and what failed
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise R2UNetError(f"the version {version.name} is saved, but not its training masks ({folder}): {reason}") from exc
+    return folder
+
+
 def finetune(request: FinetuneRequest, emit: Callable[[Any], None], should_stop: Callable[[], bool],
              finished: threading.Event | None = None, prepare: Callable[[], object] | None = None) -> str:
     """The worker: train, forward each event to ``emit``; returns the new version's path.
@@ -247,6 +284,7 @@ def finetune(request: FinetuneRequest, emit: Callable[[Any], None], should_stop:
         if trainer.state.step == 0:
             remove_run_files(Path(request.out))
             return ""
+        write_training_masks(request, trainer.model_config.out_channels)
         return str(request.out)
     finally:
         if finished is not None:

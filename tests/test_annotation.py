@@ -169,3 +169,27 @@ def test_retrain_on_the_folder_and_adopt_the_version(tmp_path, trained_checkpoin
     assert adopted and session.model == path and "now predicts with" in why
     assert session.to_predict() == ["im2"]  # the uncorrected image is predicted again; corrections never
     session.close()
+
+
+def test_auto_validation_holds_out_whole_images_from_three_on(tmp_path, trained_checkpoint):
+    from src_models.annotation_run import auto_validation, held_out_images
+    from src_models.finetune import build_samples, load_base
+
+    assert held_out_images(["a", "b", "c"]) == ("b",) and held_out_images(list("abcdefghij")) == ("c", "h")
+    assert auto_validation("r2unet-drive", ["a", "b"]) == ("holdout", ())  # tiled: blocks of each image
+    assert auto_validation("r2unet-skin", ["a", "b"]) == ("none", ())  # whole-image model: too few to hold one out
+    assert auto_validation("r2unet-skin", ["a", "b", "c"]) == ("images", ("b",))
+    images, truth = image_folder(tmp_path, count=3)
+    session = FolderSession(images)
+    session.set_model(str(trained_checkpoint))
+    segmenter, options = segmenter_for(trained_checkpoint)
+    list(predict_pending(session, segmenter, options, lambda: False))
+    for i in range(3):
+        session.save_correction(f"im{i}", (np.asarray(Image.open(truth / f"im{i}.png")) > 0).astype(np.uint8), done=True)
+    request = retrain_request(session, tmp_path / "v.safetensors", "v")
+    assert (request.validation, request.held_out) == ("images", ("im1",))
+    base = load_base(request.base)
+    samples, config = build_samples(request, base, request.config())
+    assert config.val_ids == ("im1",) and sorted(s.id for s in samples) == ["im0", "im1", "im2"]
+    assert samples[0].weight.max() > 1 and samples[1].weight.max() == 1  # a held-out image's corrections are not weighted up
+    session.close()

@@ -263,7 +263,8 @@ def test_hitl_simulation_short_form_on_synthetic_data(tmp_path, trained_checkpoi
     assert [s["images_corrected"] for s in steps] == [0, 1, 2, 3]
     assert [s.get("image") for s in steps] == [None, "im0", "im1", "im2"]
     assert steps[0]["pixels_to_fix"] is None and all(isinstance(s["pixels_to_fix"], int) for s in steps[1:])
-    assert all(0.0 <= s["f1_rest"] <= 1.0 for s in steps)
+    assert all(0.0 <= s["f1_rest"] <= 1.0 and 0.0 <= s["f1_rest_base"] <= 1.0 for s in steps)
+    assert steps[1]["f1_rest_base"] == steps[1]["f1_rest"]  # no retraining yet: the same model on the same images
     assert [s["retrained"] for s in steps] == [False, False, True, False]
     assert steps[2]["model"] != steps[1]["model"]  # retrained on 2 corrections, the rest predicted again by the new version
     from src_models.inference import Segmenter
@@ -284,8 +285,9 @@ def test_hitl_write_replaces_only_its_own_run(tmp_path, monkeypatch):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Other\n\nkept\n")
     monkeypatch.setattr(results_io, "RESULTS", results)
-    steps = [{"images_corrected": 0, "pixels_to_fix": None, "f1_rest": 0.5, "seconds": 1.0, "retrained": False},
-             {"images_corrected": 1, "image": "a", "pixels_to_fix": 1234, "f1_rest": 0.6, "seconds": 70.0, "retrain": True, "retrained": True}]
+    steps = [{"images_corrected": 0, "pixels_to_fix": None, "f1_rest": 0.5, "f1_rest_base": 0.5, "seconds": 1.0, "retrained": False},
+             {"images_corrected": 1, "image": "a", "pixels_to_fix": 1234, "f1_rest": 0.6, "f1_rest_base": 0.55, "seconds": 70.0,
+              "retrain": True, "retrained": True}]
     about = {"model": "m", "order": "uncertainty", "finetune_every": 1, "minutes": 2.0, "transform": "native", "threads": 1,
              "date": "2026-12-02", "command": "benchmarks/hitl_simulation.py m"}
     simulation.write_run(about, steps)
@@ -293,5 +295,5 @@ def test_hitl_write_replaces_only_its_own_run(tmp_path, monkeypatch):
     simulation.write_run(about, [*steps[:1], {**steps[1], "f1_rest": 0.7}])  # a rerun replaces its block only
     text = results.read_text()
     assert "## Other\n\nkept" in text and text.count(simulation.HITL_HEADING) == 1 and text.count("### ") == 2
-    assert "| 1 | a | 1,234 | 0.7000 | yes (adopted) | 1.2 |" in text and "| 1 | a | 1,234 | 0.6000 |" in text
+    assert "| 1 | a | 1,234 | 0.7000 | 0.5500 | +0.1500 | yes (adopted) | 1.2 |" in text and "| 1 | a | 1,234 | 0.6000 |" in text
     assert text.index("order random") < text.index("order uncertainty")  # the rerun moved to the end
