@@ -11,8 +11,10 @@ widgets can list versions at start-up.
 - Every fine-tuning run writes a NEW file (:func:`new_version_path`), never an existing one; the
   base model is only read. What a version is (parent and its SHA-256, date, training data,
   budget, metrics before and after) lives in the checkpoint's own provenance, so a copied file
-  keeps its history. The only thing stored beside it is the display name a user gives it
-  (``names.json``), so renaming never rewrites weights.
+  keeps its history. Stored beside it are only the display name a user gives it
+  (``names.json``), so renaming never rewrites weights, and the masks it was trained on
+  (``<version stem>.training/``, :func:`training_folder`; not listed as versions, not exported
+  unless asked).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .model_card import ModelCard
 
 MODELS_ENV = "R2UNET_MODELS_DIR"
 NAMES_FILE = "names.json"
+TRAINING_SUFFIX = ".training"  # <version stem>.training/: the masks a version was trained on
 
 
 def user_models_dir() -> Path:
@@ -138,13 +141,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "model"
 
 
+def training_folder(path: str | os.PathLike[str]) -> Path:
+    """Where a version's training masks are kept: ``<version stem>.training/`` beside it."""
+    path = Path(path)
+    return path.with_name(path.stem + TRAINING_SUFFIX)
+
+
 def new_version_path(base_name: str, folder: Path | None = None, now: _dt.datetime | None = None) -> Path:
     """A path that does not exist yet: ``<base>-ft-<date>-<time>[-n].safetensors``."""
     folder = ensure_models_dir(folder)
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     stem = f"{slug(base_name.split('-ft-')[0])}-ft-{stamp}"
     path, n = folder / f"{stem}.safetensors", 1
-    while path.exists() or path.with_name(f"{path.stem}.resume.pt").exists():
+    while path.exists() or path.with_name(f"{path.stem}.resume.pt").exists() or training_folder(path).exists():
         n += 1
         path = folder / f"{stem}-{n}.safetensors"
     return path
@@ -201,8 +210,12 @@ def export_destination(path: str | os.PathLike[str], destination: str | os.PathL
     return destination
 
 
-def export_version(path: str | os.PathLike[str], destination: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Copy a version's checkpoint to ``destination`` (a file or a folder); returns the new path."""
+def export_version(path: str | os.PathLike[str], destination: str | os.PathLike[str], overwrite: bool = False,
+                   with_training: bool = False) -> Path:
+    """Copy a version's checkpoint to ``destination`` (a file or a folder); returns the new path.
+
+    Its training masks (:func:`training_folder`, made from the user's images) stay behind unless
+    ``with_training``: a model is shared, not the data it was corrected on."""
     source, destination = Path(path), export_destination(path, destination)
     if destination.resolve() == source.resolve():
         raise R2UNetError(f"{destination} is the version itself; export to another place")
@@ -211,4 +224,12 @@ def export_version(path: str | os.PathLike[str], destination: str | os.PathLike[
     if not source.is_file():
         raise R2UNetError(f"version {source} does not exist any more")
     atomic_copy(source, destination)
+    masks, copies = training_folder(source), training_folder(destination)
+    if with_training and masks.is_dir():
+        try:
+            copies.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise R2UNetError(f"cannot create {copies}: {exc.strerror or exc}; export to a writable folder") from exc
+        for mask in sorted(masks.glob("*.tif")):
+            atomic_copy(mask, copies / mask.name)
     return destination

@@ -228,6 +228,40 @@ def test_a_run_cancelled_before_its_first_step_leaves_no_file(trained_checkpoint
     assert not any(p.exists() for p in (out, resume_path(out), history_path(out)))
 
 
+def test_a_version_keeps_the_masks_it_was_trained_on_beside_it(trained_checkpoint, user_models_dir, tmp_path):
+    from src_models.finetune import FinetuneRequest, PairData, finetune
+    from src_models.label_files import label_file_header, read_label_file
+    from src_models.user_versions import training_folder
+
+    (image, truth), (other, other_truth) = vessel_image((64, 64), seed=2), vessel_image((64, 64), seed=3)
+    changed = np.zeros((64, 64), bool)
+    changed[10:20, 5:9] = True
+    out = new_version_path("trained")
+    pairs = [PairData("vessels [trained]", image, None, truth, changed, source="/data/a.png"),
+             PairData("vessels (trained)", other, None, other_truth, None)]  # the same slug: kept apart
+    request = FinetuneRequest(base=str(trained_checkpoint), pairs=pairs, out=out, name="v", epochs=1, device="cpu",
+                              settings={"patch_size": 32, "steps_per_epoch": 2, "batch_size": 2})
+    assert finetune(request, lambda event: None, should_stop=lambda: False) == str(out)
+    folder = training_folder(out)
+    assert folder == out.with_name(out.stem + ".training")
+    assert sorted(p.name for p in folder.iterdir()) == ["vessels-trained-2.tif", "vessels-trained.changed.tif", "vessels-trained.tif"]
+    labels, header = read_label_file(folder / "vessels-trained.tif")
+    assert np.array_equal(labels, truth) and header["binary"] is True and header["stored"] == "0/255"
+    assert (header["pair"], header["source"], header["corrected_pixels"], header["version"]) == ("vessels [trained]", "/data/a.png", 40, out.name)
+    corrected, about = read_label_file(folder / "vessels-trained.changed.tif")
+    assert np.array_equal(corrected, changed) and about["role"] == "corrected pixels"
+    assert np.array_equal(read_label_file(folder / "vessels-trained-2.tif")[0], other_truth)
+    assert "corrected_pixels" not in label_file_header(folder / "vessels-trained-2.tif")
+    assert [v.path for v in list_versions()] == [out]  # the masks folder is no version
+    orphan = dt.datetime(2020, 1, 1)  # masks left by a version deleted by hand: a new version never mixes with them
+    training_folder(new_version_path("trained", now=orphan)).mkdir()
+    assert new_version_path("trained", now=orphan).name == "trained-ft-20200101-000000-2.safetensors"
+    shared = export_version(out, tmp_path)
+    assert not training_folder(shared).exists()  # a model is shared, not the data it was corrected on
+    shared = export_version(out, tmp_path / "with-data", with_training=True)
+    assert sorted(p.name for p in training_folder(shared).iterdir()) == sorted(p.name for p in folder.iterdir())
+
+
 # -- the widget, end to end -------------------------------------------------------------------
 @pytest.fixture
 def viewer_and_widgets(make_napari_viewer, trained_checkpoint, qtbot):
