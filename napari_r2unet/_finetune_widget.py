@@ -271,7 +271,7 @@ class FinetuneWidget(DockWidget):
         threshold = self.segment_threshold(card)
         for layer, job, (probs, _) in zip(layers, jobs, results):
             if layer.name in self.viewer.layers:
-                add_result_layers(self.viewer, layer, job, probs, threshold, name, add_probability=False, add_uncertainty=True, spec=spec,
+                add_result_layers(self.viewer, layer, job, probs, threshold, name, add_probability=False, spec=spec,
                                   postprocess=card.postprocess, postprocessed=card.postprocess.active)
         self.status.setText(f"re-segmented {len(results)} image(s) with {name} (threshold {threshold:.2f}): "
                             "new layers added, your edited layers are unchanged")

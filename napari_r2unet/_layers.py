@@ -4,7 +4,8 @@ This module owns the layer rules of the plugin:
 
 - :func:`plan_job` decides what part of an Image layer to predict: a 2D (gray or RGB) image
   whole, or for stacks and time series the current 2D slice or every slice;
-- :func:`add_result_layers` adds a new Labels layer named after the image and the model, with the
+- :func:`add_result_layers` adds a new Labels layer named after the image and the model
+  (:func:`result_name`: the model's short tag, :func:`model_tag`; the full name in the metadata), with the
   image's scale, translate, affine and metadata (and optionally a probability Image layer); the
   probabilities and the model's own prediction are kept in ``layer.metadata["r2unet"]``, so the
   threshold can be changed later without running the network again and corrections can be found;
@@ -21,6 +22,7 @@ when that is on): a pixel that differs from it is the user's edit and keeps its 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,8 +98,28 @@ def label_colors() -> Any:
     return DirectLabelColormap(color_dict={None: "white", 0: "transparent", 1: "cyan", 2: "yellow", 3: "magenta", 4: "lime"})
 
 
-def result_name(image_name: str, model_name: str) -> str:
-    return f"{image_name} [{model_name}]"
+MAX_TAG = 28  # characters of a model's name in a layer name: the layer list cuts longer ones
+_VERSION_NAME = re.compile(r"^(?P<base>.+?) (?P<when>ft \d\d-\d\d \d\d:\d\d)(?:, [^(]*?(?P<n> \(\d+\)))?(?:,.*)?$")
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(1, width - 1)].rstrip() + "\u2026"
+
+
+def model_tag(model_name: str) -> str:
+    """A model's short name for layer names, at most :data:`MAX_TAG` characters: a version named
+    ``"BASE ft MM-DD HH:MM, 3 images (2), val Dice 0.812"`` becomes ``"BASE ft MM-DD HH:MM (2)"``
+    (BASE cut to fit), any other name longer than that is cut with an ellipsis."""
+    found = _VERSION_NAME.match(model_name)
+    if found is None:
+        return _cut(model_name, MAX_TAG)
+    tail = f" {found['when']}{found['n'] or ''}"
+    return _cut(found["base"], MAX_TAG - len(tail)) + tail
+
+
+def result_name(image_name: str, model_name: str, kind: str = "") -> str:
+    """``"image [model tag]"``, or ``"image KIND [model tag]"`` for a probability or uncertainty layer."""
+    return f"{image_name} {kind + ' ' if kind else ''}[{model_tag(model_name)}]"
 
 
 def labels_from(probs: np.ndarray, threshold: float, post: Postprocess | None = None) -> np.ndarray:
@@ -157,7 +179,7 @@ def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, thre
     if add_probability:
         viewer.add_image(
             _full_volume(job, foreground_probability(probs), np.float32),
-            name=f"{image.name} probability [{model_name}]",
+            name=result_name(image.name, model_name, "probability"),
             colormap="magma", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0), visible=False,
             metadata={OUTPUT_KEY: "probability"}, **_spatial_kwargs(image),
         )
@@ -166,7 +188,7 @@ def add_result_layers(viewer: Any, image: Any, job: Job, probs: np.ndarray, thre
 
         viewer.add_image(
             _full_volume(job, predictive_entropy(probs), np.float32),
-            name=f"{image.name} uncertainty [{model_name}]",
+            name=result_name(image.name, model_name, "uncertainty"),
             colormap="inferno", blending="additive", opacity=0.7, contrast_limits=(0.0, 1.0),
             metadata={OUTPUT_KEY: "uncertainty"}, **_spatial_kwargs(image),
         )

@@ -105,6 +105,19 @@ def test_saved_labels_open_again_as_labels_with_their_provenance(make_napari_vie
     assert get_label_reader(str(tmp_path / "a.png")) is None and get_label_reader([str(path)]) is None
 
 
+def test_result_layer_names_carry_a_short_model_tag():
+    from napari_r2unet._layers import MAX_TAG, model_tag, result_name
+
+    assert result_name("retina", "r2unet-drive") == "retina [r2unet-drive]"
+    assert result_name("retina", "r2unet-drive ft 12-02 21:05, 3 images, val Dice 0.812") == "retina [r2unet-drive ft 12-02 21:05]"
+    assert result_name("retina", "r2unet-drive ft 12-02 21:05, 3 images (2)", "probability") == "retina probability [r2unet-d\u2026 ft 12-02 21:05 (2)]"
+    long_base = model_tag("r2unet-drive-camera-robust ft 12-02 21:05, 1 image")
+    assert long_base == "r2unet-drive\u2026 ft 12-02 21:05" and len(long_base) == MAX_TAG
+    named = model_tag("my very own model name after Monday's corrections")
+    assert len(named) == MAX_TAG and named.startswith("my very own model") and named.endswith("\u2026")
+    assert model_tag("vessels v2") == "vessels v2"
+
+
 def test_the_reader_refuses_other_safetensors_files_with_one_line(tmp_path, monkeypatch):
     from napari_r2unet._io import get_checkpoint_reader
 

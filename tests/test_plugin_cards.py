@@ -248,7 +248,8 @@ def test_fine_tuning_a_resize_card_model_runs_to_a_new_version(make_napari_viewe
 def test_resegmenting_applies_the_versions_card(make_napari_viewer, weights_dir, qtbot, monkeypatch):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((32, 32), np.float32), name="other")
-    card_checkpoint(new_version_path("unet-lung"), LUNG, channels="gray", arch="unet")
+    full = "unet-lung ft 12-02 21:05, 1 image, val Dice 0.812"
+    card_checkpoint(new_version_path("unet-lung"), LUNG, channels="gray", arch="unet", name=full)
     _, fine = viewer.window.add_plugin_dock_widget("napari-r2unet", "Fine-tune")
     probs = np.zeros((1, 32, 32), np.float32)
     probs[0, 2:12, 2:12], probs[0, 2:12, 20:30], probs[0, 25:27, 5:7] = 0.9, 0.8, 0.7  # two lungs and a speck
@@ -257,5 +258,7 @@ def test_resegmenting_applies_the_versions_card(make_napari_viewer, weights_dir,
     qtbot.waitUntil(lambda: not fine.running, timeout=10_000)
     layer = [layer for layer in viewer.layers if "r2unet" in layer.metadata][-1]
     assert layer.metadata["r2unet"]["threshold"] == LUNG.threshold  # no Segment widget: the card's threshold
+    assert [x.name for x in viewer.layers] == ["other", "other [unet-lung ft 12-02 21:05]"]  # a short name, no uncertainty layer
+    assert layer.metadata["r2unet"]["model"] == full and "probabilities" in layer.metadata["r2unet"]  # "Next doubtful region" still works
     raw = (probs[0] >= LUNG.threshold).astype(np.uint8)
     assert components(raw) == 3 and components(layer.data) == 2 and layer.data[25:27, 5:7].max() == 0
