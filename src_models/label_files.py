@@ -57,7 +57,7 @@ def write_label_file(path: str | os.PathLike[str], labels: np.ndarray, *, binary
               "written": _dt.datetime.now().isoformat(timespec="seconds"), **(provenance or {})}
     # tifffile's own JSON description, our header inside: it keeps the shape (a stack of stacks too)
     metadata = {TAG: json.loads(json.dumps(header, default=str))}
-    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, stored, compression="zlib", metadata=metadata), suffix=".tif")
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, stored, compression="zlib", photometric="minisblack", metadata=metadata), suffix=".tif")
     return path
 
 

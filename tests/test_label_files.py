@@ -30,6 +30,9 @@ def test_classes_and_a_stack_of_stacks_keep_their_values_and_shape(tmp_path):
     read, header = read_label_file(write_label_file(tmp_path / "c.tif", labels, binary=False))
     assert header["stored"] == "classes" and read.dtype == np.uint16
     assert read.shape == labels.shape and np.array_equal(read, labels)
+    three = np.zeros((3, 5, 6), np.uint8)  # 3 slices, not an RGB image: gray pages in any viewer
+    with tifffile.TiffFile(write_label_file(tmp_path / "s.tif", three, binary=True)) as tif:
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK and len(tif.pages) == 3
 
 
 def test_other_tiffs_are_not_ours(tmp_path):
