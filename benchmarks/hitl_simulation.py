@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="use the first L images of the folder only")
     parser.add_argument("--validation", choices=("auto", "holdout", "images", "none"), default="auto",
                         help="how each retraining is validated (auto: the widget's; see src_models.annotation_run.auto_validation)")
+    parser.add_argument("--no-rehearse", dest="rehearse", action="store_false",
+                        help="retrain on the corrections alone (default: also rehearse the model's confident predictions of the rest)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--write", action="store_true", help=f"put this run's table in docs/RESULTS.md ({HITL_HEADING!r})")
@@ -141,7 +143,7 @@ def retrain(session: Any, args: argparse.Namespace) -> tuple[bool, str]:
 
     base = Path(session.model).stem if session.model.endswith(".safetensors") else session.model
     request = retrain_request(session, new_version_path(base), f"simulation {len(session.saved_ids())}", minutes=args.minutes,
-                              epochs=args.epochs, validation=args.validation)
+                              epochs=args.epochs, validation=args.validation, rehearse=args.rehearse)
     path = finetune(request, lambda event: None, lambda: False)
     adopted, why = adopt_version(session, path) if path else (False, "no version written")
     if adopted:
@@ -239,7 +241,9 @@ def run_lines(about: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
 
 
 def run_heading(about: dict[str, Any]) -> str:
-    return f"### `{about['model']}`, {about['transform']}, order {about['order']}, retrain every {about['finetune_every']} for {about['minutes']:g} min"
+    rehearse = "" if about.get("rehearse", True) else ", no rehearsal"
+    return (f"### `{about['model']}`, {about['transform']}, order {about['order']}, retrain every {about['finetune_every']} "
+            f"for {about['minutes']:g} min{rehearse}")
 
 
 def write_run(about: dict[str, Any], steps: list[dict[str, Any]]) -> None:
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     import datetime
 
     about = {"model": args.model, "order": args.order, "finetune_every": args.finetune_every, "minutes": args.minutes,
-             "transform": args.transform, "threads": args.threads or "all", "date": datetime.date.today().isoformat(),
+             "transform": args.transform, "rehearse": args.rehearse, "threads": args.threads or "all", "date": datetime.date.today().isoformat(),
              "command": "benchmarks/hitl_simulation.py " + " ".join(argv)}
     if args.json:
         args.json.write_text(json.dumps({**about, "steps": steps}, indent=1))

@@ -36,6 +36,9 @@ from .finetune import (
 
 VALIDATION_AUTO = "auto"
 MIN_IMAGES_TO_HOLD_OUT = 3  # from this many corrected images on, "auto" validates on whole held-out images
+REHEARSAL_CONFIDENCE = 0.9  # a rehearsed pixel counts where the model's probability is at least this sure (p >= 0.9 or <= 0.1)
+REHEARSAL_WEIGHT = 0.5  # its loss weight (a corrected image's pixels weigh 1, its corrected pixels more)
+MAX_REHEARSED = 20
 
 
 def predict_image(session: FolderSession, segmenter: Any, image_id: str, options: Any,
@@ -114,10 +117,41 @@ def auto_validation(spec: str, ids: list[str]) -> tuple[str, tuple[str, ...]]:
     return (VALIDATION_HOLDOUT if tiled else VALIDATION_NONE), ()
 
 
+def rehearsal_pairs(session: FolderSession, count: int) -> list[PairData]:
+    """Up to ``count`` images not yet corrected, evenly spread over the folder, with the folder
+    model's own confident predictions as targets (weight :data:`REHEARSAL_WEIGHT` where
+    ``max(p, 1 - p) >= REHEARSAL_CONFIDENCE``, 0 elsewhere), never validated on.
+
+    Fine-tuning on a few corrected images, most uncertain first, pulls the model towards those
+    hard cases and away from what it already did well on the rest of the folder (catastrophic
+    forgetting); rehearsing its confident predictions there keeps that (a pseudo-label
+    rehearsal, as in learning without forgetting).
+    """
+    ids = [e.id for e in session.entries.values() if not e.saved and not e.error and e.model == session.model]
+    chosen = [ids[int((i + 0.5) * len(ids) / count)] for i in range(min(count, len(ids)))] if ids and count > 0 else []
+    pairs = []
+    for image_id in chosen:
+        stored = session.prediction(image_id)
+        if stored is None:
+            continue
+        try:
+            image = session.read_image(image_id)
+        except R2UNetError:
+            continue
+        probs, labels = stored
+        sure = probs.max(axis=0) if probs.shape[0] > 1 else np.maximum(probs[0], 1.0 - probs[0])
+        weight = np.where(sure >= REHEARSAL_CONFIDENCE, REHEARSAL_WEIGHT, 0.0).astype(np.float32)
+        pairs.append(PairData(f"rehearsal:{image_id}", image, "auto", labels, None, source=str(session.image_path(image_id)),
+                              weight=weight, train_only=True))
+    return pairs
+
+
 def retrain_request(session: FolderSession, out: Path, name: str, minutes: float | None = 5.0, epochs: int | None = None,
-                    validation: str = VALIDATION_AUTO, settings: dict[str, Any] | None = None) -> FinetuneRequest:
+                    validation: str = VALIDATION_AUTO, settings: dict[str, Any] | None = None,
+                    rehearse: bool = True) -> FinetuneRequest:
     """A fine-tune of the session's model on every saved correction of the folder (``validation``:
-    ``auto`` (:func:`auto_validation`), ``holdout``, ``images`` or ``none``)."""
+    ``auto`` (:func:`auto_validation`), ``holdout``, ``images`` or ``none``); with ``rehearse``,
+    as many images not yet corrected (:func:`rehearsal_pairs`, at most :data:`MAX_REHEARSED`)."""
     if not session.model:
         raise R2UNetError("the folder has no model yet: choose a model and press Next first")
     pairs = training_pairs(session)
@@ -131,6 +165,8 @@ def retrain_request(session: FolderSession, out: Path, name: str, minutes: float
         validation, held = auto_validation(session.model, [p.id for p in pairs])
     elif validation == VALIDATION_IMAGES:
         held = held_out_images([p.id for p in pairs]) if len(pairs) > 1 else ()
+    if rehearse:
+        pairs += rehearsal_pairs(session, min(MAX_REHEARSED, len(pairs)))
     return FinetuneRequest(base=session.model, pairs=pairs, out=out, name=name, epochs=epochs, minutes=minutes,
                            validation=validation, held_out=held, settings=dict(settings or {}), description=description)
 

@@ -51,7 +51,9 @@ VALIDATION_NONE, VALIDATION_HOLDOUT, VALIDATION_PAIR, VALIDATION_IMAGES = "none"
 class PairData:
     """One training pair: ``image`` (any layout ``channel_axis`` describes), ``mask`` ``(H, W)``
     integer labels, ``changed`` ``(H, W)`` bool (pixels the user corrected; None = unknown),
-    optional ``fov`` ``(H, W)`` bool, and ``source`` (a file, for the provenance)."""
+    optional ``fov`` ``(H, W)`` bool, and ``source`` (a file, for the provenance). ``weight``
+    ``(H, W)`` multiplies the loss weight (e.g. 0 where a rehearsed prediction is unsure);
+    ``train_only`` pairs are never validated on (no hold-out block is taken from them)."""
 
     id: str
     image: Any
@@ -60,6 +62,8 @@ class PairData:
     changed: np.ndarray | None
     fov: np.ndarray | None = None
     source: str = ""
+    weight: np.ndarray | None = None
+    train_only: bool = False
 
     @property
     def described(self) -> str:
@@ -169,9 +173,11 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
                              source=pair.source or f"napari layer {pair.id}")
         if pair.changed is not None and pair.id not in val_ids:
             sample = emphasize_corrections(sample, pair.changed, config.correction_weight)
+        if pair.weight is not None:
+            sample = dataclasses.replace(sample, weight=sample.weight * np.asarray(pair.weight, np.float32))
         if tiled:  # trained at the scale inference runs it (--scale auto): the card's training scale
             sample = rescale_sample(sample, scale_factor("auto", base.model_card.scale, to_chw(np.asarray(pair.image), pair.channel_axis))[0])
-        if request.validation == VALIDATION_HOLDOUT:  # blocks that represent the image (a resize model: a strip)
+        if request.validation == VALIDATION_HOLDOUT and not pair.train_only:  # blocks that represent the image (a resize model: a strip)
             if tiled:
                 train, vals = holdout_blocks(sample, request.holdout_fraction)
             else:

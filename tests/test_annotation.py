@@ -193,3 +193,26 @@ def test_auto_validation_holds_out_whole_images_from_three_on(tmp_path, trained_
     assert config.val_ids == ("im1",) and sorted(s.id for s in samples) == ["im0", "im1", "im2"]
     assert samples[0].weight.max() > 1 and samples[1].weight.max() == 1  # a held-out image's corrections are not weighted up
     session.close()
+
+
+def test_rehearsal_pairs_train_on_confident_predictions_of_the_rest_only(tmp_path, trained_checkpoint):
+    from src_models.annotation_run import REHEARSAL_WEIGHT, rehearsal_pairs
+    from src_models.finetune import build_samples, load_base
+
+    images, truth = image_folder(tmp_path, count=4)
+    session = FolderSession(images)
+    session.set_model(str(trained_checkpoint))
+    segmenter, options = segmenter_for(trained_checkpoint)
+    list(predict_pending(session, segmenter, options, lambda: False))
+    session.save_correction("im0", (np.asarray(Image.open(truth / "im0.png")) > 0).astype(np.uint8), done=True)
+    pairs = rehearsal_pairs(session, 2)
+    assert [p.id for p in pairs] == ["rehearsal:im1", "rehearsal:im3"] and all(p.train_only for p in pairs)
+    probs, labels = session.prediction("im1")
+    sure = np.maximum(probs[0], 1 - probs[0]) >= 0.9
+    assert np.array_equal(pairs[0].mask, labels) and np.array_equal(pairs[0].weight > 0, sure) and pairs[0].weight.max() == REHEARSAL_WEIGHT
+    request = retrain_request(session, tmp_path / "v.safetensors", "v")  # 1 correction: blocks of it, 1 rehearsed image
+    assert [p.id for p in request.pairs] == ["im0", "rehearsal:im2"] and request.validation == "holdout"
+    samples, config = build_samples(request, load_base(request.base), request.config())
+    assert all(v.startswith("im0") for v in config.val_ids)  # never validated on a rehearsed image
+    assert not retrain_request(session, tmp_path / "w.safetensors", "w", rehearse=False).pairs[1:]
+    session.close()
