@@ -117,33 +117,46 @@ def auto_validation(spec: str, ids: list[str]) -> tuple[str, tuple[str, ...]]:
     return (VALIDATION_HOLDOUT if tiled else VALIDATION_NONE), ()
 
 
-def rehearsal_pairs(session: FolderSession, count: int) -> list[PairData]:
-    """Up to ``count`` images not yet corrected, evenly spread over the folder, with the folder
-    model's own confident predictions as targets (weight :data:`REHEARSAL_WEIGHT` where
-    ``max(p, 1 - p) >= REHEARSAL_CONFIDENCE``, 0 elsewhere), never validated on.
+def _spread(ids: list[str], count: int) -> list[str]:
+    """``count`` of ``ids`` evenly spaced through them (all of them when fewer)."""
+    return [ids[int((i + 0.5) * len(ids) / count)] for i in range(count)] if count < len(ids) else list(ids)
+
+
+def pseudo_labelled(session: FolderSession, image_id: str, **flags: bool) -> PairData | None:
+    """An image not yet corrected with the folder model's own prediction as its target, counted
+    only where the model is sure (``max(p, 1 - p) >= REHEARSAL_CONFIDENCE``, weight
+    :data:`REHEARSAL_WEIGHT`); ``flags``: ``train_only`` or ``validate_only``. None if unreadable."""
+    stored = session.prediction(image_id)
+    if stored is None:
+        return None
+    try:
+        image = session.read_image(image_id)
+    except R2UNetError:
+        return None
+    probs, labels = stored
+    sure = probs.max(axis=0) if probs.shape[0] > 1 else np.maximum(probs[0], 1.0 - probs[0])
+    weight = np.where(sure >= REHEARSAL_CONFIDENCE, REHEARSAL_WEIGHT, 0.0).astype(np.float32)
+    kind = "check" if flags.get("validate_only") else "rehearsal"
+    return PairData(f"{kind}:{image_id}", image, "auto", labels, None, source=str(session.image_path(image_id)), weight=weight, **flags)
+
+
+def rest_pairs(session: FolderSession, rehearse: int, check: int) -> list[PairData]:
+    """Pseudo-labelled images of the rest of the folder (:func:`pseudo_labelled`), spread over it:
+    ``rehearse`` to train on and ``check`` to validate on.
 
     Fine-tuning on a few corrected images, most uncertain first, pulls the model towards those
     hard cases and away from what it already did well on the rest of the folder (catastrophic
-    forgetting); rehearsing its confident predictions there keeps that (a pseudo-label
-    rehearsal, as in learning without forgetting).
+    forgetting). Rehearsing its confident predictions there keeps that (a pseudo-label rehearsal,
+    as in learning without forgetting); validating on others as well as on the held-out
+    corrections makes a version that fixes the hard cases by breaking the easy ones lose to its
+    base, which scores perfectly on its own confident pixels.
     """
     ids = [e.id for e in session.entries.values() if not e.saved and not e.error and e.model == session.model]
-    chosen = [ids[int((i + 0.5) * len(ids) / count)] for i in range(min(count, len(ids)))] if ids and count > 0 else []
-    pairs = []
-    for image_id in chosen:
-        stored = session.prediction(image_id)
-        if stored is None:
-            continue
-        try:
-            image = session.read_image(image_id)
-        except R2UNetError:
-            continue
-        probs, labels = stored
-        sure = probs.max(axis=0) if probs.shape[0] > 1 else np.maximum(probs[0], 1.0 - probs[0])
-        weight = np.where(sure >= REHEARSAL_CONFIDENCE, REHEARSAL_WEIGHT, 0.0).astype(np.float32)
-        pairs.append(PairData(f"rehearsal:{image_id}", image, "auto", labels, None, source=str(session.image_path(image_id)),
-                              weight=weight, train_only=True))
-    return pairs
+    chosen = _spread(ids, rehearse + check)
+    checks = set(chosen[::max(1, len(chosen) // check)][:check]) if check else set()
+    pairs = [pseudo_labelled(session, i, validate_only=True) if i in checks else pseudo_labelled(session, i, train_only=True)
+             for i in chosen]
+    return [p for p in pairs if p is not None]
 
 
 def retrain_request(session: FolderSession, out: Path, name: str, minutes: float | None = 5.0, epochs: int | None = None,
@@ -151,7 +164,8 @@ def retrain_request(session: FolderSession, out: Path, name: str, minutes: float
                     rehearse: bool = True) -> FinetuneRequest:
     """A fine-tune of the session's model on every saved correction of the folder (``validation``:
     ``auto`` (:func:`auto_validation`), ``holdout``, ``images`` or ``none``); with ``rehearse``,
-    as many images not yet corrected (:func:`rehearsal_pairs`, at most :data:`MAX_REHEARSED`)."""
+    as many images not yet corrected to rehearse (at most :data:`MAX_REHEARSED`) and, with a
+    validation, as many as are held out (at least 1) to check against (:func:`rest_pairs`)."""
     if not session.model:
         raise R2UNetError("the folder has no model yet: choose a model and press Next first")
     pairs = training_pairs(session)
@@ -165,8 +179,8 @@ def retrain_request(session: FolderSession, out: Path, name: str, minutes: float
         validation, held = auto_validation(session.model, [p.id for p in pairs])
     elif validation == VALIDATION_IMAGES:
         held = held_out_images([p.id for p in pairs]) if len(pairs) > 1 else ()
-    if rehearse:
-        pairs += rehearsal_pairs(session, min(MAX_REHEARSED, len(pairs)))
+    checks = max(1, len(held)) if validation != VALIDATION_NONE else 0
+    pairs += rest_pairs(session, min(MAX_REHEARSED, len(pairs)) if rehearse else 0, checks)
     return FinetuneRequest(base=session.model, pairs=pairs, out=out, name=name, epochs=epochs, minutes=minutes,
                            validation=validation, held_out=held, settings=dict(settings or {}), description=description)
 

@@ -53,7 +53,8 @@ class PairData:
     integer labels, ``changed`` ``(H, W)`` bool (pixels the user corrected; None = unknown),
     optional ``fov`` ``(H, W)`` bool, and ``source`` (a file, for the provenance). ``weight``
     ``(H, W)`` multiplies the loss weight (e.g. 0 where a rehearsed prediction is unsure);
-    ``train_only`` pairs are never validated on (no hold-out block is taken from them)."""
+    ``train_only`` pairs are never validated on (no hold-out block is taken from them);
+    ``validate_only`` pairs are only validated on, whole (with any validation but none)."""
 
     id: str
     image: Any
@@ -64,6 +65,7 @@ class PairData:
     source: str = ""
     weight: np.ndarray | None = None
     train_only: bool = False
+    validate_only: bool = False
 
     @property
     def described(self) -> str:
@@ -165,7 +167,7 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
     from .training.samples import emphasize_corrections, holdout_blocks, holdout_region, make_sample, rescale_sample
 
     val_ids = _held_out_ids(request)
-    samples, holdout_ids = [], []
+    samples, holdout_ids, checks = [], [], []
     tiled = base.model_card.geometry.kind == "tiled"
     for pair in request.pairs:
         labels = training_labels(pair, base.config.out_channels, model=repr(base.name))
@@ -177,7 +179,11 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
             sample = dataclasses.replace(sample, weight=sample.weight * np.asarray(pair.weight, np.float32))
         if tiled:  # trained at the scale inference runs it (--scale auto): the card's training scale
             sample = rescale_sample(sample, scale_factor("auto", base.model_card.scale, to_chw(np.asarray(pair.image), pair.channel_axis))[0])
-        if request.validation == VALIDATION_HOLDOUT and not pair.train_only:  # blocks that represent the image (a resize model: a strip)
+        if pair.validate_only:
+            if request.validation != VALIDATION_NONE:
+                samples.append(sample)
+                checks.append(sample.id)
+        elif request.validation == VALIDATION_HOLDOUT and not pair.train_only:  # blocks that represent the image (a resize model: a strip)
             if tiled:
                 train, vals = holdout_blocks(sample, request.holdout_fraction)
             else:
@@ -188,10 +194,10 @@ def build_samples(request: FinetuneRequest, base: Checkpoint, config: TrainConfi
         else:
             samples.append(sample)
     held_out = request.validation.startswith(VALIDATION_PAIR) or request.validation == VALIDATION_IMAGES
-    if held_out and (not val_ids or len(val_ids) == len(samples)):
+    if held_out and (not val_ids or len(val_ids) + len(checks) == len(samples)):
         raise R2UNetError(f"holding out a pair needs at least two pairs; choose 'hold out {HOLDOUT_FRACTION:.0%} of each image' or none")
     if holdout_ids or val_ids:
-        config = dataclasses.replace(config, val_ids=tuple(holdout_ids) or val_ids)
+        config = dataclasses.replace(config, val_ids=(tuple(holdout_ids) or val_ids) + tuple(checks))
     return samples, config
 
 

@@ -195,24 +195,27 @@ def test_auto_validation_holds_out_whole_images_from_three_on(tmp_path, trained_
     session.close()
 
 
-def test_rehearsal_pairs_train_on_confident_predictions_of_the_rest_only(tmp_path, trained_checkpoint):
-    from src_models.annotation_run import REHEARSAL_WEIGHT, rehearsal_pairs
+def test_the_rest_is_rehearsed_and_checked_on_its_confident_predictions_never_trained_and_validated_at_once(tmp_path, trained_checkpoint):
+    from src_models.annotation_run import REHEARSAL_WEIGHT, rest_pairs
     from src_models.finetune import build_samples, load_base
 
-    images, truth = image_folder(tmp_path, count=4)
+    images, truth = image_folder(tmp_path, count=5)
     session = FolderSession(images)
     session.set_model(str(trained_checkpoint))
     segmenter, options = segmenter_for(trained_checkpoint)
     list(predict_pending(session, segmenter, options, lambda: False))
     session.save_correction("im0", (np.asarray(Image.open(truth / "im0.png")) > 0).astype(np.uint8), done=True)
-    pairs = rehearsal_pairs(session, 2)
-    assert [p.id for p in pairs] == ["rehearsal:im1", "rehearsal:im3"] and all(p.train_only for p in pairs)
-    probs, labels = session.prediction("im1")
+    pairs = rest_pairs(session, 2, 1)
+    assert [p.id for p in pairs] == ["check:im1", "rehearsal:im3", "rehearsal:im4"]  # spread over im1..im4
+    assert pairs[0].validate_only and not pairs[0].train_only and all(p.train_only and not p.validate_only for p in pairs[1:])
+    probs, labels = session.prediction("im3")
     sure = np.maximum(probs[0], 1 - probs[0]) >= 0.9
-    assert np.array_equal(pairs[0].mask, labels) and np.array_equal(pairs[0].weight > 0, sure) and pairs[0].weight.max() == REHEARSAL_WEIGHT
-    request = retrain_request(session, tmp_path / "v.safetensors", "v")  # 1 correction: blocks of it, 1 rehearsed image
-    assert [p.id for p in request.pairs] == ["im0", "rehearsal:im2"] and request.validation == "holdout"
+    assert np.array_equal(pairs[1].mask, labels) and np.array_equal(pairs[1].weight > 0, sure) and pairs[1].weight.max() == REHEARSAL_WEIGHT
+    request = retrain_request(session, tmp_path / "v.safetensors", "v")  # 1 correction: blocks of it, 1 rehearsed, 1 checked
+    assert [p.id for p in request.pairs] == ["im0", "check:im2", "rehearsal:im4"] and request.validation == "holdout"
     samples, config = build_samples(request, load_base(request.base), request.config())
-    assert all(v.startswith("im0") for v in config.val_ids)  # never validated on a rehearsed image
-    assert not retrain_request(session, tmp_path / "w.safetensors", "w", rehearse=False).pairs[1:]
+    assert "check:im2" in config.val_ids and "rehearsal:im4" not in config.val_ids
+    assert all(v.startswith(("im0", "check:")) for v in config.val_ids)
+    bare = retrain_request(session, tmp_path / "w.safetensors", "w", rehearse=False, validation="none")
+    assert [p.id for p in bare.pairs] == ["im0"]
     session.close()
