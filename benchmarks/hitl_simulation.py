@@ -4,7 +4,7 @@ Usage:
     .venv/bin/python benchmarks/hitl_simulation.py MODEL --images DIR --masks DIR [--fov DIR]
         [--order uncertainty|sequential|random] [--finetune-every K] [--minutes M] [--steps N]
         [--transform NAME] [--limit L] [--json OUT] [--plot PNG] [--write] [--threads T] [--seed S]
-    .venv/bin/python benchmarks/hitl_simulation.py --write-from OUT.json   (the --write table of a saved run)
+    .venv/bin/python benchmarks/hitl_simulation.py --write-from OUT.json [--plot PNG]   (the --write table of a saved run)
 
 It runs the Annotate folder widget's own code (:class:`src_models.annotation.FolderSession`,
 :mod:`src_models.annotation_run`) on a copy of the folder outside the repository:
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="how each retraining is validated (auto: the widget's; see src_models.annotation_run.auto_validation)")
     parser.add_argument("--no-rehearse", dest="rehearse", action="store_false",
                         help="retrain on the corrections alone (default: also rehearse the model's confident predictions of the rest)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="validate on the held-out corrections alone (default: also on the model's confident predictions of other uncorrected images)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--write", action="store_true", help=f"put this run's table in docs/RESULTS.md ({HITL_HEADING!r})")
@@ -143,7 +145,8 @@ def retrain(session: Any, args: argparse.Namespace) -> tuple[bool, str]:
 
     base = Path(session.model).stem if session.model.endswith(".safetensors") else session.model
     request = retrain_request(session, new_version_path(base), f"simulation {len(session.saved_ids())}", minutes=args.minutes,
-                              epochs=args.epochs, validation=args.validation, rehearse=args.rehearse)
+                              epochs=args.epochs, validation=args.validation, rehearse=args.rehearse,
+                              check=args.check)
     path = finetune(request, lambda event: None, lambda: False)
     adopted, why = adopt_version(session, path) if path else (False, "no version written")
     if adopted:
@@ -196,7 +199,7 @@ def plot(steps: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, left = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    fig, left = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     corrected = [s for s in steps if s["pixels_to_fix"] is not None]
     left.bar([s["images_corrected"] for s in corrected], [s["pixels_to_fix"] for s in corrected], color="#9ecae1",
              label="pixels to fix in the image corrected")
@@ -211,9 +214,9 @@ def plot(steps: list[dict[str, Any]], path: Path, title: str) -> None:
     for s in steps:
         if s["retrained"]:
             left.axvline(s["images_corrected"], color="grey", lw=0.6, ls=":")
-    fig.legend(loc="lower left", fontsize=7)
     left.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.savefig(path)
 
 
@@ -240,8 +243,12 @@ def run_lines(about: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def plot_title(about: dict[str, Any]) -> str:
+    return run_heading(about).removeprefix("### ").replace("`", "")
+
+
 def run_heading(about: dict[str, Any]) -> str:
-    rehearse = "" if about.get("rehearse", True) else ", no rehearsal"
+    rehearse = ("" if about.get("rehearse", True) else ", no rehearsal") + ("" if about.get("check", True) else ", no check on the rest")
     return (f"### `{about['model']}`, {about['transform']}, order {about['order']}, retrain every {about['finetune_every']} "
             f"for {about['minutes']:g} min{rehearse}")
 
@@ -261,16 +268,24 @@ def write_run(about: dict[str, Any], steps: list[dict[str, Any]]) -> None:
 
 HITL_INTRO = ("`benchmarks/hitl_simulation.py` runs the Annotate folder widget's own code: it predicts the folder, takes the next "
               "image in the chosen order, counts the pixels a person would fix (prediction vs. ground truth, inside the FOV), saves "
-              "the ground truth as that image's correction and, every K corrections, retrains (Retrain now: the widget's settings, "
-              "validated on held-out blocks, the version adopted only if it beats the folder's model there) and predicts the rest "
-              "again. 'F1 of the rest' is the pooled F1 of the images not yet corrected.")
+              "the ground truth as that image's correction and, every K corrections, retrains as Retrain now does (validated on "
+              "whole held-out corrections from 3 on, one in five; below that on held-out blocks for a tiled model, not at all for a "
+              "whole-image one, and, unless `--no-check`, on the model's confident predictions of other uncorrected images; the "
+              "version adopted only if it beats the folder's model there; rehearsing the model's confident predictions of as many "
+              "uncorrected images unless `--no-rehearse`) and predicts the rest again. 'F1 of the rest' is "
+              "the pooled F1 of the images not yet corrected; the starting model's F1 on the same images is the paired reference "
+              "(the rest changes at every step, and an uncertainty order takes the hardest images first, so only the gain column "
+              "tells what the corrections bought). The ground truth replaces the whole prediction, so every pixel where the model "
+              "and the annotator disagree counts as corrected (weighted up in training): more than a person would repaint.")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--write-from"] and len(argv) == 2:  # the table of a run saved with --json
-        saved = json.loads(Path(argv[1]).read_text())
-        write_run({"threads": "all", "date": "?", **saved}, saved["steps"])
+    if argv[:1] == ["--write-from"] and (len(argv) == 2 or len(argv) == 4 and argv[2] == "--plot"):  # a run saved with --json
+        saved = {"threads": "all", "date": "?", **json.loads(Path(argv[1]).read_text())}
+        write_run(saved, saved["steps"])
+        if len(argv) == 4:
+            plot(saved["steps"], Path(argv[3]), plot_title(saved))
         return 0
     args = parse_args(argv)
     if args.threads:
@@ -283,14 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     import datetime
 
     about = {"model": args.model, "order": args.order, "finetune_every": args.finetune_every, "minutes": args.minutes,
-             "transform": args.transform, "rehearse": args.rehearse, "threads": args.threads or "all", "date": datetime.date.today().isoformat(),
+             "transform": args.transform, "rehearse": args.rehearse, "check": args.check, "threads": args.threads or "all", "date": datetime.date.today().isoformat(),
              "command": "benchmarks/hitl_simulation.py " + " ".join(argv)}
     if args.json:
         args.json.write_text(json.dumps({**about, "steps": steps}, indent=1))
     if args.write:
         write_run(about, steps)
     if args.plot:
-        plot(steps, args.plot, f"{args.model}, {args.transform}, order {args.order}, retrain every {args.finetune_every} for {args.minutes:g} min")
+        plot(steps, args.plot, plot_title(about))
     return 0
 
 

@@ -161,11 +161,11 @@ def rest_pairs(session: FolderSession, rehearse: int, check: int) -> list[PairDa
 
 def retrain_request(session: FolderSession, out: Path, name: str, minutes: float | None = 5.0, epochs: int | None = None,
                     validation: str = VALIDATION_AUTO, settings: dict[str, Any] | None = None,
-                    rehearse: bool = True) -> FinetuneRequest:
+                    rehearse: bool = True, check: bool = True) -> FinetuneRequest:
     """A fine-tune of the session's model on every saved correction of the folder (``validation``:
     ``auto`` (:func:`auto_validation`), ``holdout``, ``images`` or ``none``); with ``rehearse``,
     as many images not yet corrected to rehearse (at most :data:`MAX_REHEARSED`) and, with a
-    validation, as many as are held out (at least 1) to check against (:func:`rest_pairs`)."""
+    validation and ``check``, as many as are held out (at least 1) to check against (:func:`rest_pairs`)."""
     if not session.model:
         raise R2UNetError("the folder has no model yet: choose a model and press Next first")
     pairs = training_pairs(session)
@@ -179,7 +179,7 @@ def retrain_request(session: FolderSession, out: Path, name: str, minutes: float
         validation, held = auto_validation(session.model, [p.id for p in pairs])
     elif validation == VALIDATION_IMAGES:
         held = held_out_images([p.id for p in pairs]) if len(pairs) > 1 else ()
-    checks = max(1, len(held)) if validation != VALIDATION_NONE else 0
+    checks = max(1, len(held)) if check and validation != VALIDATION_NONE else 0
     pairs += rest_pairs(session, min(MAX_REHEARSED, len(pairs)) if rehearse else 0, checks)
     return FinetuneRequest(base=session.model, pairs=pairs, out=out, name=name, epochs=epochs, minutes=minutes,
                            validation=validation, held_out=held, settings=dict(settings or {}), description=description)
@@ -194,7 +194,7 @@ def adopt_version(session: FolderSession, path: str) -> tuple[bool, str]:
         return False, "no version was written"
     after, before = version.metrics.get("F1"), version.metrics_before.get("F1")
     if after is not None and before is not None and not after > before:
-        return False, (f"the new version is no better than {Path(session.model).stem} on its validation blocks "
+        return False, (f"the new version is no better than {Path(session.model).stem} on the validation parts "
                        f"(Dice {before:.3f} -> {after:.3f}): the folder keeps its model; correct more images first")
     session.set_model(str(path))
     score = (f" (validation Dice {before:.3f} -> {after:.3f})" if after is not None and before is not None else
