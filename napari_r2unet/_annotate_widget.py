@@ -154,6 +154,8 @@ class AnnotateWidget(DockWidget):
         images = images or self.images_edit.text().strip()
         if not images:
             raise R2UNetError("choose the folder of images first")
+        if self.running:
+            raise R2UNetError("retraining is running: wait for it (or press Cancel), then open another folder")
         self.close_session()
         session = FolderSession(images, labels or self.labels_edit.text().strip() or None, masks or self.masks_edit.text().strip() or None)
         self.session = session

@@ -95,6 +95,8 @@ def test_kill_9_then_reopen_restores_the_edits_and_retrain_now_repredicts_the_re
     widget.validate_check.setChecked(False)
     qtbot.waitUntil(lambda: not widget.predicting, timeout=60_000)
     widget.start()
+    widget.open_button.click()  # another folder while retraining: refused, this one stays open
+    assert "retraining is running" in widget.status.text() and widget.session is session
     qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
     assert session.model.endswith(".safetensors") and session.model != str(trained_checkpoint), widget.status.text()
     qtbot.waitUntil(lambda: not widget.predicting, timeout=60_000)
