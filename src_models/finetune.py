@@ -279,26 +279,50 @@ def write_training_masks(request: FinetuneRequest, classes: int) -> Path:
     return folder
 
 
+def release_device_memory() -> None:
+    """Give the GPU memory a finished run cached back to the driver: napari's process lives on after
+    a fine-tune, and memory held until it closes is what micro-sam#952 reports. A no-op before torch
+    is imported and on the CPU."""
+    import gc
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        torch.mps.empty_cache()
+
+
+def _train(request: FinetuneRequest, emit: Callable[[Any], None], should_stop: Callable[[], bool]) -> str:
+    trainer = build_trainer(request)
+    for event in trainer.run(should_stop=should_stop):
+        emit(event)
+    if trainer.state.step == 0:
+        remove_run_files(Path(request.out))
+        return ""
+    write_training_masks(request, trainer.model_config.out_channels)
+    return str(request.out)
+
+
 def finetune(request: FinetuneRequest, emit: Callable[[Any], None], should_stop: Callable[[], bool],
              finished: threading.Event | None = None, prepare: Callable[[], object] | None = None) -> str:
     """The worker: train, forward each event to ``emit``; returns the new version's path.
 
     A run cancelled before its first training step leaves no version (it would equal the base)
     and returns "". ``prepare`` runs first, in the worker (e.g. to set torch's thread count);
-    ``finished`` is set when the worker ends, however it ends.
+    ``finished`` is set when the worker ends, however it ends, after the run's device memory is
+    released (:func:`release_device_memory`).
     """
     try:
         if prepare is not None:
             prepare()
-        trainer = build_trainer(request)
-        for event in trainer.run(should_stop=should_stop):
-            emit(event)
-        if trainer.state.step == 0:
-            remove_run_files(Path(request.out))
-            return ""
-        write_training_masks(request, trainer.model_config.out_channels)
-        return str(request.out)
+        return _train(request, emit, should_stop)
     finally:
+        release_device_memory()
         if finished is not None:
             finished.set()
 

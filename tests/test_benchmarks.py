@@ -297,3 +297,13 @@ def test_hitl_write_replaces_only_its_own_run(tmp_path, monkeypatch):
     assert "## Other\n\nkept" in text and text.count(simulation.HITL_HEADING) == 1 and text.count("### ") == 2
     assert "| 1 | a | 1,234 | 0.7000 | 0.5500 | +0.1500 | yes (adopted) | 1.2 |" in text and "| 1 | a | 1,234 | 0.6000 |" in text
     assert text.index("order random") < text.index("order uncertainty")  # the rerun moved to the end
+
+
+def test_gpu_check_dry_run_on_the_cpu(monkeypatch, capsys):
+    """benchmarks/gpu_check.py stays runnable for the day a GPU is lent (its dry run prints every check)."""
+    check = _benchmark("gpu_check", monkeypatch)
+    assert check.main(["--device", "cpu", "--smoke"]) == 0
+    out = capsys.readouterr().out
+    for line in ("1. cpu float32 vs CPU: max |dp| 0.00e+00", "2. Segmenter default on cpu", "3. float32:", "4. fine-tune step on cpu",
+                 "5. device memory after a fine-tune: n/a"):
+        assert line in out, out

@@ -535,3 +535,26 @@ def test_stacks_train_on_every_corrected_slice_and_pairs_can_be_chosen():
     viewer.dims.set_current_step(0, 1)
     viewer.dims.set_current_step(1, 2)
     assert layer_step(hand, tuple(viewer.dims.current_step)) == (2,)
+
+
+def test_a_finished_fine_tune_gives_the_gpu_cache_back(monkeypatch, tmp_path, trained_checkpoint):
+    """micro-sam#952: GPU memory held until napari closes. The worker empties the CUDA cache when it ends."""
+    import torch
+
+    from src_models import finetune as module
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append("cuda"))
+    image, truth = vessel_image((64, 64), seed=1)
+    request = module.FinetuneRequest(base=str(trained_checkpoint), pairs=[module.PairData("a", image, None, truth, None)],
+                                     out=tmp_path / "v.safetensors", name="v", device="cpu", epochs=1,
+                                     settings={"patch_size": 32, "steps_per_epoch": 1, "batch_size": 2})
+    assert module.finetune(request, lambda event: None, lambda: False) == str(tmp_path / "v.safetensors")
+    assert emptied == ["cuda"]
+    emptied.clear()
+    with pytest.raises(R2UNetError):  # however the run ends
+        module.finetune(module.FinetuneRequest(base=str(tmp_path / "missing.safetensors"), pairs=[], out=tmp_path / "w.safetensors",
+                                               name="w"), lambda event: None, lambda: False)
+    assert emptied == ["cuda"]
