@@ -118,15 +118,29 @@ class FolderLock:
             return str(self.path.resolve()) not in _HELD  # ours, but no open session here holds it
         return not _pid_alive(pid)
 
+    def _refuse(self, holder: dict[str, Any]) -> R2UNetError:
+        return R2UNetError(
+            f"{self.path.parent} is open in another napari ({holder.get('user', '?')}, pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, since {holder.get('since', '?')}); close it there first, or delete {self.path} "
+            "if that napari is gone")
+
     def acquire(self) -> None:
+        record = json.dumps({"user": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(), "since": _now(),
+                             "token": self.token})
         holder = self.holder()
-        if holder is not None and holder.get("token") != self.token and not self._stale(holder):
-            raise R2UNetError(
-                f"{self.path.parent} is open in another napari ({holder.get('user', '?')}, pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}, since {holder.get('since', '?')}); close it there first, or delete {self.path} "
-                "if that napari is gone")
-        record = {"user": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(), "since": _now(), "token": self.token}
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(record)), suffix=".lock")
+        if holder is None:  # nobody: create it exclusively, so two windows opening at once cannot both win
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raise self._refuse(self.holder() or {}) from None
+            except OSError as exc:
+                raise R2UNetError(f"cannot write in {self.path.parent}: {exc.strerror or exc}; choose a labels folder you can write to") from exc
+            with os.fdopen(fd, "w") as handle:
+                handle.write(record)
+        elif holder.get("token") != self.token:
+            if not self._stale(holder):
+                raise self._refuse(holder)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(record), suffix=".lock")  # a gone process's lock
         _HELD.add(str(self.path.resolve()))
 
     def release(self) -> None:
@@ -309,19 +323,22 @@ class FolderSession:
         p = probs[0] if probs.shape[0] == 1 else 1.0 - probs.max(axis=0)
         expected = float(np.minimum(p, 1.0 - p).sum()) if probs.shape[0] == 1 else float(p.sum())
         uncertainty = float(predictive_entropy(probs).mean())
+
         def write(tmp: str) -> None:
             with open(tmp, "wb") as handle:
                 np.savez_compressed(handle, probs=quantized, labels=np.asarray(labels, np.uint8))
 
-        atomic_write(self.prediction_path(image_id), write, suffix=".npz")
-        with self._mutex:
+        with self._mutex:  # a correction saved meanwhile keeps the prediction it started from
             entry = self.entries[image_id]
+            if entry.saved:
+                return False
+            atomic_write(self.prediction_path(image_id), write, suffix=".npz")
             entry.model, entry.uncertainty, entry.expected_errors = model, uncertainty, expected
             entry.predicted_at, entry.error = _now(), ""
             if entry.status == NEW:
                 entry.status = PREDICTED
             self.save_state()
-            return not entry.saved
+            return True
 
     def save_correction(self, image_id: str, labels: np.ndarray, *, done: bool = False, binary: bool = True) -> bool:
         """Save the person's labels for an image; returns True when a file was written.

@@ -79,8 +79,9 @@ def test_predictions_order_and_corrections(tmp_path, trained_checkpoint):
     read, header = read_label_file(session.correction_path("im1"))
     assert np.array_equal(read, fixed) and header["image"] == "im1.png" and header["prediction_model"] == str(trained_checkpoint)
     # a new prediction never replaces it
-    assert not session.save_prediction("im1", probs, labels, model="other")
+    assert not session.save_prediction("im1", probs, np.ones_like(labels), model="other")
     assert np.array_equal(session.saved_labels("im1"), fixed)
+    assert np.array_equal(session.prediction("im1")[1], labels) and session.entries["im1"].model == str(trained_checkpoint)
     assert session.next_id("uncertainty") != "im1" and "im1" not in session.to_predict()
     # an unchanged prediction is saved when the person marks it done
     assert session.save_correction("im2", session.prediction("im2")[1], done=True)
