@@ -106,14 +106,10 @@ def build_folder(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, 
 
 def predict_all(session: Any, threads: int | None) -> None:
     """Predict what the session needs with its current model (the Annotate widget's worker code)."""
-    from src_models.annotation_run import predict_pending
-    from src_models.inference import Segmenter
-    from src_models.model_names import load_model
-    from src_models.predict import card_options
+    from src_models.annotation_run import folder_segmenter, predict_pending
 
-    checkpoint = load_model(session.model)
-    segmenter = Segmenter(checkpoint, device="auto")
-    for _ in predict_pending(session, segmenter, card_options(checkpoint), lambda: False):
+    segmenter, options = folder_segmenter(session.model)
+    for _ in predict_pending(session, segmenter, options, lambda: False):
         pass
 
 

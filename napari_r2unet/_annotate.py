@@ -29,19 +29,13 @@ SESSION_KEY = "r2unet_session"  # marks the layers the Annotate widget manages: 
 def predict_folder(session: FolderSession, spec: str, first: Callable[[], str], stop: threading.Event,
                    report: Callable[[str], None]) -> Iterator[str]:
     """Load ``spec`` (torch is imported here) and predict what the folder needs; yields IDs."""
-    from src_models.annotation_run import predict_pending
-    from src_models.inference import Segmenter
-    from src_models.model_names import load_model
-    from src_models.predict import card_options
+    from src_models.annotation_run import folder_segmenter, predict_pending
 
     from ._worker import limit_cpu_threads
 
-    limit_cpu_threads()
-    checkpoint = load_model(spec)
-    segmenter = Segmenter(checkpoint, device="auto", log=report)
-    if segmenter.device.type == "cpu":
-        limit_cpu_threads()
-    yield from predict_pending(session, segmenter, card_options(checkpoint), stop.is_set, first, report)
+    limit_cpu_threads()  # before the model loads: onnxruntime sizes its thread pool from it
+    segmenter, options = folder_segmenter(spec, log=report)
+    yield from predict_pending(session, segmenter, options, stop.is_set, first, report)
 
 
 def prediction_meta(session: FolderSession, image_id: str) -> dict[str, Any]:

@@ -41,6 +41,17 @@ REHEARSAL_WEIGHT = 0.5  # its loss weight (a corrected image's pixels weigh 1, i
 MAX_REHEARSED = 20
 
 
+def folder_segmenter(spec: str, device: str = "auto", log: Callable[[str], None] | None = None) -> tuple[Any, Any]:
+    """``(Segmenter, PredictOptions)`` for a folder's model: loaded by name or path, at its card's
+    threshold and post-processing (what :func:`predict_pending` is given)."""
+    from .inference import Segmenter
+    from .model_names import load_model
+    from .predict import card_options
+
+    checkpoint = load_model(spec)
+    return Segmenter(checkpoint, device=device, log=log), card_options(checkpoint)
+
+
 def predict_image(session: FolderSession, segmenter: Any, image_id: str, options: Any,
                   should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Predict one image of the session with ``segmenter`` and store it; returns its labels."""
@@ -97,8 +108,7 @@ def training_pairs(session: FolderSession) -> list[PairData]:
 
 def held_out_images(ids: list[str], fraction: float = HOLDOUT_FRACTION) -> tuple[str, ...]:
     """``round(fraction * n)`` (at least 1) of ``ids``, evenly spaced through them (deterministic)."""
-    count = max(1, round(fraction * len(ids)))
-    return tuple(ids[int((i + 0.5) * len(ids) / count)] for i in range(count))
+    return tuple(_spread(ids, max(1, round(fraction * len(ids)))))
 
 
 def auto_validation(spec: str, ids: list[str]) -> tuple[str, tuple[str, ...]]:
