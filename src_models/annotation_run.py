@@ -199,12 +199,14 @@ def adopt_version(session: FolderSession, path: str) -> tuple[bool, str]:
     """Make the version at ``path`` the session's model when it beat its base; ``(adopted, why)``."""
     from .user_versions import list_versions
 
-    version = next((v for v in list_versions(Path(path).parent) if str(v.path) == str(path)), None)
+    versions = {str(v.path): v for v in list_versions(Path(path).parent)}
+    version = versions.get(str(path))
     if version is None:
         return False, "no version was written"
     after, before = version.metrics.get("F1"), version.metrics_before.get("F1")
     if after is not None and before is not None and not after > before:
-        return False, (f"the new version is no better than {Path(session.model).stem} on the validation parts "
+        current = versions[session.model].name if session.model in versions else Path(session.model).stem
+        return False, (f"the new version is no better than {current} on the validation parts "
                        f"(Dice {before:.3f} -> {after:.3f}): the folder keeps its model; correct more images first")
     session.set_model(str(path))
     score = (f" (validation Dice {before:.3f} -> {after:.3f})" if after is not None and before is not None else

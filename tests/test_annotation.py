@@ -220,3 +220,26 @@ def test_the_rest_is_rehearsed_and_checked_on_its_confident_predictions_never_tr
     bare = retrain_request(session, tmp_path / "w.safetensors", "w", rehearse=False, validation="none")
     assert [p.id for p in bare.pairs] == ["im0"]
     session.close()
+
+
+def test_a_version_no_better_than_the_folder_model_is_not_adopted_and_the_line_names_the_model(tmp_path, trained_checkpoint, user_models_dir):
+    import shutil
+
+    from src_models.checkpoint import load_checkpoint, save_checkpoint
+    from src_models.user_versions import rename_version
+
+    images, _ = image_folder(tmp_path, count=1)
+    session = FolderSession(images)
+    user_models_dir.mkdir(parents=True, exist_ok=True)
+    current = user_models_dir / "current.safetensors"
+    shutil.copyfile(trained_checkpoint, current)
+    rename_version(current, "my folder model")
+    session.set_model(str(current))
+    base = load_checkpoint(trained_checkpoint)
+    worse = user_models_dir / "worse.safetensors"
+    save_checkpoint(worse, base.build("cpu"), base.config, base.preprocess, base.class_names,
+                    {"metrics": {"F1": 0.70}, "metrics_before": {"F1": 0.75}, "parent": str(current)})
+    adopted, why = adopt_version(session, str(worse))
+    assert not adopted and session.model == str(current)
+    assert why.startswith("the new version is no better than my folder model on the validation parts (Dice 0.750 -> 0.700)")
+    session.close()
