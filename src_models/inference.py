@@ -75,10 +75,11 @@ class Segmenter:
         # test-time augmentation: mean over the 4 flips (4x the compute); None: as the model card says
         self.tta = checkpoint.model_card.tta if tta is None else bool(tta)
         self.log = log or (lambda message: None)
-        self.model = checkpoint.build(self.device)
+        self._model: Any = None  # the PyTorch network, built when first needed (not for onnxruntime)
         self.onnx: Any = None
         self._should_stop: ShouldStop | None = None  # the running predict's, for a Cancel inside a tile
-        self.backend = self._choose_backend(os.environ.get(BACKEND_ENV) or backend)
+        self._asked_backend = os.environ.get(BACKEND_ENV) or backend
+        self.backend = self._choose_backend(self._asked_backend)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles share one shape: let cuDNN pick its fastest kernels once
         self.in_channels = checkpoint.config.in_channels
@@ -97,7 +98,7 @@ class Segmenter:
 
         try:
             self.onnx = OnnxPredictor(self.checkpoint)
-            self.onnx.session()  # build it now: a failure here still falls back to PyTorch
+            self.onnx.prepare()  # the session builds in the background while the caller reads its image
         except Exception as exc:
             self.onnx = None
             if backend == "onnxruntime":
@@ -106,9 +107,34 @@ class Segmenter:
             return "torch"
         return "onnxruntime"
 
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = self.checkpoint.build(self.device)
+        return self._model
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self._model = value
+
     # -- the network on one batch -------------------------------------------------------
+    def _onnx_ready(self) -> bool:
+        """Whether onnxruntime runs this batch: its session (built in the background) is waited
+        for; if it could not be built, auto falls back to PyTorch and says why."""
+        if self.onnx is None or self.device.type != "cpu":
+            return False
+        try:
+            self.onnx.session()
+        except Exception as exc:
+            if self._asked_backend == "onnxruntime":
+                raise R2UNetError(f"the onnxruntime backend is not available ({exc}); use --backend torch") from exc
+            self.log(f"onnxruntime not used ({exc}); running PyTorch")
+            self.onnx, self.backend = None, "torch"
+            return False
+        return True
+
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        if self.onnx is not None and self.device.type == "cpu":
+        if self._onnx_ready():
             return self._predict_batch_onnx(batch)
         if self._should_stop is None:
             return self._predict_batch_torch(batch)
@@ -160,7 +186,8 @@ class Segmenter:
 
     def _move_to_cpu(self) -> None:
         self.device = torch.device("cpu")
-        self.model = self.model.to(self.device)
+        if self._model is not None:
+            self._model = self._model.to(self.device)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -447,3 +447,35 @@ def test_the_default_overlap_is_192_pixels_of_the_tile_at_most_half(tiny_checkpo
         assert (grid.tile[0], list(grid.ys)) == former, tile
         largest = tile // seg.size_multiple * seg.size_multiple
         assert min(grid.tile[0] - (b - a) for a, b in zip(grid.ys, grid.ys[1:])) >= min(192, largest // 2)
+
+
+def test_the_onnx_session_loads_this_cpus_optimised_graph_and_rebuilds_a_corrupt_one(trained_checkpoint):
+    pytest.importorskip("onnxruntime")
+    checkpoint = load_checkpoint(trained_checkpoint)
+    image = vessel_image((96, 80), seed=3)[0]
+    first = Segmenter(checkpoint, "cpu", backend="onnxruntime")
+    expected = first.predict(image)
+    optimized = first.onnx.optimized_path
+    assert optimized.is_file() and not list(optimized.parent.glob(".*.tmp"))  # written atomically, once
+    again = Segmenter(checkpoint, "cpu", backend="onnxruntime")  # a fresh process would load the optimised file
+    assert np.array_equal(again.predict(image), expected)
+    optimized.write_bytes(b"garbage")
+    mended = Segmenter(checkpoint, "cpu", backend="onnxruntime")
+    assert np.array_equal(mended.predict(image), expected) and optimized.stat().st_size > 1000
+
+
+def test_an_onnx_session_that_cannot_be_built_falls_back_or_says_so(tiny_checkpoint, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from src_models.export import OnnxPredictor
+
+    def broken(self, threads):
+        raise RuntimeError("no session today")
+
+    monkeypatch.setattr(OnnxPredictor, "_new_session", broken)
+    messages = []
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", log=messages.append)  # the session builds in the background
+    probs = seg.predict(vessel_image((40, 40))[0])
+    assert probs.shape == (1, 40, 40) and seg.backend == "torch"
+    assert any("onnxruntime not used (no session today)" in m for m in messages)
+    with pytest.raises(R2UNetError, match="onnxruntime backend is not available.*use --backend torch"):
+        Segmenter(load_checkpoint(tiny_checkpoint), "cpu", backend="onnxruntime").predict(vessel_image((40, 40))[0])

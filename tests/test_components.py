@@ -1,0 +1,47 @@
+"""The numpy connected components and Otsu threshold of the start-up path agree with scipy's and
+skimage's on random and structured masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from src_models.components import fill_holes, label, otsu_threshold
+
+
+def masks():
+    rng = np.random.default_rng(0)
+    for density in (0.2, 0.45, 0.6, 0.8):
+        yield rng.random((37, 53)) < density
+    yy, xx = np.mgrid[:60, :70]
+    ring = (np.hypot(yy - 30, xx - 35) < 25) & (np.hypot(yy - 30, xx - 35) > 10)
+    yield ring
+    spiral = np.zeros((40, 40), bool)
+    spiral[5, 5:35] = spiral[5:35, 34] = spiral[34, 8:35] = spiral[10:35, 8] = spiral[10, 8:30] = True
+    yield spiral
+    yield np.zeros((5, 7), bool)
+    yield np.ones((5, 7), bool)
+
+
+@pytest.mark.parametrize("mask", list(masks()))
+def test_label_and_fill_holes_match_scipy(mask):
+    ours, count = label(mask)
+    theirs, expected = ndimage.label(mask)
+    assert count == expected
+    np.testing.assert_array_equal(ours, theirs)  # same numbering too (order of the first pixel)
+    np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_otsu_matches_skimage():
+    rng = np.random.default_rng(1)
+    for values in (np.concatenate([rng.normal(10, 2, 5000), rng.normal(40, 5, 3000)]), rng.random(999) * 255,
+                   rng.integers(0, 4, 1000).astype(float)):
+        assert otsu_threshold(values) == pytest.approx(threshold_otsu(values), abs=1e-9)
+    assert otsu_threshold(np.full(10, 3.0)) == 3.0
+
+
+def test_label_refuses_other_dimensions():
+    with pytest.raises(ValueError, match="2D"):
+        label(np.zeros((2, 3, 4), bool))
