@@ -69,7 +69,8 @@ def check_predictions(checkpoint, image: np.ndarray, device: str) -> None:
     auto = Segmenter(checkpoint, device=device, backend="torch")
     amp = auto.predict(image, channel_axis=-1)
     diff, agree = agreement(fp32, amp)
-    picked = "AMP (bfloat16 if supported, else float16)" if auto.amp and auto.device.type == "cuda" else "float32 (no AMP off CUDA)"
+    picked = {"amp": "AMP (bfloat16 if supported, else float16)", "bf16": "bf16 autocast",
+              "fp32": "float32"}[auto.precision]
     print(f"2. Segmenter default on {device}, {picked}: max |dp| {diff:.2e} vs float32, masks agree on {agree:.5%}", flush=True)
 
 

@@ -52,6 +52,7 @@ class Job:
     overlap: float | None = None  # overlap of neighbouring tiles, a fraction of the tile; None = automatic
     tta: bool = False  # average the predictions of the 4 flipped images
     scale: str = "auto"  # auto (the model card's training scale), 1 (native) or a factor, as text
+    precision: str = "auto"  # auto (bf16 where the CPU has it and the card allows it), fp32 or bf16
 
     @property
     def channels(self) -> int:
@@ -60,7 +61,8 @@ class Job:
 
 
 def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool, *,
-             tile: int | None = None, overlap: float | None = None, tta: bool = False, scale: str = "auto") -> Job:
+             tile: int | None = None, overlap: float | None = None, tta: bool = False, scale: str = "auto",
+             precision: str = "auto") -> Job:
     """Job for an Image layer: 2D images whole; stacks by current slice or all slices."""
     data = layer.data
     if getattr(layer, "multiscale", False):
@@ -69,7 +71,7 @@ def plan_job(layer: Any, current_step: tuple[int, ...], all_slices: bool, *,
     spatial = tuple(data.shape[:-1]) if rgb else tuple(data.shape)
     channel_axis = -1 if rgb else None
     leading = len(spatial) - 2
-    options = {"tile": tile, "overlap": overlap, "tta": tta, "scale": scale}
+    options = {"tile": tile, "overlap": overlap, "tta": tta, "scale": scale, "precision": precision}
     if leading <= 0:
         return Job(data, channel_axis, False, (), spatial, **options)
     if all_slices:

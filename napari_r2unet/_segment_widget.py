@@ -13,6 +13,7 @@ come from :mod:`src_models.settings`. Buttons, worker and errors: :class:`~napar
 
 from __future__ import annotations
 
+import os
 from math import isqrt
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from ._layers import META_KEY, add_result_layers, fill_unlabelled, labels_from, 
 from ._model_menu import ModelMenu
 from ._models import ModelChoice, model_classes
 from ._threshold import ThresholdControl
-from ._worker import SegmenterCache, available_devices, segment
+from ._worker import WARMUP_ENV, SegmenterCache, available_devices, segment, warm_up
 
 if TYPE_CHECKING:
     import napari
@@ -60,6 +61,7 @@ class SegmentWidget(DockWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer)
         self._cache = SegmenterCache()
+        self._warming: set[Any] = set()  # warm-up workers still running
         self._progress_bar: Any = None
         self._noticed: set[tuple[str, str]] = set()  # (image, model) pairs whose input notice was shown
         self._build()
@@ -132,6 +134,11 @@ class SegmentWidget(DockWidget):
         self.tta = QCheckBox("test-time augmentation (4 flips: 4x slower, steadier)")
         self.tta.setToolTip("average the predictions of the 4 flipped images; the uncertainty map then also shows where they disagree")
         form.addRow("", self.tta)
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(["auto", "fp32", "bf16"])
+        self.precision_combo.setToolTip("auto: bf16 where the CPU has native bf16 (AMX, AVX-512 BF16) and the model card validates it, "
+                                        "mixed precision on CUDA, else fp32; bf16 runs on PyTorch (emulated, slower, on other CPUs)")
+        form.addRow("precision", self.precision_combo)
 
     @property
     def scale(self) -> str:
@@ -155,14 +162,32 @@ class SegmentWidget(DockWidget):
         return value if value >= 0 else None
 
     def _on_model_chosen(self, choice: ModelChoice) -> None:
-        """The card of the chosen model sets the threshold, post-processing and TTA of the next segmentation."""
+        """The card of the chosen model sets the threshold, post-processing and TTA of the next
+        segmentation; the model loads and warms up in the background meanwhile."""
         self.threshold_control.set_model(choice.card)
         self.tta.setChecked(choice.card.tta)
+        self._warm_up(choice)
         post = choice.card.postprocess
         self.status.setText(f"{choice.label}: threshold {self.threshold:.2f}"
                             + (f", post-processing ({post.describe()})" if post.active else "")
                             + (", test-time augmentation" if choice.card.tta else "")
                             + " from its model card, for the next segmentation")
+
+    def _warm_up(self, choice: ModelChoice) -> None:
+        """Load the chosen model and run a small forward pass in a worker thread (the first
+        Segment then costs what the next ones do); a Segment pressed meanwhile waits for it.
+        Errors are left to that Segment, which reports them."""
+        if os.environ.get(WARMUP_ENV, "1") == "0":
+            return
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(warm_up, self._cache, choice.spec, self.device_combo.currentText(), self.tta.isChecked(),
+                               self.scale, self.precision_combo.currentText(), lambda message: None,
+                               _start_thread=False, _ignore_errors=True)
+        worker.errored.connect(lambda exc: None)
+        worker.finished.connect(lambda: self._warming.discard(worker))
+        self._warming.add(worker)  # a reference until it ends
+        worker.start()
 
     def refresh_models(self, select: str | None = None) -> None:
         """Re-list pretrained models, fine-tuned versions and opened files; ``select`` a spec."""
@@ -223,7 +248,8 @@ class SegmentWidget(DockWidget):
             raise R2UNetError("no model chosen: pick a pretrained model or load a checkpoint")
         spec = choice.spec
         job = plan_job(image, tuple(self.viewer.dims.current_step), self.all_slices.isChecked(),
-                       tile=self.tile, overlap=self.overlap, tta=self.tta.isChecked(), scale=self.scale)
+                       tile=self.tile, overlap=self.overlap, tta=self.tta.isChecked(), scale=self.scale,
+                       precision=self.precision_combo.currentText())
         require_memory(result_bytes(job, model_classes(spec), self.add_probability.isChecked(), self.add_uncertainty.isChecked()),
                        f"the result for {image.name} {job.spatial_shape}",
                        "segment the current slice only, untick the probability/uncertainty maps, or crop the image")

@@ -12,6 +12,7 @@ a core and the GUI stays responsive while a model runs.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -21,20 +22,42 @@ from ._layers import Job
 
 
 class SegmenterCache:
-    """Loaded models of one widget, by (model, device); loading a checkpoint once per choice."""
+    """Loaded models of one widget, by (model, device, options); loading a checkpoint once per
+    choice. A lock makes a Segment press that comes while the warm-up loads the same model wait
+    for it and take it, instead of loading a second copy."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str, bool, str], Any] = {}
+        self._cache: dict[tuple[str, str, bool, str, str], Any] = {}
+        self._lock = threading.Lock()
 
-    def get(self, spec: str, device: str, log: Callable[[str], None], tta: bool = False, scale: str = "auto") -> Any:
-        key = (spec, device, tta, scale)
-        if key not in self._cache:
-            from src_models.inference import Segmenter
-            from src_models.model_names import load_model
+    def get(self, spec: str, device: str, log: Callable[[str], None], tta: bool = False, scale: str = "auto",
+            precision: str = "auto") -> Any:
+        key = (spec, device, tta, scale, precision)
+        with self._lock:
+            if key not in self._cache:
+                from src_models.inference import Segmenter
+                from src_models.model_names import load_model
 
-            self._cache.clear()  # keep one model in memory
-            self._cache[key] = Segmenter(load_model(spec), device=device, log=log, tta=tta, scale=scale)
-        return self._cache[key]
+                self._cache.clear()  # keep one model in memory
+                self._cache[key] = Segmenter(load_model(spec), device=device, log=log, tta=tta, scale=scale, precision=precision)
+            return self._cache[key]
+
+
+WARMUP_ENV = "R2UNET_WARMUP"  # 0: no warm-up when a model is chosen (the tests set it)
+WARMUP_SIDE = 64  # the warm-up forward pass: small, it only wakes the kernels and the thread pool
+
+
+def warm_up(cache: SegmenterCache, spec: str, device: str, tta: bool, scale: str, precision: str,
+            log: Callable[[str], None]) -> str:
+    """Load ``spec`` into ``cache`` and run one small forward pass (the backend's session, graph
+    cache and kernels), so the first Segment costs what the next ones do. Returns the model name."""
+    if device in ("auto", "cpu"):
+        limit_cpu_threads()
+    segmenter = cache.get(spec, device, log, tta=tta, scale=scale, precision=precision)
+    side = max(WARMUP_SIDE, segmenter.size_multiple)
+    noise = np.random.default_rng(0).random((segmenter.in_channels, side, side), dtype=np.float32)
+    segmenter.predict(noise, channel_axis=0)
+    return segmenter.checkpoint.name
 
 
 def limit_cpu_threads() -> int:
@@ -57,7 +80,7 @@ def segment(cache: SegmenterCache, spec: str, device: str, job: Job,
     """Probabilities ``(K, H, W)`` (or ``(..., K, H, W)`` for all slices) and the model's name."""
     if device in ("auto", "cpu"):
         limit_cpu_threads()  # before the model loads: onnxruntime sizes its thread pool from it
-    segmenter = cache.get(spec, device, log, tta=job.tta, scale=job.scale)
+    segmenter = cache.get(spec, device, log, tta=job.tta, scale=job.scale, precision=job.precision)
     if segmenter.device.type == "cpu":
         limit_cpu_threads()
     predict = segmenter.predict_stack if job.stack else segmenter.predict

@@ -93,7 +93,8 @@ def _segmenter(args: argparse.Namespace) -> Any:
     from .inference import Segmenter
     from .model_names import load_model
 
-    return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend, scale=args.scale)
+    return Segmenter(load_model(args.model), device=args.device, log=_log, tta=args.tta, backend=args.backend, scale=args.scale,
+                     precision=args.precision)
 
 
 def _predict_options(args: argparse.Namespace, checkpoint: Any) -> Any:
@@ -344,6 +345,9 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation, even where the model card asks for it")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto: onnxruntime on the CPU when installed (about 2x faster, same results), else PyTorch")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 where the CPU has native bf16 (AMX, AVX-512 BF16) and the model card validates it, "
+                        "mixed precision on CUDA, else fp32; bf16 runs on PyTorch (default: auto)")
     p.add_argument("--stack", action="store_true", help="treat a 3D (N, H, W) file with N <= 4 as a stack, not as channels")
 
 

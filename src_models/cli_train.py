@@ -29,6 +29,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
         patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None), keep_base=getattr(args, "keep_base", None),
         geometry=getattr(args, "geometry", None), rotate=args.rotate, scale=args.scale, aspect=args.aspect, rot90=args.rot90,
         zoom=args.zoom, gamma=args.gamma, colour=args.colour, blur=args.blur, jpeg=args.jpeg, l2sp=getattr(args, "l2sp", None),
+        precision=args.precision,
     )
 
 
@@ -281,6 +282,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any
     aug.add_argument("--jpeg", type=int, default=None, help=_help("jpeg", defaults))
     aug.add_argument("--no-rot90", dest="rot90", action="store_const", const=False, default=None, help="no 90-degree rotations or vertical flips (upright images such as chest X-rays)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu); under torchrun each process takes its own GPU")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"], help=_help("precision", defaults))
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .resume.pt (the same settings; --epochs/--minutes/--patience may change, giving neither keeps the saved budget)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT and its resume state (default: refuse)")

@@ -38,6 +38,7 @@ from .devices import is_out_of_memory, select_device
 from .errors import CancelledError, R2UNetError
 from .geometry import letterbox, resize_planes, unletterbox
 from .nets import logits_to_probabilities
+from .precision import autocast, resolve_precision
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
 from .resources import HEADROOM, available_memory, require_memory
 from .scale import parse_scale_option, resized_shape, scale_factor
@@ -49,6 +50,7 @@ Log = Callable[[str], None]
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 ACTIVATION_BYTES_PER_PIXEL = 900  # R2U-Net 16-256, onnxruntime: a 1024^2 tile's process peaks at 0.9 GB (the activations alone ~490 B/px)
 BACKENDS = ("auto", "torch", "onnxruntime")
+PRECISION_ENV = "R2UNET_PRECISION"  # replaces --precision auto (auto | fp32 | bf16)
 BACKEND_ENV = "R2UNET_BACKEND"  # overrides the backend argument (auto | torch | onnxruntime)
 
 
@@ -65,20 +67,29 @@ class Segmenter:
 
     def __init__(
         self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None, tta: bool | None = None,
-        backend: str = "auto", scale: str | float = "auto",
+        backend: str = "auto", scale: str | float = "auto", precision: str = "auto",
     ) -> None:
         self.checkpoint = checkpoint
         self.scale = parse_scale_option(scale)  # auto: to the card's training scale; a factor (1 = native)
         self._scale_note = ""  # the last scale notice logged
         self.device = select_device(device)
-        self.amp = amp
+        self.log = log or (lambda message: None)
+        # fp32, bf16 (autocast, PyTorch) or amp (CUDA mixed precision); amp=False forces fp32;
+        # $R2UNET_PRECISION replaces auto (the tests set fp32)
+        asked = (os.environ.get(PRECISION_ENV) or precision) if precision == "auto" else precision
+        self.precision, precision_note = resolve_precision(asked if amp else "fp32", self.device.type, checkpoint.model_card.bf16)
+        if precision_note:
+            self.log(precision_note)
         # test-time augmentation: mean over the 4 flips (4x the compute); None: as the model card says
         self.tta = checkpoint.model_card.tta if tta is None else bool(tta)
-        self.log = log or (lambda message: None)
         self._model: Any = None  # the PyTorch network, built when first needed (not for onnxruntime)
         self.onnx: Any = None
         self._should_stop: ShouldStop | None = None  # the running predict's, for a Cancel inside a tile
         self._asked_backend = os.environ.get(BACKEND_ENV) or backend
+        if self.precision == "bf16" and self._asked_backend != "torch":
+            if self._asked_backend == "onnxruntime":
+                raise R2UNetError("bf16 runs on the PyTorch backend; use --backend torch or --precision fp32")
+            self._asked_backend = "torch"  # onnxruntime's CPU kernels are float32
         self.backend = self._choose_backend(self._asked_backend)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles share one shape: let cuDNN pick its fastest kernels once
@@ -111,6 +122,8 @@ class Segmenter:
     def model(self) -> Any:
         if self._model is None:
             self._model = self.checkpoint.build(self.device)
+            if self.precision == "bf16" and self.device.type == "cpu":
+                self._model = self._model.to(memory_format=torch.channels_last)
         return self._model
 
     @model.setter
@@ -153,8 +166,8 @@ class Segmenter:
 
     def _predict_batch_torch(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(self.device)
-        use_amp = self.amp and self.device.type == "cuda"
-        dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        if self.precision == "bf16" and self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's bf16 kernels want NHWC
         flips = FLIPS if self.tta else ((),)
 
         def probabilities(flip: tuple[int, ...]) -> torch.Tensor:
@@ -162,7 +175,7 @@ class Segmenter:
                 return logits_to_probabilities(self.model(x).float())
             return logits_to_probabilities(self.model(x.flip(flip)).float()).flip(flip)
 
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=use_amp):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             probs = sum(probabilities(f) for f in flips) / len(flips)
         return probs.cpu().numpy()
 

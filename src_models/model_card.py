@@ -103,6 +103,7 @@ class ModelCard:
     data_short: str = ""  # the data in a few words for menus ("ISIC 2017"); empty: see short_data
     scale: Scale = field(default_factory=Scale)  # the training images' scale, for --scale auto (tiled geometry)
     tta: bool = False  # run with test-time augmentation (the mean of the 4 flips) unless told otherwise
+    bf16: bool = False  # validated in bfloat16 (benchmarks/precision_check.py): --precision auto may use it
 
     def __post_init__(self) -> None:
         for name in ("task", "modality", "data", "licence", "channels", "metrics_on", "data_short"):
@@ -110,8 +111,9 @@ class ModelCard:
                 raise ValueError(f"card {name} must be text, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.geometry, Geometry) or not isinstance(self.postprocess, Postprocess) or not isinstance(self.scale, Scale):
             raise ValueError("card geometry, postprocess and scale must be Geometry, Postprocess and Scale")
-        if type(self.tta) is not bool:
-            raise ValueError(f"card tta={self.tta!r} must be true or false")
+        for name in ("tta", "bf16"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"card {name}={getattr(self, name)!r} must be true or false")
         low, high = THRESHOLD_RANGE
         if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
                 or not math.isfinite(self.threshold) or not low <= self.threshold <= high):
@@ -164,7 +166,8 @@ class ModelCard:
         rows = [("task", self.task), ("modality", self.modality), ("input", self.channels),
                 ("geometry", self.geometry.describe()), ("scale", self.scale.describe()), ("threshold", f"{self.threshold:g}"),
                 ("postprocess", self.postprocess.describe()),
-                ("test-time augmentation", "mean of the 4 flips" if self.tta else ""), ("data", self.data), ("licence", self.licence),
+                ("test-time augmentation", "mean of the 4 flips" if self.tta else ""),
+                ("bfloat16", "validated (--precision auto uses it where the CPU has native bf16)" if self.bf16 else ""), ("data", self.data), ("licence", self.licence),
                 ("metrics", metrics + (f" ({self.metrics_on})" if metrics and self.metrics_on else ""))]
         return [f"{label}: {value}" for label, value in rows if value]
 

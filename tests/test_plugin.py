@@ -179,9 +179,9 @@ def test_the_scale_setting_reaches_the_segmenter_and_a_bad_one_is_refused(widget
 
     original = _worker.SegmenterCache.get
 
-    def spy(self, spec, device, log, tta=False, scale="auto"):
+    def spy(self, spec, device, log, tta=False, scale="auto", **options):
         seen.append(scale)
-        return original(self, spec, device, log, tta=tta, scale=scale)
+        return original(self, spec, device, log, tta=tta, scale=scale, **options)
 
     monkeypatch.setattr(_worker.SegmenterCache, "get", spy)
     assert widget.scale_combo.currentText() == "auto"
@@ -191,6 +191,28 @@ def test_the_scale_setting_reaches_the_segmenter_and_a_bad_one_is_refused(widget
     widget.scale_combo.setCurrentText("huge")
     widget.start()
     assert "must be 'auto' or a factor" in widget.status.text() and not widget.running and seen == ["0.5"]
+
+
+@pytest.mark.gui
+def test_choosing_a_model_warms_it_up_and_segment_takes_the_warm_one(widget, qtbot, monkeypatch, tmp_path):
+    from napari_r2unet import _worker
+
+    loaded = []
+    original = _worker.SegmenterCache.get
+
+    def spy(self, *args, **options):
+        loaded.append(original(self, *args, **options))
+        return loaded[-1]
+
+    monkeypatch.setattr(_worker.SegmenterCache, "get", spy)
+    monkeypatch.setenv("R2UNET_WARMUP", "1")
+    widget.precision_combo.setCurrentText("fp32")
+    widget.add_model(str(random_checkpoint(tmp_path / "other.safetensors", widths=(4, 8, 16), seed=1)))  # chosen: warms up
+    qtbot.waitUntil(lambda: len(loaded) == 1 and not widget._warming, timeout=30_000)
+    assert loaded[0].checkpoint.name == "other" and loaded[0].precision == "fp32"
+    run_to_end(widget, qtbot)
+    assert len(loaded) == 2 and loaded[1] is loaded[0]  # the Segment press reused the warm model
+    assert "synthetic vessels [other]" in widget.viewer.layers
 
 
 @pytest.mark.gui

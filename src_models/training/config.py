@@ -73,6 +73,7 @@ class TrainConfig:
     colour: float = field(default=0.0, **_meta("largest colour change of the augmentation (3-channel images), on half the patches: saturation scaled by up to exp(colour), hue turned by up to colour x 60 degrees, each channel's gamma by up to exp(colour / 2) (0 = off; 0.3 for photographs from other cameras)", min=0, max=1))
     jpeg: int = field(default=0, **_meta("lowest JPEG quality of the augmentation, on a third of the patches (0 = off)", min=0, max=100))
     rot90: bool = field(default=True, **_meta("augment with 90-degree rotations and vertical flips too (off for upright images such as chest X-rays)"))
+    precision: str = field(default="fp32", **_meta("training arithmetic: fp32, bf16 (autocast: faster where the CPU has AMX or AVX-512 BF16, or on a GPU that has bf16) or auto (bf16 where native, else fp32); validation runs in fp32", choices=("fp32", "bf16", "auto")))
     val_tile: int = field(default=1024, **_meta("tile side of the sliding-window validation, in pixels"))
 
     def __post_init__(self) -> None:

@@ -36,6 +36,7 @@ from ..errors import CancelledError, R2UNetError
 from ..metrics import MetricAccumulator
 from ..model_card import Geometry, ModelCard, derived_card
 from ..nets import ModelConfig, build_model, logits_to_probabilities
+from ..precision import autocast, resolve_precision
 from ..preprocessing import PreprocessConfig
 from ..settings import DEFAULT_OVERLAP
 from ..tiling import sliding_window_inference
@@ -155,6 +156,10 @@ class Trainer:
         self.memory_format = torch.channels_last if self.device.type in ("cpu", "cuda") else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
         self.dtype = next(self.model.parameters()).dtype  # batches follow the model (float32 unless built otherwise)
+        self.precision, note = resolve_precision(self.config.precision, self.device.type, card_allows_bf16=True)
+        if self.precision == "amp":  # training's mixed precision is bf16 (fp16 would need a gradient scaler)
+            self.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        self.precision_note = note
         if self.dist.enabled and self.device.type == "cuda" and self.model_config.norm == "batch":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if self.config.freeze == "encoder":
@@ -342,7 +347,9 @@ class Trainer:
         barrier(self.dist)
 
     def _start_events(self) -> Iterator[TrainEvent]:
-        yield self._event(EventKind.START, message=f"{len(self.train_samples)} training / {len(self.val_samples)} validation images, {self.steps_per_epoch} steps per epoch on {self.device}")
+        yield self._event(EventKind.START, message=f"{len(self.train_samples)} training / {len(self.val_samples)} validation images, {self.steps_per_epoch} steps per epoch on {self.device}"
+                                                  + ("" if self.precision == "fp32" else f", {self.precision} autocast")
+                                                  + (f" ({self.precision_note})" if self.precision_note else ""))
         if self.base is not None and self.val_samples and not self.state.base_metrics and self.state.step == 0:
             metrics = self._validate_unless_cancelled()
             if metrics:
@@ -382,7 +389,9 @@ class Trainer:
             group["lr"] = self.config.lr * self._lr_factor()
         x = x.to(self.device, self.dtype, memory_format=self.memory_format)
         y, w = y.to(self.device), w.to(self.device, self.dtype)
-        loss = segmentation_loss(self.net(x), y, w, *loss_reduction(self.dist))
+        with autocast(self.device, self.precision):  # the loss itself runs in float32 (autocast's rule for reductions)
+            logits = self.net(x)
+        loss = segmentation_loss(logits.float(), y, w, *loss_reduction(self.dist))
         if self._anchor:  # L2-SP: the starting point, not zero, is what the weights are pulled to
             loss = loss + self.config.l2sp * sum(((p - a) ** 2).sum() for p, a in self._anchor)
         if not torch.isfinite(loss):

@@ -1,0 +1,91 @@
+"""Numeric precision of inference and training: fp32, bf16, or auto (the machine and the card decide).
+
+bfloat16 halves the bytes of every activation and, on CPUs with AMX tiles (``amx_bf16``) or
+AVX-512 BF16 (``avx512_bf16``), runs the convolutions on units that fp32 leaves idle. Without
+them oneDNN emulates bf16 with conversions, slower than fp32: ``auto`` then stays at fp32.
+
+- ``auto``: on a CUDA device, mixed precision (bf16 where supported, else fp16) as before; on a
+  CPU, bf16 only where the CPU has native bf16 *and* the model card says the weights were
+  validated in bf16 (``card.bf16``: masks agree with fp32 on >= 99.9 % of pixels and the test F1
+  moved by <= 0.002; ``benchmarks/precision_check.py`` measures it); fp32 elsewhere.
+- ``fp32``: float32 everywhere (the tests' precision).
+- ``bf16``: bf16 autocast wherever asked, emulated or not (a notice says when it is emulated).
+
+The CPU's flags come from ``/proc/cpuinfo`` (Linux) or ``sysctl`` (macOS: Apple M2 and later
+report ``hw.optional.arm.FEAT_BF16``); torch is imported only to ask CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import R2UNetError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # x86; ARM Linux reports "bf16" in Features
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (lower case; empty where they cannot be read)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].lower().split())
+    if sys.platform == "darwin":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5)
+            if out.stdout.strip() == "1":
+                return frozenset({"bf16"})
+    return frozenset()
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS) or "bf16" in flags
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise R2UNetError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def resolve_precision(precision: str, device_type: str, card_allows_bf16: bool,
+                      flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """The precision a run uses (``fp32``, ``bf16`` or, on CUDA under auto, ``amp``) and a line
+    saying why (empty when there is nothing to say)."""
+    check_precision(precision)
+    if precision == "fp32":
+        return "fp32", ""
+    if device_type == "cuda":
+        return ("amp", "") if precision == "auto" else ("bf16", "")
+    native = cpu_has_native_bf16(flags) if device_type == "cpu" else False  # MPS: fp32 unless asked
+    if precision == "bf16":
+        if device_type == "cpu" and not native:
+            return "bf16", "bf16 asked for, but this CPU has no native bf16 (AMX or AVX-512 BF16): it is emulated, slower than fp32"
+        return "bf16", ""
+    if device_type == "cpu" and native and card_allows_bf16:
+        return "bf16", "precision auto: bf16 (this CPU has native bf16 and the model card validates it)"
+    return "fp32", ""
+
+
+def autocast(device: Any, precision: str) -> Any:
+    """The autocast context of a resolved precision (a null context for fp32)."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "amp":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+__all__ = ["PRECISIONS", "autocast", "check_precision", "cpu_flags", "cpu_has_native_bf16", "resolve_precision"]

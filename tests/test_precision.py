@@ -1,0 +1,102 @@
+"""--precision fp32|bf16|auto: what auto picks on which CPU and card, bf16 inference against
+fp32, bf16 training steps, and the refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_training import PP, TINY, fast, synthetic_samples
+
+from src_models.checkpoint import load_checkpoint, save_checkpoint
+from src_models.errors import R2UNetError
+from src_models.inference import Segmenter
+from src_models.precision import check_precision, cpu_has_native_bf16, resolve_precision
+from src_models.synthetic import vessel_image
+from src_models.training import TrainConfig, Trainer
+
+AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+AVX2 = frozenset({"avx2", "fma"})
+
+
+def test_auto_picks_bf16_only_with_native_bf16_and_a_card_that_allows_it():
+    assert cpu_has_native_bf16(AMX) and cpu_has_native_bf16(frozenset({"avx512_bf16"})) and not cpu_has_native_bf16(AVX2)
+    assert resolve_precision("auto", "cpu", True, AMX)[0] == "bf16"
+    assert resolve_precision("auto", "cpu", False, AMX) == ("fp32", "")  # the card has not been validated in bf16
+    assert resolve_precision("auto", "cpu", True, AVX2) == ("fp32", "")  # emulated bf16 is slower than fp32
+    assert resolve_precision("auto", "cuda", False, AVX2) == ("amp", "")  # CUDA keeps its mixed precision
+    assert resolve_precision("auto", "mps", True, AMX) == ("fp32", "")
+    assert resolve_precision("fp32", "cuda", True, AMX) == ("fp32", "")
+    precision, note = resolve_precision("bf16", "cpu", False, AVX2)
+    assert precision == "bf16" and "emulated" in note
+    assert resolve_precision("bf16", "cpu", False, AMX) == ("bf16", "")
+    with pytest.raises(R2UNetError, match="must be one of auto, fp32, bf16"):
+        check_precision("fp16")
+
+
+def test_bf16_inference_agrees_with_fp32(trained_checkpoint):
+    checkpoint = load_checkpoint(trained_checkpoint)
+    image = vessel_image((128, 120), seed=4)[0]
+    fp32 = Segmenter(checkpoint, "cpu", backend="torch", precision="fp32").predict(image)
+    messages = []
+    segmenter = Segmenter(checkpoint, "cpu", precision="bf16", log=messages.append)
+    assert segmenter.backend == "torch" and segmenter.precision == "bf16"  # onnxruntime's CPU kernels are float32
+    bf16 = segmenter.predict(image)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    difference = np.abs(bf16 - fp32)
+    # bf16 keeps 8 bits of mantissa: probabilities move by up to a few 1e-2 near 0.5 and the
+    # masks by a few pixels in ten thousand; a float32 run would show 0, a broken cast ~0.5
+    assert 0 < difference.max() < 0.1
+    assert ((bf16 >= 0.5) == (fp32 >= 0.5)).mean() >= 0.99
+    assert all("emulated" in m for m in messages) == (not cpu_has_native_bf16())
+
+
+def test_the_tests_run_fp32_and_auto_follows_the_card(trained_checkpoint, tmp_path, monkeypatch):
+    checkpoint = load_checkpoint(trained_checkpoint)
+    assert Segmenter(checkpoint, "cpu").precision == "fp32"  # R2UNET_PRECISION=fp32 (conftest)
+    allowed = tmp_path / "allowed.safetensors"
+    save_checkpoint(allowed, checkpoint.state_dict, checkpoint.config, checkpoint.preprocess, checkpoint.class_names,
+                    checkpoint.provenance, card=checkpoint.model_card.with_(bf16=True))
+    monkeypatch.delenv("R2UNET_PRECISION")
+    import src_models.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: AMX)
+    assert Segmenter(load_checkpoint(allowed), "cpu").precision == "bf16"
+    assert "bfloat16: validated" in "\n".join(load_checkpoint(allowed).model_card.lines())
+    assert Segmenter(checkpoint, "cpu").precision == "fp32"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: AVX2)
+    assert Segmenter(load_checkpoint(allowed), "cpu").precision == "fp32"
+
+
+def test_bf16_runs_on_pytorch_only(tiny_checkpoint):
+    with pytest.raises(R2UNetError, match="bf16 runs on the PyTorch backend"):
+        Segmenter(load_checkpoint(tiny_checkpoint), "cpu", precision="bf16", backend="onnxruntime")
+    with pytest.raises(R2UNetError, match="must be one of"):
+        Segmenter(load_checkpoint(tiny_checkpoint), "cpu", precision="half")
+
+
+def test_bf16_training_steps(tmp_path):
+    out = tmp_path / "bf16.safetensors"
+    trainer = Trainer(TINY, PP, synthetic_samples(4), fast(val_fraction=0.25, epochs=1, steps_per_epoch=2, precision="bf16"), out)
+    events = list(trainer.run())
+    assert "bf16 autocast" in events[0].message
+    losses = [e.loss for e in events if e.kind == "step"]
+    assert losses and all(np.isfinite(losses))
+    weights = load_checkpoint(out).state_dict
+    assert all(t.dtype != torch.bfloat16 for t in weights.values())  # autocast: the weights stay float32
+    with pytest.raises(R2UNetError, match="precision='fp16' must be fp32, bf16 or auto"):
+        TrainConfig(precision="fp16")
+
+
+def test_cli_precision_option(tmp_path, trained_checkpoint, capsys):
+    from PIL import Image
+
+    from src_models.cli import main
+
+    image = tmp_path / "eye.png"
+    Image.fromarray(vessel_image((96, 80), seed=2)[0]).save(image)
+    assert main(["predict", str(trained_checkpoint), str(image), "--out", str(tmp_path / "out"), "--precision", "bf16"]) == 0
+    assert (tmp_path / "out" / "eye.tif").is_file()
+    assert main(["predict", str(trained_checkpoint), str(image), "--out", str(tmp_path / "o2"), "--precision", "bf16",
+                 "--backend", "onnxruntime"]) == 1
+    assert "bf16 runs on the PyTorch backend" in capsys.readouterr().err
