@@ -38,7 +38,7 @@ from .devices import is_out_of_memory, select_device
 from .errors import CancelledError, R2UNetError
 from .geometry import letterbox, resize_planes, unletterbox
 from .nets import logits_to_probabilities
-from .precision import autocast, resolve_precision
+from .precision import autocast, keep_float32_ends, resolve_precision
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
 from .resources import HEADROOM, available_memory, require_memory
 from .scale import parse_scale_option, resized_shape, scale_factor
@@ -122,8 +122,10 @@ class Segmenter:
     def model(self) -> Any:
         if self._model is None:
             self._model = self.checkpoint.build(self.device)
-            if self.precision == "bf16" and self.device.type == "cpu":
-                self._model = self._model.to(memory_format=torch.channels_last)
+            if self.precision == "bf16":
+                self._model = keep_float32_ends(self._model)
+                if self.device.type == "cpu":
+                    self._model = self._model.to(memory_format=torch.channels_last)
         return self._model
 
     @model.setter

@@ -75,6 +75,9 @@ def find_version(spec: str) -> Path | None:
 
 def load_model(spec: str) -> Checkpoint:
     """A pretrained name, a fine-tuned version's name or a checkpoint path -> validated :class:`Checkpoint`."""
+    shipped = checkpoint_files.WEIGHTS_DIR / f"{spec}.safetensors"
+    if spec and spec == Path(spec).name and shipped.is_file():  # a pretrained name is its file's stem: no catalog to read
+        return load_checkpoint(shipped)
     pretrained = pretrained_models()
     if spec in pretrained:
         return load_checkpoint(pretrained[spec].path)

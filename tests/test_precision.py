@@ -42,6 +42,8 @@ def test_bf16_inference_agrees_with_fp32(trained_checkpoint):
     segmenter = Segmenter(checkpoint, "cpu", precision="bf16", log=messages.append)
     assert segmenter.backend == "torch" and segmenter.precision == "bf16"  # onnxruntime's CPU kernels are float32
     bf16 = segmenter.predict(image)
+    # the first block and the head run in float32 (the finest detail and the logits)
+    assert type(segmenter.model.encoder[0]).__name__ == type(segmenter.model.head).__name__ == "Float32"
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
     difference = np.abs(bf16 - fp32)
     # bf16 keeps 8 bits of mantissa: probabilities move by up to a few 1e-2 near 0.5 and the
