@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"segmentation failed: {widget.status.text()}", file=sys.stderr)
         viewer.close()
 
+    from qtpy.QtWidgets import QApplication
+
+    while widget._warming:  # the chosen model still loads in the background: start when it is warm
+        QApplication.processEvents()
+        time.sleep(0.01)
     widget.start()
     if widget._worker is None:  # refused before starting (no model, no image): the status says why
         print(f"segmentation failed: {widget.status.text()}", file=sys.stderr)

@@ -62,6 +62,7 @@ class SegmentWidget(DockWidget):
         super().__init__(napari_viewer)
         self._cache = SegmenterCache()
         self._warming: set[Any] = set()  # warm-up workers still running
+        self._start_after_warm_up = False  # Segment was pressed during a warm-up
         self._progress_bar: Any = None
         self._noticed: set[tuple[str, str]] = set()  # (image, model) pairs whose input notice was shown
         self._build()
@@ -181,11 +182,15 @@ class SegmentWidget(DockWidget):
             return
         from napari.qt.threading import create_worker
 
+        try:
+            scale = self.scale
+        except R2UNetError:  # a bad scale text: Segment will say so; nothing to warm up with
+            return
         worker = create_worker(warm_up, self._cache, choice.spec, self.device_combo.currentText(), self.tta.isChecked(),
-                               self.scale, self.precision_combo.currentText(), lambda message: None,
+                               scale, self.precision_combo.currentText(), lambda message: None,
                                _start_thread=False, _ignore_errors=True)
         worker.errored.connect(lambda exc: None)
-        worker.finished.connect(lambda: self._warming.discard(worker))
+        worker.finished.connect(lambda: self._warm_up_ended(worker))
         self._warming.add(worker)  # a reference until it ends
         worker.start()
 
@@ -236,8 +241,21 @@ class SegmentWidget(DockWidget):
         return self.viewer.layers[name]
 
     def start(self) -> None:
-        """Segment the chosen image in a worker thread (refused while one runs)."""
+        """Segment the chosen image in a worker thread (refused while one runs). While the chosen
+        model still warms up, the Segment starts when that ends: two threads never load or run
+        torch at once (torch.set_num_threads and module construction in two threads deadlocked
+        under Qt in our tests)."""
+        if self._warming:
+            self._start_after_warm_up = True
+            self.status.setText("loading the model: the segmentation starts when it is ready ...")
+            return
         self._unless_busy(self.busy_message, self._start)
+
+    def _warm_up_ended(self, worker: Any) -> None:
+        self._warming.discard(worker)
+        if not self._warming and self._start_after_warm_up:
+            self._start_after_warm_up = False
+            self.start()
 
     def _start(self) -> None:
         from napari.utils import progress

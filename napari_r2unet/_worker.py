@@ -11,9 +11,10 @@ a core and the GUI stays responsive while a model runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,12 +24,13 @@ from ._layers import Job
 
 class SegmenterCache:
     """Loaded models of one widget, by (model, device, options); loading a checkpoint once per
-    choice. A lock makes a Segment press that comes while the warm-up loads the same model wait
-    for it and take it, instead of loading a second copy."""
+    choice. :meth:`use` holds a lock for a whole run: a Segment pressed while the warm-up loads
+    and runs the model waits for it and then takes that model, and two runs never share a
+    Segmenter at once (its Cancel callback and notices are per run)."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str, bool, str, str], Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def get(self, spec: str, device: str, log: Callable[[str], None], tta: bool = False, scale: str = "auto",
             precision: str = "auto") -> Any:
@@ -40,7 +42,15 @@ class SegmenterCache:
 
                 self._cache.clear()  # keep one model in memory
                 self._cache[key] = Segmenter(load_model(spec), device=device, log=log, tta=tta, scale=scale, precision=precision)
-            return self._cache[key]
+            segmenter = self._cache[key]
+            segmenter.log = log  # this run's notices go to this run's caller (not to the warm-up's)
+            return segmenter
+
+    @contextlib.contextmanager
+    def use(self, spec: str, device: str, log: Callable[[str], None], **options: Any) -> Iterator[Any]:
+        """The Segmenter of ``spec``, held for this caller until the block ends."""
+        with self._lock:
+            yield self.get(spec, device, log, **options)
 
 
 WARMUP_ENV = "R2UNET_WARMUP"  # 0: no warm-up when a model is chosen (the tests set it)
@@ -53,11 +63,11 @@ def warm_up(cache: SegmenterCache, spec: str, device: str, tta: bool, scale: str
     cache and kernels), so the first Segment costs what the next ones do. Returns the model name."""
     if device in ("auto", "cpu"):
         limit_cpu_threads()
-    segmenter = cache.get(spec, device, log, tta=tta, scale=scale, precision=precision)
-    side = max(WARMUP_SIDE, segmenter.size_multiple)
-    noise = np.random.default_rng(0).random((segmenter.in_channels, side, side), dtype=np.float32)
-    segmenter.predict(noise, channel_axis=0)
-    return segmenter.checkpoint.name
+    with cache.use(spec, device, log, tta=tta, scale=scale, precision=precision) as segmenter:
+        side = max(WARMUP_SIDE, segmenter.size_multiple)
+        noise = np.random.default_rng(0).random((segmenter.in_channels, side, side), dtype=np.float32)
+        segmenter.predict(noise, channel_axis=0)
+        return segmenter.checkpoint.name
 
 
 def limit_cpu_threads() -> int:
@@ -80,13 +90,17 @@ def segment(cache: SegmenterCache, spec: str, device: str, job: Job,
     """Probabilities ``(K, H, W)`` (or ``(..., K, H, W)`` for all slices) and the model's name."""
     if device in ("auto", "cpu"):
         limit_cpu_threads()  # before the model loads: onnxruntime sizes its thread pool from it
-    segmenter = cache.get(spec, device, log, tta=job.tta, scale=job.scale, precision=job.precision)
-    if segmenter.device.type == "cpu":
-        limit_cpu_threads()
-    predict = segmenter.predict_stack if job.stack else segmenter.predict
-    probs = predict(job.data, channel_axis=job.channel_axis, tile=job.tile, overlap=job.overlap,
-                    progress=progress, should_stop=should_stop)
-    return np.asarray(probs), segmenter.checkpoint.name
+    with cache.use(spec, device, log, tta=job.tta, scale=job.scale, precision=job.precision) as segmenter:
+        if should_stop():  # Cancel pressed while the warm-up held the model
+            from src_models.errors import CancelledError
+
+            raise CancelledError()
+        if segmenter.device.type == "cpu":
+            limit_cpu_threads()
+        predict = segmenter.predict_stack if job.stack else segmenter.predict
+        probs = predict(job.data, channel_axis=job.channel_axis, tile=job.tile, overlap=job.overlap,
+                        progress=progress, should_stop=should_stop)
+        return np.asarray(probs), segmenter.checkpoint.name
 
 
 def segment_all(cache: SegmenterCache, spec: str, jobs: list[Job],

@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{args.arch} trained on {Path(args.images).resolve()}"}
     base = _init_model(args.init, model_config, preprocess) if args.init else None
     if base is not None and card is None:  # the card says what the new model is: keep the start's, its metrics cleared
-        card = base.model_card.with_(metrics={}, metrics_on="")
+        card = base.model_card.with_(metrics={}, metrics_on="", bf16=False)
     trainer = Trainer(model_config, preprocess, samples, config, args.out, base=base,
                       class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance, card=card,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)

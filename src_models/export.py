@@ -137,6 +137,7 @@ class OnnxPredictor:
         self._threads = 0
         self._building: threading.Thread | None = None
         self._built: tuple[Any, int, BaseException | None] | None = None
+        self._lock = threading.Lock()  # session() may be called from two threads (the widget's warm-up and a Segment)
 
     @property
     def optimized_path(self) -> Path:
@@ -149,7 +150,9 @@ class OnnxPredictor:
     def prepare(self) -> None:
         """Start building the session in a background thread (onnxruntime releases the GIL while
         it loads): the caller reads and preprocesses its image meanwhile. :meth:`session` waits."""
-        if self._session is None and self._building is None:
+        with self._lock:
+            if self._session is not None or self._building is not None:
+                return
             threads = torch.get_num_threads()
 
             def build() -> None:
@@ -163,18 +166,20 @@ class OnnxPredictor:
 
     def session(self) -> Any:
         threads = torch.get_num_threads()  # follow the thread budget the caller gave torch
-        if self._building is not None:
-            self._building.join()
-            self._building = None
-            assert self._built is not None
-            session, built_threads, error = self._built
-            self._built = None
-            if error is not None:
-                raise error
-            self._session, self._threads = session, built_threads
-        if self._session is None or threads != self._threads:
-            self._session, self._threads = self._new_session(threads), threads
-        return self._session
+        with self._lock:
+            building = self._building
+            if building is not None:
+                building.join()
+                self._building = None
+                built, self._built = self._built, None
+                assert built is not None
+                session, built_threads, error = built
+                if error is not None:
+                    raise error
+                self._session, self._threads = session, built_threads
+            if self._session is None or threads != self._threads:
+                self._session, self._threads = self._new_session(threads), threads
+            return self._session
 
     def _new_session(self, threads: int) -> Any:
         import onnxruntime as ort
@@ -199,22 +204,38 @@ class OnnxPredictor:
                 with contextlib.suppress(OSError):
                     optimized.unlink()
         level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        tmp = optimized.with_name(f".{optimized.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         for attempt in (1, 2):
-            tmp = optimized.with_name(f".{optimized.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
-                session = ort.InferenceSession(str(self.path), options(level, tmp), providers=providers)
-            except Exception as exc:  # a corrupt cache file: rebuild it once
-                for leftover in (tmp, self.path):
-                    with contextlib.suppress(OSError):
-                        leftover.unlink()
+                session = self._save_optimized(ort, options, level, tmp, optimized, providers)
+            except Exception as exc:  # the exported graph is corrupt: export it again, once
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
                 if attempt == 2:
-                    raise R2UNetError(f"onnxruntime cannot run {self.checkpoint.name}: {type(exc).__name__}") from exc
+                    raise R2UNetError(f"onnxruntime cannot run {self.checkpoint.name}: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
                 export_onnx(self.checkpoint, self.path)
                 continue
-            with contextlib.suppress(OSError):  # the cache is an optimisation: a read-only folder only costs time
-                os.replace(tmp, optimized)
             return session
         raise AssertionError("unreachable")
+
+    def _save_optimized(self, ort: Any, options: Callable[..., Any], level: Any, tmp: Path, optimized: Path, providers: list) -> Any:
+        """A session of the exported graph that also writes the optimised graph to the cache; where
+        it cannot be written (a read-only or full cache folder) the session alone, which only costs
+        start-up time. An error from the graph itself is raised."""
+        try:
+            session = ort.InferenceSession(str(self.path), options(level, tmp), providers=providers)
+        except Exception:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            session = ort.InferenceSession(str(self.path), options(level), providers=providers)  # raises if the graph is bad
+            return session
+        try:
+            os.replace(tmp, optimized)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return session
 
     def __call__(self, batch: np.ndarray, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Logits of ``batch``; with ``should_stop``, a watcher thread polls it every 50 ms and

@@ -77,7 +77,11 @@ class Segmenter:
         # fp32, bf16 (autocast, PyTorch) or amp (CUDA mixed precision); amp=False forces fp32;
         # $R2UNET_PRECISION replaces auto (the tests set fp32)
         asked = (os.environ.get(PRECISION_ENV) or precision) if precision == "auto" else precision
-        self.precision, precision_note = resolve_precision(asked if amp else "fp32", self.device.type, checkpoint.model_card.bf16)
+        backend = os.environ.get(BACKEND_ENV) or backend
+        if asked == "auto" and backend == "onnxruntime":
+            asked = "fp32"  # onnxruntime asked for by name: auto keeps its float32 kernels
+        self.precision, precision_note = resolve_precision(asked if amp else "fp32", self.device.type, checkpoint.model_card.bf16,
+                                                           name=PRECISION_ENV if precision == "auto" and os.environ.get(PRECISION_ENV) else "precision")
         if precision_note:
             self.log(precision_note)
         # test-time augmentation: mean over the 4 flips (4x the compute); None: as the model card says
@@ -85,7 +89,7 @@ class Segmenter:
         self._model: Any = None  # the PyTorch network, built when first needed (not for onnxruntime)
         self.onnx: Any = None
         self._should_stop: ShouldStop | None = None  # the running predict's, for a Cancel inside a tile
-        self._asked_backend = os.environ.get(BACKEND_ENV) or backend
+        self._asked_backend = backend
         if self.precision == "bf16" and self._asked_backend != "torch":
             if self._asked_backend == "onnxruntime":
                 raise R2UNetError("bf16 runs on the PyTorch backend; use --backend torch or --precision fp32")
@@ -117,6 +121,11 @@ class Segmenter:
             self.log(f"onnxruntime not used ({exc}); running PyTorch")
             return "torch"
         return "onnxruntime"
+
+    @property
+    def amp(self) -> bool:
+        """Whether CUDA mixed precision runs (the former ``amp`` attribute, read-only)."""
+        return self.precision == "amp"
 
     @property
     def model(self) -> Any:
@@ -201,6 +210,8 @@ class Segmenter:
 
     def _move_to_cpu(self) -> None:
         self.device = torch.device("cpu")
+        if self.precision == "amp":  # CUDA's mixed precision: the CPU runs float32, as before the fallback
+            self.precision = "fp32"
         if self._model is not None:
             self._model = self._model.to(self.device)
         if torch.cuda.is_available():

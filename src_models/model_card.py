@@ -127,6 +127,8 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["metrics"] = dict(self.metrics)
+        if not self.bf16:
+            del data["bf16"]  # cards without it stay readable by releases that predate the field
         return data
 
     def to_json(self) -> str:

@@ -50,21 +50,27 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     return any(flag in flags for flag in NATIVE_BF16_FLAGS) or "bf16" in flags
 
 
-def check_precision(precision: str) -> str:
+def check_precision(precision: str, name: str = "precision") -> str:
     if precision not in PRECISIONS:
-        raise R2UNetError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+        raise R2UNetError(f"{name} {precision!r} must be one of {', '.join(PRECISIONS)}")
     return precision
 
 
 def resolve_precision(precision: str, device_type: str, card_allows_bf16: bool,
-                      flags: frozenset[str] | None = None) -> tuple[str, str]:
+                      flags: frozenset[str] | None = None, name: str = "precision") -> tuple[str, str]:
     """The precision a run uses (``fp32``, ``bf16`` or, on CUDA under auto, ``amp``) and a line
-    saying why (empty when there is nothing to say)."""
-    check_precision(precision)
+    saying why (empty when there is nothing to say). ``name`` names the setting in errors."""
+    check_precision(precision, name)
     if precision == "fp32":
         return "fp32", ""
     if device_type == "cuda":
-        return ("amp", "") if precision == "auto" else ("bf16", "")
+        if precision == "auto":
+            return "amp", ""
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise R2UNetError("this GPU has no bf16; use --precision auto (float16 mixed precision) or fp32")
+        return "bf16", ""
     native = cpu_has_native_bf16(flags) if device_type == "cpu" else False  # MPS: fp32 unless asked
     if precision == "bf16":
         if device_type == "cpu" and not native:
@@ -103,7 +109,7 @@ def autocast(device: Any, precision: str) -> Any:
     """The autocast context of a resolved precision (a null context for fp32)."""
     import torch
 
-    if precision == "fp32":
+    if precision == "fp32" or (precision == "amp" and torch.device(device).type != "cuda"):
         return contextlib.nullcontext()
     if precision == "amp":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -479,3 +479,50 @@ def test_an_onnx_session_that_cannot_be_built_falls_back_or_says_so(tiny_checkpo
     assert any("onnxruntime not used (no session today)" in m for m in messages)
     with pytest.raises(R2UNetError, match="onnxruntime backend is not available.*use --backend torch"):
         Segmenter(load_checkpoint(tiny_checkpoint), "cpu", backend="onnxruntime").predict(vessel_image((40, 40))[0])
+
+
+def test_two_threads_asking_for_a_session_while_it_builds_get_the_same_one(trained_checkpoint, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import threading
+    import time
+
+    from src_models.export import OnnxPredictor
+
+    real = OnnxPredictor._new_session
+    builds = []
+
+    def slow(self, threads):
+        builds.append(threads)
+        time.sleep(0.3)
+        return real(self, threads)
+
+    monkeypatch.setattr(OnnxPredictor, "_new_session", slow)
+    predictor = OnnxPredictor(load_checkpoint(trained_checkpoint))
+    predictor.prepare()
+    got, errors = [], []
+
+    def ask():
+        try:
+            got.append(predictor.session())
+        except Exception as exc:  # the race would show here
+            errors.append(exc)
+
+    workers = [threading.Thread(target=ask) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not errors and len(got) == 2 and got[0] is got[1] and len(builds) == 1
+
+
+def test_a_cache_folder_that_takes_no_optimised_graph_still_runs_onnxruntime(trained_checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from src_models.export import OnnxPredictor
+
+    monkeypatch.setattr(OnnxPredictor, "optimized_path", property(lambda self: tmp_path / "missing" / "graph.opt.onnx"))
+    checkpoint = load_checkpoint(trained_checkpoint)
+    segmenter = Segmenter(checkpoint, "cpu", backend="onnxruntime")
+    image = vessel_image((64, 64), seed=2)[0]
+    probs = segmenter.predict(image)
+    assert segmenter.backend == "onnxruntime" and segmenter.onnx.path.is_file()  # the exported graph was kept
+    assert np.abs(probs - Segmenter(checkpoint, "cpu", backend="torch").predict(image)).max() < 1e-3

@@ -213,6 +213,15 @@ def test_choosing_a_model_warms_it_up_and_segment_takes_the_warm_one(widget, qtb
     run_to_end(widget, qtbot)
     assert len(loaded) == 2 and loaded[1] is loaded[0]  # the Segment press reused the warm model
     assert "synthetic vessels [other]" in widget.viewer.layers
+    # a Segment pressed at once, while the warm-up of another model still runs, waits and shares it
+    widget.add_model(str(random_checkpoint(tmp_path / "third.safetensors", widths=(4, 8, 16), seed=2)))
+    widget.start()
+    assert widget._warming and "starts when it is ready" in widget.status.text()
+    qtbot.waitUntil(lambda: not widget._warming and not widget.running and "synthetic vessels [third]" in widget.viewer.layers,
+                    timeout=60_000)
+    assert len(loaded) == 4 and loaded[2] is loaded[3] and loaded[3].checkpoint.name == "third"
+    assert loaded[3].backend == "onnxruntime"  # no run saw a half-built session and fell back to PyTorch
+    assert "synthetic vessels [third]" in widget.viewer.layers
 
 
 @pytest.mark.gui

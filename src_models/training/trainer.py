@@ -98,7 +98,7 @@ class Trainer:
         self.class_names = tuple(class_names or (base.class_names if base else _default_class_names(self.model_config)))
         self._split(samples)
         self.provenance = dict(provenance or {})
-        self.card = card if card is not None else base.model_card.with_(metrics={}, metrics_on="") if base is not None else None
+        self.card = card if card is not None else base.model_card.with_(metrics={}, metrics_on="", bf16=False) if base is not None else None
         self._place(device)
         self._build_network()
         pixels = sum(s.mask.size for s in self.train_samples)
