@@ -85,13 +85,9 @@ def cpu_key() -> str:
     import hashlib
     import platform
 
-    flags = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith(("flags", "Features")):  # x86 / ARM Linux
-                flags = line
-                break
-    text = f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()} {flags}"
+    from .precision import cpu_flags
+
+    text = f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()} {' '.join(sorted(cpu_flags()))}"
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
