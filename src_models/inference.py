@@ -76,12 +76,13 @@ class Segmenter:
         self.log = log or (lambda message: None)
         # fp32, bf16 (autocast, PyTorch) or amp (CUDA mixed precision); amp=False forces fp32;
         # $R2UNET_PRECISION replaces auto (the tests set fp32)
-        asked = (os.environ.get(PRECISION_ENV) or precision) if precision == "auto" else precision
+        from_env = os.environ.get(PRECISION_ENV) if precision == "auto" else None
+        asked = from_env or precision
         backend = os.environ.get(BACKEND_ENV) or backend
         if asked == "auto" and backend == "onnxruntime":
             asked = "fp32"  # onnxruntime asked for by name: auto keeps its float32 kernels
         self.precision, precision_note = resolve_precision(asked if amp else "fp32", self.device.type, checkpoint.model_card.bf16,
-                                                           name=PRECISION_ENV if precision == "auto" and os.environ.get(PRECISION_ENV) else "precision")
+                                                           name=PRECISION_ENV if from_env else "precision")
         if precision_note:
             self.log(precision_note)
         # test-time augmentation: mean over the 4 flips (4x the compute); None: as the model card says
