@@ -175,6 +175,18 @@ def test_bad_training_data(tmp_path):
         Trainer(TINY, PP, two, fast(val_ids=("a",)), tmp_path / "m.safetensors")
     with pytest.raises(R2UNetError, match="every validation mask is empty"):
         Trainer(TINY, PP, two, fast(val_ids=("b",)), tmp_path / "m.safetensors")
+    with pytest.raises(R2UNetError, match=r"^validation ids c, d, e, f, g and 1 more are not among .*--val-ids$"):
+        Trainer(TINY, PP, two, fast(val_ids=tuple("cdefgh")), tmp_path / "m.safetensors")
+
+
+def test_val_ids_match_file_names_in_any_case():
+    """Sample ids are lower-cased file stems: --val-ids ISIC_0001 holds out isic_0001."""
+    from src_models.training.samples import split_validation
+
+    img, mask = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8)
+    samples = [make_sample(i, img, mask, PP) for i in ("isic_0001", "isic_0002", "isic_0003")]
+    train, val = split_validation(samples, fast(val_ids=("ISIC_0002", " isic_0003")))
+    assert [s.id for s in val] == ["isic_0002", "isic_0003"] and [s.id for s in train] == ["isic_0001"]
 
 
 def test_multiclass_training_from_label_images(tmp_path):

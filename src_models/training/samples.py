@@ -144,10 +144,13 @@ def check_samples(samples: Sequence[TrainSample], config: ModelConfig) -> None:
 def split_validation(samples: Sequence[TrainSample], config: TrainConfig) -> tuple[list[TrainSample], list[TrainSample]]:
     """Held-out samples by id (``val_ids``) or the last ``val_fraction`` of them (sorted by id)."""
     if config.val_ids:
-        unknown = sorted(set(config.val_ids) - {s.id for s in samples})
+        wanted = {i.strip().lower() for i in config.val_ids if i.strip()}  # sample ids are lower case
+        unknown = sorted(wanted - {s.id for s in samples})
         if unknown:
-            raise R2UNetError(f"validation ids {unknown} are not among the training samples {[s.id for s in samples][:10]}")
-        val = [s for s in samples if s.id in config.val_ids]
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            known = ", ".join(s.id for s in samples[:3])
+            raise R2UNetError(f"validation ids {shown} are not among the training samples (e.g. {known}); check --val-ids")
+        val = [s for s in samples if s.id in wanted]
     else:
         n_val = int(round(len(samples) * config.val_fraction))
         n_val = min(n_val, len(samples) - 1)
