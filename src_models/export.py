@@ -11,7 +11,9 @@ or a model cannot be exported, inference falls back to PyTorch and says so once.
   written file and keeps it only if its logits match PyTorch's.
 - :class:`OnnxPredictor` runs a checkpoint through onnxruntime; the exported graph is cached per
   checkpoint SHA-256 in the user cache folder (``$R2UNET_CACHE_DIR`` or the platform's), so the
-  export (1-3 s) happens once per model.
+  export (1-3 s) happens once per model. The folder keeps the most recently used graphs up to
+  ``$R2UNET_CACHE_LIMIT_MB`` (default 2048 MB, about 40 models): fine-tuned versions each add one,
+  and a clinician makes hundreds of versions over weeks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from .errors import CancelledError, R2UNetError
 from .fileio import atomic_write, user_folder
 
 CACHE_ENV = "R2UNET_CACHE_DIR"
+CACHE_LIMIT_ENV = "R2UNET_CACHE_LIMIT_MB"
+CACHE_LIMIT_MB = 2048
 OPSET = 17
 
 
@@ -106,6 +110,47 @@ def _network_code_digest() -> str:
     return digest.hexdigest()[:8]
 
 
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache only loses the ordering
+        os.utime(path)
+
+
+def cache_limit_bytes() -> int:
+    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    try:
+        megabytes = float(text) if text else CACHE_LIMIT_MB
+    except ValueError:
+        raise R2UNetError(f"{CACHE_LIMIT_ENV}={text!r} is not a number of megabytes; unset it or give e.g. 2048") from None
+    return max(0, int(megabytes * 2**20))
+
+
+def prune_cache(folder: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete the least recently used graphs (``*.onnx``, by modification time, which every use
+    renews) until the folder holds at most :func:`cache_limit_bytes`; ``keep`` and the graphs
+    built from the same export (same name prefix) are never deleted. Returns what was deleted;
+    a file another process removed or holds is skipped."""
+    entries = []
+    for path in folder.glob("*.onnx"):
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            entries.append((stat.st_mtime, stat.st_size, path))
+    total, limit = sum(size for _, size, _ in entries), cache_limit_bytes()
+    kept_stems = tuple(k.stem for k in keep)
+    deleted = []
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if path.stem.startswith(kept_stems):
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(path)
+    return deleted
+
+
 class OnnxPredictor:
     """Logits of a checkpoint's network computed by onnxruntime on the CPU."""
 
@@ -129,6 +174,9 @@ class OnnxPredictor:
                 if stale != self.path:
                     with contextlib.suppress(OSError):
                         stale.unlink()
+        else:
+            _touch(self.path)  # least recently used goes first when the folder is pruned
+        prune_cache(folder, keep=(self.path,))
         self._session: Any = None
         self._threads = 0
         self._building: threading.Thread | None = None
@@ -194,6 +242,7 @@ class OnnxPredictor:
         providers = [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
         optimized = self.optimized_path
         if optimized.is_file():
+            _touch(optimized)
             try:
                 return ort.InferenceSession(str(optimized), options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), providers=providers)
             except Exception:  # a corrupt or foreign file: optimise again below
