@@ -29,7 +29,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
         patience=args.patience, seed=args.seed, freeze=getattr(args, "freeze", None), keep_base=getattr(args, "keep_base", None),
         geometry=getattr(args, "geometry", None), rotate=args.rotate, scale=args.scale, aspect=args.aspect, rot90=args.rot90,
         zoom=args.zoom, gamma=args.gamma, colour=args.colour, blur=args.blur, jpeg=args.jpeg, l2sp=getattr(args, "l2sp", None),
-        precision=args.precision,
+        precision=args.precision, fn_weight=getattr(args, "fn_weight", None),
     )
 
 
@@ -271,6 +271,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any
     p.add_argument("--patience", type=int, default=None, help=_help("patience", defaults, "stop after this many epochs without improvement"))
     p.add_argument("--seed", type=int, default=None, help=_help("seed", defaults))
     p.add_argument("--l2sp", type=float, default=None, help=_help("l2sp", defaults))
+    p.add_argument("--fn-weight", type=float, default=None, help=_help("fn_weight", defaults))
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--rotate", type=float, default=None, help=_help("rotate", defaults))
     aug.add_argument("--scale", type=float, default=None, help=_help("scale", defaults))

@@ -52,6 +52,33 @@ def test_loss_ignores_zero_weight_pixels_and_handles_classes():
     assert perfect.item() < 1e-3
 
 
+def test_fn_weight_half_is_the_soft_dice_and_more_costs_missed_foreground_more():
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    logits, target, weight = torch.randn(2, 1, 8, 8), (torch.rand(2, 8, 8) > 0.6).long(), torch.rand(2, 8, 8)
+    p, t = torch.sigmoid(logits[:, 0]), target.float()
+    bce = (F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none") * weight).sum() / weight.sum()
+    dice = 1 - (2 * (p * t * weight).sum() + 1) / (((p + t) * weight).sum() + 1)
+    assert torch.allclose(segmentation_loss(logits, target, weight), bce + dice, atol=1e-6)
+    assert torch.allclose(segmentation_loss(logits, target, weight, fn_weight=0.5), bce + dice, atol=1e-6)
+    ones = torch.ones(1, 8, 8)
+    truth = torch.zeros(1, 8, 8, dtype=torch.long)
+    truth[:, 2:6, 2:6] = 1
+    under = torch.where(truth[:, None] > 0, -3.0, -20.0)  # misses the object
+    over = torch.full((1, 1, 8, 8), 3.0)  # covers everything
+    for beta, worse in ((0.5, None), (0.8, "under"), (0.2, "over")):
+        u, o = (segmentation_loss(x, truth, ones, fn_weight=beta) - segmentation_loss(x, truth, ones) for x in (under, over))
+        if worse == "under":
+            assert u > 0 > o
+        elif worse == "over":
+            assert o > 0 > u
+        else:
+            assert abs(u) < 1e-6 and abs(o) < 1e-6
+    with pytest.raises(R2UNetError, match="fn_weight"):
+        TrainConfig(fn_weight=1.0)
+
+
 def test_patches_depend_only_on_seed_epoch_and_index():
     samples = synthetic_samples(3)
     ds = PatchDataset(samples, fast(), length=10)

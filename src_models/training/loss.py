@@ -1,4 +1,5 @@
-"""The training loss: weighted BCE + soft Dice (binary) or CE + soft Dice (multi-class), DDP-exact."""
+"""The training loss: weighted BCE + soft Dice (binary) or CE + soft Dice (multi-class), DDP-exact;
+the Dice term generalised to Tversky's index, which weighs missed against false foreground."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ def segmentation_loss(
     weight: torch.Tensor,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     world_size: int = 1,
+    fn_weight: float = 0.5,
 ) -> torch.Tensor:
     """Weighted BCE + soft Dice (K = 1) or CE + soft Dice (K >= 2) over the (global) batch.
 
@@ -22,6 +24,10 @@ def segmentation_loss(
     Under DDP, ``all_reduce`` (autograd-aware sum over processes) makes the Dice sums and the
     weight total global, and the CE term is scaled by ``world_size`` to undo DDP's gradient
     averaging, so N processes with batch B compute the gradient of one process with batch N*B.
+
+    ``fn_weight`` (beta) makes the overlap term ``1 - (TP + 1) / (TP + (1 - beta) FP + beta FN + 1)``
+    (Tversky et al.; Salehi et al. 2017 for segmentation): 0.5 is exactly the soft Dice, more than
+    0.5 costs a missed foreground pixel more than a false one.
     """
     if logits.shape[1] == 1:
         t = target.to(logits.dtype)
@@ -35,10 +41,12 @@ def segmentation_loss(
     w = weight[:, None]
     total_weight = weight.sum()
     intersection = (probs * onehot * w).sum(dim=(0, 2, 3))
-    denominator = ((probs + onehot) * w).sum(dim=(0, 2, 3))
+    predicted, actual = (probs * w).sum(dim=(0, 2, 3)), (onehot * w).sum(dim=(0, 2, 3))
     if all_reduce is not None:
         total_weight = all_reduce(total_weight.detach())
-        intersection, denominator = all_reduce(intersection), all_reduce(denominator)
-    dice = 1 - (2 * intersection + 1.0) / (denominator + 1.0)
+        intersection, predicted, actual = all_reduce(intersection), all_reduce(predicted), all_reduce(actual)
+    false_fg, missed = predicted - intersection, actual - intersection
+    # at fn_weight 0.5, 2 x the Tversky denominator is 2 TP + FP + FN: the soft Dice, as before
+    dice = 1 - (2 * intersection + 1.0) / (2 * (intersection + (1 - fn_weight) * false_fg + fn_weight * missed) + 1.0)
     return world_size * ce_sum / total_weight.clamp_min(1e-6) + dice.mean()
 

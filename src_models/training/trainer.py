@@ -391,7 +391,7 @@ class Trainer:
         y, w = y.to(self.device), w.to(self.device, self.dtype)
         with autocast(self.device, self.precision):  # the loss itself runs in float32 (autocast's rule for reductions)
             logits = self.net(x)
-        loss = segmentation_loss(logits.float(), y, w, *loss_reduction(self.dist))
+        loss = segmentation_loss(logits.float(), y, w, *loss_reduction(self.dist), fn_weight=self.config.fn_weight)
         if self._anchor:  # L2-SP: the starting point, not zero, is what the weights are pulled to
             loss = loss + self.config.l2sp * sum(((p - a) ** 2).sum() for p, a in self._anchor)
         if not torch.isfinite(loss):
