@@ -131,6 +131,8 @@ def prune_cache(folder: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
     a file another process removed or holds is skipped."""
     entries = []
     for path in folder.glob("*.onnx"):
+        if path.name.startswith("."):  # another process's export being written (atomic_write's temp file)
+            continue
         with contextlib.suppress(OSError):
             stat = path.stat()
             entries.append((stat.st_mtime, stat.st_size, path))
@@ -144,6 +146,9 @@ def prune_cache(folder: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
             continue
         try:
             path.unlink()
+        except FileNotFoundError:  # another process pruned it first: the space is free all the same
+            total -= size
+            continue
         except OSError:
             continue
         total -= size
@@ -176,7 +181,10 @@ class OnnxPredictor:
                         stale.unlink()
         else:
             _touch(self.path)  # least recently used goes first when the folder is pruned
-        prune_cache(folder, keep=(self.path,))
+        try:
+            prune_cache(folder, keep=(self.path,))
+        except R2UNetError as exc:  # housekeeping must not turn the backend off (a bad $R2UNET_CACHE_LIMIT_MB)
+            warnings.warn(f"cache not pruned: {exc}", stacklevel=2)
         self._session: Any = None
         self._threads = 0
         self._building: threading.Thread | None = None

@@ -28,12 +28,13 @@ def test_prune_deletes_the_least_recently_used_graphs_down_to_the_limit(tmp_path
     newest = _graph(tmp_path, "c-code-opset17.onnx", 400_000, 100)
     in_use = _graph(tmp_path, "d-code-opset17.onnx", 400_000, 400)  # older than all, but kept
     in_use_opt = _graph(tmp_path, "d-code-opset17-ort1-cpu.opt.onnx", 400_000, 400)
+    writing = _graph(tmp_path, ".e-code-opset17.onnx.tmp1.onnx", 400_000, 500)  # another process's export in progress
     other = tmp_path / "notes.txt"
     other.write_text("not a graph")
     monkeypatch.setenv(CACHE_LIMIT_ENV, str(1_700_000 / 2**20))  # room for 4 of the 6
     deleted = prune_cache(tmp_path, keep=(in_use,))
     assert deleted == [oldest, old_opt]
-    assert all(p.exists() for p in (middle, newest, in_use, in_use_opt, other))
+    assert all(p.exists() for p in (middle, newest, in_use, in_use_opt, other, writing))
     assert prune_cache(tmp_path, keep=(in_use,)) == []  # within the limit now
     monkeypatch.setenv(CACHE_LIMIT_ENV, "0")
     assert prune_cache(tmp_path, keep=(in_use,)) == [middle, newest]

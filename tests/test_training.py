@@ -214,6 +214,9 @@ def test_val_ids_match_file_names_in_any_case():
     samples = [make_sample(i, img, mask, PP) for i in ("isic_0001", "isic_0002", "isic_0003")]
     train, val = split_validation(samples, fast(val_ids=("ISIC_0002", " isic_0003")))
     assert [s.id for s in val] == ["isic_0002", "isic_0003"] and [s.id for s in train] == ["isic_0001"]
+    widget = [make_sample(i, img, mask, PP) for i in ("Labels", "Labels:holdout0")]  # layer names keep their case
+    train, val = split_validation(widget, fast(val_ids=("Labels:holdout0",)))
+    assert [s.id for s in val] == ["Labels:holdout0"] and [s.id for s in train] == ["Labels"]
 
 
 def test_multiclass_training_from_label_images(tmp_path):

@@ -25,7 +25,7 @@ def segmentation_loss(
     weight total global, and the CE term is scaled by ``world_size`` to undo DDP's gradient
     averaging, so N processes with batch B compute the gradient of one process with batch N*B.
 
-    ``fn_weight`` (beta) makes the overlap term ``1 - (TP + 1) / (TP + (1 - beta) FP + beta FN + 1)``
+    ``fn_weight`` (beta) makes the overlap term ``1 - (TP + 0.5) / (TP + (1 - beta) FP + beta FN + 0.5)``
     (Tversky et al.; Salehi et al. 2017 for segmentation): 0.5 is exactly the soft Dice, more than
     0.5 costs a missed foreground pixel more than a false one.
     """

@@ -144,13 +144,17 @@ def check_samples(samples: Sequence[TrainSample], config: ModelConfig) -> None:
 def split_validation(samples: Sequence[TrainSample], config: TrainConfig) -> tuple[list[TrainSample], list[TrainSample]]:
     """Held-out samples by id (``val_ids``) or the last ``val_fraction`` of them (sorted by id)."""
     if config.val_ids:
-        wanted = {i.strip().lower() for i in config.val_ids if i.strip()}  # sample ids are lower case
-        unknown = sorted(wanted - {s.id for s in samples})
+        # file-made ids are lower-cased stems (--val-ids ISIC_0001 means isic_0001); the widget's are layer names
+        wanted = {i.strip() for i in config.val_ids if i.strip()} or set(config.val_ids)
+        ids = {s.id for s in samples}
+        lowered = {i.lower() for i in ids}
+        unknown = sorted(i for i in wanted if i not in ids and i.lower() not in lowered)
         if unknown:
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             known = ", ".join(s.id for s in samples[:3])
             raise R2UNetError(f"validation ids {shown} are not among the training samples (e.g. {known}); check --val-ids")
-        val = [s for s in samples if s.id in wanted]
+        wanted_lower = {i.lower() for i in wanted}
+        val = [s for s in samples if s.id in wanted or s.id.lower() in wanted_lower]
     else:
         n_val = int(round(len(samples) * config.val_fraction))
         n_val = min(n_val, len(samples) - 1)
