@@ -7,7 +7,9 @@ budget) or :data:`FINETUNE_DEFAULTS` (else the field's own), its range from the 
 Nothing about a setting is written here but how it is shown (its label, step and decimals).
 
 The panel holds the base model, the budget and, behind "advanced", the learning rate, patch and
-batch size, steps per epoch, correction weight and what to freeze. The budget is epochs and
+batch size, steps per epoch, correction weight, what to freeze, the loss's weight of missed
+foreground (``fn_weight``; it starts at "as the base model", the value the base was trained with,
+see :func:`~src_models.finetune.inherit_training`) and the pull toward the base's weights (``l2sp``). The budget is epochs and
 minutes, each of which may be "no limit" (the spin box's minimum, which the config refuses as a
 value); it starts as a time budget (5 minutes, no epoch limit) and the run follows
 :func:`~src_models.training.config.resolve_budget`, as the CLI does.
@@ -27,7 +29,7 @@ from typing import Any
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QToolButton, QVBoxLayout, QWidget
 
-from src_models.finetune import WIDGET_BUDGET  # torch-free
+from src_models.finetune import INHERITED, WIDGET_BUDGET  # torch-free
 from src_models.model_card import ModelCard
 from src_models.training.config import FINETUNE_DEFAULTS, TrainConfig, default, setting  # torch-free
 
@@ -35,16 +37,19 @@ from ._model_menu import ModelMenu
 from ._models import ModelChoice
 
 BUDGET = ("epochs", "minutes")
-ADVANCED = ("lr", "patch_size", "batch_size", "steps_per_epoch", "correction_weight", "freeze")
-LABELS = {"lr": "learning rate", "minutes": "at most (min)"}  # otherwise the field name, spaced
-STEPS = {"lr": 1e-4, "patch_size": 16}
-DECIMALS = {"lr": 5, "minutes": 1}
-UNSET = {"epochs": "no limit", "minutes": "no limit"}  # fields whose spin box minimum stands for None (not set)
+ADVANCED = ("lr", "patch_size", "batch_size", "steps_per_epoch", "correction_weight", "freeze", "fn_weight", "l2sp")
+LABELS = {"lr": "learning rate", "minutes": "at most (min)", "fn_weight": "missed-foreground weight", "l2sp": "pull to base (L2-SP)"}  # otherwise the field name, spaced
+STEPS = {"lr": 1e-4, "patch_size": 16, "fn_weight": 0.05, "l2sp": 1e-3}
+DECIMALS = {"lr": 5, "minutes": 1, "l2sp": 4}
+UNSET = {"epochs": "no limit", "minutes": "no limit", "fn_weight": "as the base model"}  # spin box minimum = None (not set)
 
 
 def finetune_default(name: str) -> Any:
     """What the widget starts with: its budget (:data:`~src_models.finetune.WIDGET_BUDGET`, a
-    time budget), else the fine-tuning default, else the field's."""
+    time budget), else the fine-tuning default, else the field's; None ("as the base model") for
+    what a fine-tune inherits from its base (:data:`~src_models.finetune.INHERITED`)."""
+    if name in INHERITED:
+        return None
     if name in WIDGET_BUDGET:
         return WIDGET_BUDGET[name]
     return FINETUNE_DEFAULTS[name] if name in FINETUNE_DEFAULTS else default(name)

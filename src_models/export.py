@@ -124,35 +124,43 @@ def cache_limit_bytes() -> int:
     return max(0, int(megabytes * 2**20))
 
 
+def _export_key(path: Path) -> str:
+    """The export a cached graph belongs to: its name up to the opset (an optimised copy adds the
+    onnxruntime version and the CPU after it)."""
+    match = re.match(r"(.*?-opset\d+)", path.name)
+    return match.group(1) if match else path.stem
+
+
 def prune_cache(folder: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
-    """Delete the least recently used graphs (``*.onnx``, by modification time, which every use
-    renews) until the folder holds at most :func:`cache_limit_bytes`; ``keep`` and the graphs
-    built from the same export (same name prefix) are never deleted. Returns what was deleted;
-    a file another process removed or holds is skipped."""
-    entries = []
+    """Delete the least recently used exports (``*.onnx``; a graph and its optimised copies go as
+    one, used when the latest of them was: modification time, which every use renews) until the
+    folder holds at most :func:`cache_limit_bytes`; ``keep``'s exports are never deleted. Returns
+    what was deleted; a file another process removed or holds is skipped."""
+    groups: dict[str, list[tuple[float, int, Path]]] = {}
     for path in folder.glob("*.onnx"):
         if path.name.startswith("."):  # another process's export being written (atomic_write's temp file)
             continue
         with contextlib.suppress(OSError):
             stat = path.stat()
-            entries.append((stat.st_mtime, stat.st_size, path))
-    total, limit = sum(size for _, size, _ in entries), cache_limit_bytes()
-    kept_stems = tuple(k.stem for k in keep)
+            groups.setdefault(_export_key(path), []).append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for files in groups.values() for _, size, _ in files)
+    limit, kept = cache_limit_bytes(), {_export_key(k) for k in keep}
     deleted = []
-    for _, size, path in sorted(entries, key=lambda e: e[0]):
+    for key, files in sorted(groups.items(), key=lambda g: max(m for m, _, _ in g[1])):
         if total <= limit:
             break
-        if path.stem.startswith(kept_stems):
+        if key in kept:
             continue
-        try:
-            path.unlink()
-        except FileNotFoundError:  # another process pruned it first: the space is free all the same
+        for _, size, path in sorted(files):
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another process pruned it first: the space is free all the same
+                total -= size
+                continue
+            except OSError:
+                continue
             total -= size
-            continue
-        except OSError:
-            continue
-        total -= size
-        deleted.append(path)
+            deleted.append(path)
     return deleted
 
 

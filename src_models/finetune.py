@@ -22,6 +22,7 @@ hold-out strip).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -229,12 +230,30 @@ def card_geometry(base: Checkpoint, config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, geometry="tiled")
 
 
+INHERITED = ("fn_weight",)  # what a fine-tune keeps from its base's own training unless the request sets it
+
+
+def inherit_training(base: Checkpoint, config: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
+    """``config`` with the base's own training choices in :data:`INHERITED` where ``settings`` sets
+    none: a model trained with a loss that favours recall (``fn_weight`` 0.7) is fine-tuned with that
+    loss, not pulled back to the soft Dice. A value the base's file holds that the config refuses is
+    ignored (the default stays)."""
+    trained = (base.provenance or {}).get("train_config")
+    if not isinstance(trained, dict):
+        return config
+    for name in INHERITED:
+        if settings.get(name) is None and name in trained:
+            with contextlib.suppress(R2UNetError, TypeError, ValueError):
+                config = dataclasses.replace(config, **{name: trained[name]})
+    return config
+
+
 def build_trainer(request: FinetuneRequest) -> Trainer:
     """The engine's :class:`Trainer` for a request (the base model is only ever read)."""
     from .training.trainer import Trainer
 
     base = load_base(request.base)
-    config = card_geometry(base, request.config())
+    config = inherit_training(base, card_geometry(base, request.config()), request.settings)
     samples, config = build_samples(request, base, config)
     return Trainer(None, None, samples, config, request.out, base=base, provenance=_provenance(request, base),
                    device=request.device, resume=request.resume, overwrite=request.overwrite)
@@ -328,4 +347,4 @@ def finetune(request: FinetuneRequest, emit: Callable[[Any], None], should_stop:
 
 
 __all__ = ["DEFAULT_MINUTES", "HOLDOUT_FRACTION", "WIDGET_BUDGET", "FinetuneRequest", "PairData", "build_samples",
-                          "build_trainer", "file_pairs", "finetune", "load_base", "training_labels"]
+                          "build_trainer", "file_pairs", "finetune", "inherit_training", "load_base", "training_labels"]

@@ -41,6 +41,20 @@ def test_prune_deletes_the_least_recently_used_graphs_down_to_the_limit(tmp_path
     assert in_use.exists() and in_use_opt.exists()
 
 
+def test_a_graph_and_its_optimised_copy_are_pruned_together(tmp_path, monkeypatch):
+    """A fresh process loads only the optimised copy, so the base graph's own time can be old while
+    the export is in daily use: deleting it alone would make both be built again."""
+    from src_models.export import CACHE_LIMIT_ENV, prune_cache
+
+    base = _graph(tmp_path, "a-code-opset17.onnx", 400_000, 900)  # written long ago
+    base_opt = _graph(tmp_path, "a-code-opset17-ort1-cpu.opt.onnx", 400_000, 10)  # used a moment ago
+    other = _graph(tmp_path, "b-code-opset17.onnx", 400_000, 500)
+    other_opt = _graph(tmp_path, "b-code-opset17-ort1-cpu.opt.onnx", 400_000, 400)
+    monkeypatch.setenv(CACHE_LIMIT_ENV, str(1_000_000 / 2**20))  # room for one export of two files
+    assert prune_cache(tmp_path) == [other, other_opt]
+    assert base.exists() and base_opt.exists()
+
+
 def test_a_bad_cache_limit_is_one_clear_error(monkeypatch):
     from src_models.export import CACHE_LIMIT_ENV, cache_limit_bytes
 

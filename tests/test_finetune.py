@@ -154,6 +154,21 @@ def test_finetuning_reports_the_base_models_score_and_keeps_it_in_the_version(tr
     assert prov["parent_sha256"] == base.sha256 and prov["created"] and "2 epochs x 5 steps" in prov["budget"]
 
 
+def test_a_fine_tune_keeps_its_base_models_loss_unless_told_otherwise():
+    from types import SimpleNamespace
+
+    from src_models.finetune import inherit_training
+
+    config = finetune_config(epochs=1)
+    recall = SimpleNamespace(provenance={"train_config": {"fn_weight": 0.7, "lr": 9.0}})
+    assert inherit_training(recall, config, {}).fn_weight == 0.7
+    assert inherit_training(recall, config, {}).lr == config.lr  # only the loss's trade-off is inherited
+    assert inherit_training(recall, config, {"fn_weight": None}).fn_weight == 0.7  # the widget's "as the base model"
+    assert inherit_training(recall, finetune_config(epochs=1, fn_weight=0.6), {"fn_weight": 0.6}).fn_weight == 0.6
+    for hostile in ({"train_config": {"fn_weight": 1.5}}, {"train_config": {"fn_weight": "x"}}, {"train_config": [1]}, {}):
+        assert inherit_training(SimpleNamespace(provenance=hostile), config, {}).fn_weight == 0.5, hostile
+
+
 def test_the_base_model_is_the_epoch_to_beat_so_fine_tuning_never_falls_back(trained_checkpoint, tmp_path):
     import dataclasses
 
@@ -440,6 +455,9 @@ def test_the_settings_panel_is_built_from_train_config(qtbot):
         elif name in FINETUNE_DEFAULTS:
             assert panel.value(name) == FINETUNE_DEFAULTS[name], name
     assert panel.value("epochs") is None and panel.editors["epochs"].text() == "no limit"  # a time budget by default
+    assert panel.value("fn_weight") is None and panel.editors["fn_weight"].text() == "as the base model"
+    panel.editors["fn_weight"].setValue(0.7)
+    assert finetune_config(epochs=1, **panel.advanced_settings()).fn_weight == pytest.approx(0.7)
     panel.editors["minutes"].setValue(0)
     assert panel.value("minutes") is None  # "no limit"
     assert finetune_config(epochs=panel.value("epochs"), **panel.advanced_settings()).lr == FINETUNE_DEFAULTS["lr"]

@@ -53,7 +53,7 @@ class TrainConfig:
     lr: float = field(default=2e-3, **_meta("peak learning rate of AdamW (linear warm-up, then cosine decay)", min=0, min_exclusive=True, finite=True, ui_min=1e-5, ui_max=1e-1))
     weight_decay: float = field(default=1e-4, **_meta("AdamW weight decay", min=0))
     l2sp: float = field(default=0.0, **_meta("pull toward the starting model's weights (L2-SP): adds l2sp x the sum of squared differences to the loss (0 = off; needs a base model)", min=0, ui_max=1))
-    fn_weight: float = field(default=0.5, **_meta("weight of missed foreground against false foreground in the overlap loss (Tversky beta; 0.5 = soft Dice; 0.7 favours recall, for under-segmented lesions)", min=0, max=1, min_exclusive=True, max_exclusive=True))
+    fn_weight: float = field(default=0.5, **_meta("weight of missed foreground against false foreground in the overlap loss (Tversky beta; 0.5 = soft Dice; 0.7 favours recall, for under-segmented lesions)", min=0, max=1, min_exclusive=True, max_exclusive=True, ui_max=0.95))
     warmup_steps: int = field(default=100, **_meta("steps of linear learning-rate warm-up (at most a tenth of the run)"))
     foreground_fraction: float = field(default=0.5, **_meta("probability that a patch is centred on a foreground pixel", min=0, max=1))
     augment: bool = field(default=True, **_meta("augment patches (flips, rotations, scale, intensity, colour)"))
