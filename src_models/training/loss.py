@@ -42,9 +42,10 @@ def segmentation_loss(
     total_weight = weight.sum()
     intersection = (probs * onehot * w).sum(dim=(0, 2, 3))
     predicted, actual = (probs * w).sum(dim=(0, 2, 3)), (onehot * w).sum(dim=(0, 2, 3))
-    if all_reduce is not None:
-        total_weight = all_reduce(total_weight.detach())
-        intersection, predicted, actual = all_reduce(intersection), all_reduce(predicted), all_reduce(actual)
+    if all_reduce is not None:  # one collective for the four sums (the weight total carries no gradient)
+        k = intersection.shape[0]
+        summed = all_reduce(torch.cat([intersection, predicted, actual, total_weight.detach()[None]]))
+        intersection, predicted, actual, total_weight = summed[:k], summed[k:2 * k], summed[2 * k:3 * k], summed[3 * k].detach()
     false_fg, missed = predicted - intersection, actual - intersection
     # at fn_weight 0.5, 2 x the Tversky denominator is 2 TP + FP + FN: the soft Dice, as before
     dice = 1 - (2 * intersection + 1.0) / (2 * (intersection + (1 - fn_weight) * false_fg + fn_weight * missed) + 1.0)
