@@ -307,3 +307,34 @@ def test_gpu_check_dry_run_on_the_cpu(monkeypatch, capsys):
     for line in ("1. cpu float32 vs CPU: max |dp| 0.00e+00", "2. Segmenter default on cpu", "3. float32:", "4. fine-tune step on cpu",
                  "5. device memory after a fine-tune: n/a"):
         assert line in out, out
+
+
+def test_pseudo_labels_keep_the_most_confident_pool_images_and_hold_out_only_real_labels(tmp_path, monkeypatch):
+    import tifffile
+
+    module = _benchmark("pseudo_labels", monkeypatch)
+    images, masks, pool, pred = (tmp_path / n for n in ("images", "masks", "pool", "pred"))
+    for folder in (images, masks, pool, pred):
+        folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(images / f"a{i}.png")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(masks / f"a{i}.png")
+    square = np.zeros((16, 16), np.uint8)
+    square[4:12, 4:12] = 255
+    sure = np.where(square > 0, 0.97, 0.02).astype(np.float32)
+    doubtful = sure.copy()
+    doubtful[2:14, 2:4] = 0.5  # a doubtful rim
+    for stem, prob, mask in (("p_sure", sure, square), ("p_doubt", doubtful, square), ("p_empty", sure * 0, square * 0)):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(pool / f"{stem}.png")
+        tifffile.imwrite(pred / f"{stem}.tif", mask)
+        tifffile.imwrite(pred / f"{stem}_prob.tif", prob)
+    assert [stem for _, stem in module.rank(pred)] == ["p_sure", "p_doubt"]  # an empty prediction is no label
+    out = tmp_path / "out"
+    assert module.main(["--pred", str(pred), "--pool", str(pool), "--images", str(images), "--masks", str(masks),
+                        "--out", str(out), "--keep", "1", "--holdout", "2"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["a0.png", "a1.png", "a2.png", "a3.png", "p_sure.png"]
+    assert np.array_equal(np.asarray(Image.open(out / "masks" / "p_sure.png")), square)
+    assert (out / "val_ids.txt").read_text() == "a2,a3"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "p_sure.png")
+    with pytest.raises(SystemExit, match="share IDs"):
+        module.build(pred, pool, images, masks, out, 1, 2)
