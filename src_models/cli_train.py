@@ -129,11 +129,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     samples = load_samples(args.images, args.masks, args.fov, preprocess, classes=args.classes)
     settings = {k: v for k, v in _train_settings(args).items() if v is not None}
     config = TrainConfig(**settings, **resolve_budget(*_given_budget(args)))
-    card = _card(args, model_config)
     provenance = {"name": args.name or Path(args.out).stem, "description": args.description or f"{args.arch} trained on {Path(args.images).resolve()}"}
     base = _init_model(args.init, model_config, preprocess) if args.init else None
-    if base is not None and card is None:  # the card says what the new model is: keep the start's, its metrics cleared
-        card = base.model_card.with_(metrics={}, metrics_on="", bf16=False)
+    # the card says what the new model is: the start's (its metrics cleared), the card options over it
+    card = _card(args, base.model_card.with_(metrics={}, metrics_on="", bf16=False) if base is not None else None)
     trainer = Trainer(model_config, preprocess, samples, config, args.out, base=base,
                       class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance, card=card,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)
@@ -176,8 +175,10 @@ def _init_model(spec: str, model_config: Any, preprocess: Any) -> Any:
     return base
 
 
-def _card(args: argparse.Namespace, model_config: Any) -> Any:
-    """The model card of a new model: ``--card`` JSON, then the card options over it (None if none given)."""
+def _card(args: argparse.Namespace, start: Any = None) -> Any:
+    """The model card of a new model: ``--card`` JSON, else ``start`` (the ``--init`` model's), then the
+    card options over it (None if there is neither and no option is given). A new ``--data`` without
+    ``--data-short`` drops the start's short name (it named the old data)."""
     from .model_card import ModelCard, Postprocess
 
     given = {k: getattr(args, k) for k in ("task", "modality", "data", "data_short", "licence", "threshold") if getattr(args, k) is not None}
@@ -191,10 +192,12 @@ def _card(args: argparse.Namespace, model_config: Any) -> Any:
         given["tta"] = True
     if args.fov_diameter is not None:
         given["scale"] = _training_scale(args.fov_diameter, args.images)
+    if "data" in given and "data_short" not in given:
+        given["data_short"] = ""
     if args.card is None and not given:
-        return None
+        return start
     try:
-        card = ModelCard()
+        card = start or ModelCard()
         if args.card is not None:
             card = ModelCard.from_json(Path(args.card).read_text(encoding="utf-8"))
         return card.with_(**given)

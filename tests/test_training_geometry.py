@@ -193,6 +193,11 @@ def test_train_init_starts_from_a_model_and_keeps_its_card(tmp_path, capsys):
     assert first.read_bytes() == before  # the starting model is only read
     assert trained.provenance["parent"] == base.name and trained.provenance["parent_sha256"] == base.sha256
     assert trained.model_card.task == "blob" and trained.model_card.postprocess == Postprocess("largest_component", 1, False)
+    third = tmp_path / "third.safetensors"  # a card option with --init changes only that part of the start's card
+    assert main(["train", "r2unet", *common, "--lr", "1e-9", "--out", str(third), "--init", str(first), "--data", "blobs and more (40)"]) == 0
+    card = load_checkpoint(third).model_card
+    assert card.task == "blob" and card.postprocess == Postprocess("largest_component", 1, False)
+    assert card.data == "blobs and more (40)" and card.short_data == "blobs and more" and not card.metrics
     name = "encoder.0.conv.weight" if "encoder.0.conv.weight" in base.state_dict else next(iter(base.state_dict))
     assert torch.allclose(trained.state_dict[name], base.state_dict[name], atol=1e-5)  # lr 1e-9: the start's weights
     capsys.readouterr()
