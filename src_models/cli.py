@@ -221,8 +221,23 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"    {line}")
             print("  provenance:")
             for k, v in sorted(r["provenance"].items()):
-                print(f"    {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+                print(f"    {k}: {_shown(v)}")
     return 0
+
+
+def _shown(value: Any, longest: int = 6) -> str:
+    """A provenance value in one readable line: lists of more than ``longest`` items (a training
+    run's image IDs) as their count, first and last items; ``--json`` prints them whole."""
+    return value if isinstance(value, str) else _shown_json(value, longest)
+
+
+def _shown_json(value: Any, longest: int) -> str:
+    if isinstance(value, list) and len(value) > longest:
+        ends = [json.dumps(v, default=str) for v in (*value[:3], value[-1])]
+        return f"[{len(value)} items: {', '.join(ends[:3])}, ..., {ends[3]}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {_shown_json(v, longest)}" for k, v in value.items()) + "}"
+    return json.dumps(value, default=str)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -61,6 +61,21 @@ def test_info_of_a_checkpoint_shows_provenance(capsys, tiny_checkpoint):
     assert code == 0 and data["config"]["widths"] == [4, 8, 16] and "package_version" in data["provenance"] and len(data["sha256"]) == 64
 
 
+
+def test_info_shows_long_id_lists_as_their_count_and_ends(capsys, tmp_path):
+    from conftest import random_checkpoint
+
+    from src_models.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(random_checkpoint(tmp_path / "a.safetensors"))
+    ids = [f"img{i:04d}" for i in range(500)]
+    path = tmp_path / "b.safetensors"
+    save_checkpoint(path, ck.state_dict, ck.config, ck.preprocess, ck.class_names, {"training_data": {"train_ids": ids, "sources": ["x"]}})
+    code, out, _ = run(capsys, "info", str(path))
+    assert code == 0 and 'training_data: {"sources": ["x"], "train_ids": [500 items: "img0000", "img0001", "img0002", ..., "img0499"]}' in out
+    code, out, _ = run(capsys, "info", str(path), "--json")
+    assert json.loads(out)["provenance"]["training_data"]["train_ids"] == ids  # whole in JSON
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     folder = tmp_path / "images"
