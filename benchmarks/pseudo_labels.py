@@ -52,37 +52,44 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target.resolve())
 
 
-def _by_stem(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
-
-
 def build(pred: Path, pool: Path, images: Path, masks: Path, out: Path, keep: int, holdout: int) -> list[str]:
     """Write the folder; returns the chosen pool stems."""
     import tifffile
     from PIL import Image
 
+    from src_models.data import image_stem, list_images, pair_files, sample_id
+
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: give a new folder (an old run's pool images would be trained on too)")
     scores = rank(pred)
     if not scores:
         raise SystemExit(f"no <stem>_prob.tif in {pred}: run r2unet predict with --save-prob first")
+    pool_files = {image_stem(p): p for p in list_images(pool)}
     chosen = [stem for _, stem in scores[:keep]]
-    pool_files, image_files, mask_files = _by_stem(pool), _by_stem(images), _by_stem(masks)
-    clash = sorted(set(chosen) & set(image_files))
+    missing = [stem for stem in chosen if stem not in pool_files]
+    if missing:
+        raise SystemExit(f"{missing[0]} was predicted but is not in {pool}: give the folder that was predicted")
+    pairs = [p for p in pair_files(images, masks) if p.mask is not None]
+    if not pairs:
+        raise SystemExit(f"no image of {images} has a mask in {masks}")
+    clash = sorted({sample_id(pool_files[stem]) for stem in chosen} & {p.id for p in pairs})
     if clash:
         raise SystemExit(f"pool images share IDs with the labelled ones ({clash[0]}, ...): use distinct names")
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    paired = [stem for stem in image_files if stem in mask_files]
-    for stem in paired:
-        _link(image_files[stem], out / "images" / image_files[stem].name)
-        _link(mask_files[stem], out / "masks" / mask_files[stem].name)
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir()
+    for p in pairs:
+        _link(p.image, out / "images" / p.image.name)
+        _link(p.mask, out / "masks" / p.mask.name)
     for stem in chosen:
         _link(pool_files[stem], out / "images" / pool_files[stem].name)
         mask = tifffile.imread(pred / f"{stem}.tif") > 0
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{stem}.png")
-    (out / "val_ids.txt").write_text(",".join(sorted(paired)[-holdout:]) if holdout else "")
+    held = [p.id for p in pairs][-holdout:] if holdout > 0 else []
+    (out / "val_ids.txt").write_text(",".join(held))
+    paired = pairs
     worst = scores[len(chosen) - 1][0] if chosen else float("nan")
     print(f"{len(paired)} labelled pairs, {len(scores)} plausible pool images, kept {len(chosen)} "
-          f"(uncertainty <= {worst:.4f}); holdout {min(holdout, len(paired))} labelled IDs in {out / 'val_ids.txt'}")
+          f"(uncertainty <= {worst:.4f}); holdout {len(held)} labelled IDs in {out / 'val_ids.txt'}")
     return chosen
 
 

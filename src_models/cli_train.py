@@ -177,34 +177,48 @@ def _init_model(spec: str, model_config: Any, preprocess: Any) -> Any:
 
 def _card(args: argparse.Namespace, start: Any = None) -> Any:
     """The model card of a new model: ``--card`` JSON, else ``start`` (the ``--init`` model's), then the
-    card options over it (None if there is neither and no option is given). A new ``--data`` without
-    ``--data-short`` drops the start's short name (it named the old data)."""
-    from .model_card import ModelCard, Postprocess
+    card options over it, each changing only what it names (None if there is no card to start from and
+    no option is given). A new ``--data`` without ``--data-short`` drops the start's short name (it
+    named the old data)."""
+    from .model_card import ModelCard
 
+    try:
+        first = ModelCard.from_json(Path(args.card).read_text(encoding="utf-8")) if args.card is not None else start
+    except OSError as exc:
+        raise R2UNetError(f"cannot read the card {args.card}: {exc.strerror or exc}; check the path") from exc
+    except ValueError as exc:
+        raise R2UNetError(f"invalid model card: {exc}") from exc
     given = {k: getattr(args, k) for k in ("task", "modality", "data", "data_short", "licence", "threshold") if getattr(args, k) is not None}
     if args.card_channels is not None:
         given["channels"] = args.card_channels
     if args.keep_components is not None or args.fill_holes:
-        count = args.keep_components or 0
-        kind = "none" if count == 0 else "largest_component" if count == 1 else "largest_components"
-        given["postprocess"] = Postprocess(kind, max(1, count), bool(args.fill_holes))
+        given["postprocess"] = _postprocess(args, (first or ModelCard()).postprocess)
     if args.card_tta:
         given["tta"] = True
     if args.fov_diameter is not None:
         given["scale"] = _training_scale(args.fov_diameter, args.images)
     if "data" in given and "data_short" not in given:
         given["data_short"] = ""
-    if args.card is None and not given:
-        return start
+    if not given:
+        return first
     try:
-        card = start or ModelCard()
-        if args.card is not None:
-            card = ModelCard.from_json(Path(args.card).read_text(encoding="utf-8"))
-        return card.with_(**given)
-    except OSError as exc:
-        raise R2UNetError(f"cannot read the card {args.card}: {exc.strerror or exc}; check the path") from exc
+        return (first or ModelCard()).with_(**given)
     except ValueError as exc:
         raise R2UNetError(f"invalid model card: {exc}") from exc
+
+
+def _postprocess(args: argparse.Namespace, before: Any) -> Any:
+    """``--keep-components`` and ``--fill-holes`` over the card's post-processing ``before``: what
+    is not given stays as it was."""
+    import dataclasses
+
+    from .model_card import Postprocess
+
+    if args.keep_components is None:  # --fill-holes alone: the components rule stays
+        return dataclasses.replace(before, fill_holes=True)
+    count = args.keep_components
+    kind = "none" if count == 0 else "largest_component" if count == 1 else "largest_components"
+    return Postprocess(kind, max(1, count), bool(args.fill_holes) or before.fill_holes)
 
 
 def _add_card_options(p: argparse.ArgumentParser) -> None:

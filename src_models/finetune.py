@@ -242,7 +242,7 @@ def inherit_training(base: Checkpoint, config: TrainConfig, settings: dict[str, 
     if not isinstance(trained, dict):
         return config
     for name in INHERITED:
-        if settings.get(name) is None and name in trained:
+        if settings.get(name) is None and trained.get(name) is not None:
             with contextlib.suppress(R2UNetError, TypeError, ValueError):
                 config = dataclasses.replace(config, **{name: trained[name]})
     return config

@@ -335,6 +335,9 @@ def test_pseudo_labels_keep_the_most_confident_pool_images_and_hold_out_only_rea
     assert sorted(p.name for p in (out / "images").iterdir()) == ["a0.png", "a1.png", "a2.png", "a3.png", "p_sure.png"]
     assert np.array_equal(np.asarray(Image.open(out / "masks" / "p_sure.png")), square)
     assert (out / "val_ids.txt").read_text() == "a2,a3"
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "p_sure.png")
-    with pytest.raises(SystemExit, match="share IDs"):
+    with pytest.raises(SystemExit, match="is not empty"):  # an old run's pool images would be trained on too
         module.build(pred, pool, images, masks, out, 1, 2)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "p_sure.png")
+    Image.fromarray(square).save(masks / "p_sure.png")
+    with pytest.raises(SystemExit, match="share IDs"):
+        module.build(pred, pool, images, masks, tmp_path / "out2", 1, 2)

@@ -61,7 +61,6 @@ def test_info_of_a_checkpoint_shows_provenance(capsys, tiny_checkpoint):
     assert code == 0 and data["config"]["widths"] == [4, 8, 16] and "package_version" in data["provenance"] and len(data["sha256"]) == 64
 
 
-
 def test_info_shows_long_id_lists_as_their_count_and_ends(capsys, tmp_path):
     from conftest import random_checkpoint
 
@@ -189,10 +188,10 @@ def test_train_finetune_resume_and_predict(capsys, tmp_path, train_folders):
     images, masks = train_folders
     out = tmp_path / "m.safetensors"
     common = ["--images", str(images), "--masks", str(masks), "--patch-size", "32", "--batch-size", "2", "--steps-per-epoch", "2"]
-    code, stdout, err = run(capsys, "train", "r2unet", *common, "--out", str(out), "--widths", "4,8", "--epochs", "1", "--val-fraction", "0.34")
+    code, stdout, err = run(capsys, "train", "r2unet", *common, "--out", str(out), "--widths", "4,8", "--epochs", "1", "--val-fraction", "0.34", "--fn-weight", "0.7")
     assert code == 0, err
     assert "epoch 1/1" in stdout and "finished" in stdout
-    code, _, err = run(capsys, "train", "r2unet", *common, "--out", str(out), "--widths", "4,8", "--epochs", "2", "--val-fraction", "0.34", "--resume")
+    code, _, err = run(capsys, "train", "r2unet", *common, "--out", str(out), "--widths", "4,8", "--epochs", "2", "--val-fraction", "0.34", "--fn-weight", "0.7", "--resume")
     assert code == 0, err
     assert resumed_steps(out) == 4
     corrections = tmp_path / "corr"
@@ -203,7 +202,8 @@ def test_train_finetune_resume_and_predict(capsys, tmp_path, train_folders):
     code, _, err = run(capsys, "finetune", str(out), *common, "--out", str(tuned), "--epochs", "1", "--corrections", str(corrections))
     assert code == 0, err
     code, stdout, err = run(capsys, "info", str(tuned), "--json")
-    assert json.loads(stdout)["provenance"]["parent"] == "m"
+    provenance = json.loads(stdout)["provenance"]
+    assert provenance["parent"] == "m" and provenance["train_config"]["fn_weight"] == 0.7  # the base's loss, inherited
     code, _, err = run(capsys, "finetune", str(out), *common, "--out", str(out))
     assert code == 1 and "never overwritten" in err
 

@@ -165,7 +165,8 @@ def test_a_fine_tune_keeps_its_base_models_loss_unless_told_otherwise():
     assert inherit_training(recall, config, {}).lr == config.lr  # only the loss's trade-off is inherited
     assert inherit_training(recall, config, {"fn_weight": None}).fn_weight == 0.7  # the widget's "as the base model"
     assert inherit_training(recall, finetune_config(epochs=1, fn_weight=0.6), {"fn_weight": 0.6}).fn_weight == 0.6
-    for hostile in ({"train_config": {"fn_weight": 1.5}}, {"train_config": {"fn_weight": "x"}}, {"train_config": [1]}, {}):
+    for hostile in ({"train_config": {"fn_weight": 1.5}}, {"train_config": {"fn_weight": "x"}}, {"train_config": {"fn_weight": None}},
+                    {"train_config": [1]}, {}):
         assert inherit_training(SimpleNamespace(provenance=hostile), config, {}).fn_weight == 0.5, hostile
 
 

@@ -184,7 +184,8 @@ def test_train_init_starts_from_a_model_and_keeps_its_card(tmp_path, capsys):
     common = ["--channels", "gray", "--widths", "4,8,16", "--geometry", "resize", "--patch-size", "32", "--epochs", "1",
               "--steps-per-epoch", "1", "--batch-size", "2", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]
     first = tmp_path / "first.safetensors"
-    assert main(["train", "r2unet", *common, "--out", str(first), "--task", "blob", "--keep-components", "1"]) == 0
+    assert main(["train", "r2unet", *common, "--out", str(first), "--task", "blob", "--keep-components", "1", "--data", "blobs (20)",
+                 "--data-short", "the blobs", "--card-tta"]) == 0
     base = load_checkpoint(first)
     before = first.read_bytes()
     second = tmp_path / "second.safetensors"
@@ -194,10 +195,11 @@ def test_train_init_starts_from_a_model_and_keeps_its_card(tmp_path, capsys):
     assert trained.provenance["parent"] == base.name and trained.provenance["parent_sha256"] == base.sha256
     assert trained.model_card.task == "blob" and trained.model_card.postprocess == Postprocess("largest_component", 1, False)
     third = tmp_path / "third.safetensors"  # a card option with --init changes only that part of the start's card
-    assert main(["train", "r2unet", *common, "--lr", "1e-9", "--out", str(third), "--init", str(first), "--data", "blobs and more (40)"]) == 0
+    assert main(["train", "r2unet", *common, "--lr", "1e-9", "--out", str(third), "--init", str(first), "--data", "blobs and more (40)",
+                 "--fill-holes"]) == 0
     card = load_checkpoint(third).model_card
-    assert card.task == "blob" and card.postprocess == Postprocess("largest_component", 1, False)
-    assert card.data == "blobs and more (40)" and card.short_data == "blobs and more" and not card.metrics
+    assert card.task == "blob" and card.tta and card.postprocess == Postprocess("largest_component", 1, True)
+    assert card.data == "blobs and more (40)" and card.short_data == "blobs and more"  # the start's short name went with its data
     name = "encoder.0.conv.weight" if "encoder.0.conv.weight" in base.state_dict else next(iter(base.state_dict))
     assert torch.allclose(trained.state_dict[name], base.state_dict[name], atol=1e-5)  # lr 1e-9: the start's weights
     capsys.readouterr()
