@@ -104,27 +104,77 @@ def cpu_description() -> str:
             f"{platform.system()} {platform.release()}")
 
 
-def inherit_parent_command(provenance: dict, target: Path) -> dict:
-    """``provenance`` of a run about to replace the installed ``target``, with the command of the
-    model it started from (``--init``): taken from ``target`` when that is the parent, or carried
-    over when ``target`` is an earlier install of a run from the same parent."""
+def _init_file(command: str) -> Path | None:
+    """The ``--init`` argument of a training command, when it names a file."""
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    for i, word in enumerate(words[:-1]):
+        if word == "--init" and Path(words[i + 1]).is_file():
+            return Path(words[i + 1])
+    return None
+
+
+def _parent(provenance: dict, target: Path) -> dict | None:
+    """The provenance of the checkpoint a run started from (``--init``): the file its command names,
+    else the installed ``target``, whichever has the recorded ``parent_sha256``."""
     from src_models.checkpoint import load_checkpoint
 
-    if not (target.exists() and provenance.get("parent_sha256") and "parent_command" not in provenance):
+    sha = provenance.get("parent_sha256")
+    for path in (_init_file(provenance.get("command", "")), target):
+        if sha and path is not None and path.is_file():
+            checkpoint = load_checkpoint(path)
+            if checkpoint.sha256 == sha:
+                return {"name": checkpoint.name, **checkpoint.provenance}
+    return None
+
+
+def _step(name: str, command: str, wall_time_s: float) -> dict:
+    return {"name": name, "command": command, "wall_time_s": wall_time_s}
+
+
+def inherit_parent_command(provenance: dict, target: Path) -> dict:
+    """``provenance`` of a run about to replace the installed ``target``, with the commands of the
+    models it started from (``--init``), nearest first, as ``lineage`` (``parent_command``: the
+    nearest): followed through the ``--init`` files and ``target`` while their SHA-256 matches and
+    carried over from an ancestor that holds them, or from ``target`` when that is an earlier
+    install of a run from the same parent."""
+    if "lineage" in provenance or not provenance.get("parent_sha256"):
         return provenance
-    shipped = load_checkpoint(target)
-    if shipped.sha256 == provenance["parent_sha256"]:
-        return {**provenance, "parent_command": shipped.provenance.get("command", ""),
-                "parent_wall_time_s": shipped.provenance.get("wall_time_s", 0)}
-    if shipped.provenance.get("parent_sha256") == provenance["parent_sha256"] and shipped.provenance.get("parent_command"):
-        return {**provenance, "parent_command": shipped.provenance["parent_command"],
-                "parent_wall_time_s": shipped.provenance.get("parent_wall_time_s", 0)}
-    return provenance
+    lineage, current = [], provenance
+    while (parent := _parent(current, target)) is not None and len(lineage) < 20:
+        lineage.append(_step(parent.get("name", ""), parent.get("command", ""), parent.get("wall_time_s", 0)))
+        if parent.get("lineage") or parent.get("parent_command"):
+            lineage += _carried(parent)
+            break
+        current = parent
+    if not lineage and target.exists():
+        from src_models.checkpoint import load_checkpoint
+
+        shipped = load_checkpoint(target).provenance
+        if shipped.get("parent_sha256") == provenance["parent_sha256"]:
+            lineage = _carried(shipped)
+    if not lineage:
+        return provenance
+    return {**provenance, "lineage": lineage, "parent_command": lineage[0]["command"], "parent_wall_time_s": lineage[0]["wall_time_s"]}
+
+
+def _carried(provenance: dict) -> list[dict]:
+    """The lineage a checkpoint holds (an install made before lineages: its parent's command only)."""
+    if provenance.get("lineage"):
+        return list(provenance["lineage"])
+    if provenance.get("parent_command"):
+        return [_step(provenance.get("parent", ""), provenance["parent_command"], provenance.get("parent_wall_time_s", 0))]
+    return []
 
 
 def parent_line(provenance: dict) -> str:
-    """The docs' line on the model a ``--init`` run started from (empty for a run from scratch)."""
-    if not provenance.get("parent_command"):
-        return ""
-    return (f"\n  It started (`--init`) from {provenance['parent']}, trained by `{provenance['parent_command']}` "
-            f"({provenance.get('parent_wall_time_s', 0) / 60:.0f} min)")
+    """The docs' lines on the models a ``--init`` run started from (empty for a run from scratch)."""
+    lines, name = [], provenance.get("parent", "")
+    for i, step in enumerate(_carried(provenance)):
+        lead = f"It started (`--init`) from {name}" if i == 0 else "That one started from its predecessor"
+        lines.append(f"\n  {lead}, trained by `{step['command']}` ({step.get('wall_time_s', 0) / 60:.0f} min)")
+    return "".join(lines)

@@ -73,6 +73,17 @@ def test_task_install_sets_the_card_tta_and_keeps_the_parent_command(tmp_path, m
     assert "It started (`--init`) from unet-skin, trained by `r2unet train unet --epochs 6` (10 min)" in module._details(weights / "unet-skin.safetensors", 0.1)
     again = load_checkpoint(module.install(run, "skin", result))  # a second install: the parent is no longer shipped
     assert again.provenance["parent_command"] == "r2unet train unet --epochs 6"
+    first = tmp_path / "round1.safetensors"  # a chain: the installed model -> round 1 (a file) -> round 2
+    installed_now = load_checkpoint(weights / "unet-skin.safetensors")
+    round1 = save(first, {"command": "r2unet train unet --init unet-skin --minutes 36", "wall_time_s": 2160,
+                          "parent": "unet-skin", "parent_sha256": installed_now.sha256})
+    save(run, {"command": f"r2unet train unet --init {first} --minutes 30", "parent": "round1", "parent_sha256": round1.sha256})
+    chained = load_checkpoint(module.install(run, "skin", result)).provenance
+    assert [step["command"] for step in chained["lineage"]] == [
+        "r2unet train unet --init unet-skin --minutes 36", "r2unet train unet --init unet-skin", "r2unet train unet --epochs 6"]
+    details = module._details(weights / "unet-skin.safetensors", 0.1)
+    assert "It started (`--init`) from round1, trained by `r2unet train unet --init unet-skin --minutes 36` (36 min)" in details
+    assert details.index("--minutes 36") < details.index("`r2unet train unet --init unet-skin`") < details.index("--epochs 6` (10 min)")
     lung = runs / "unet-lung.safetensors"
     save(lung, {"command": "r2unet train unet --no-rot90"})
     assert load_checkpoint(module.install(lung, "lung", result)).model_card.tta is False
