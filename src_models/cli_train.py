@@ -193,8 +193,8 @@ def _card(args: argparse.Namespace, start: Any = None) -> Any:
         given["channels"] = args.card_channels
     if args.keep_components is not None or args.fill_holes:
         given["postprocess"] = _postprocess(args, (first or ModelCard()).postprocess)
-    if args.card_tta:
-        given["tta"] = True
+    if args.card_tta is not None:
+        given["tta"] = args.card_tta
     if args.fov_diameter is not None:
         given["scale"] = _training_scale(args.fov_diameter, args.images)
     if "data" in given and "data_short" not in given:
@@ -233,7 +233,8 @@ def _add_card_options(p: argparse.ArgumentParser) -> None:
     card.add_argument("--threshold", type=float, default=None, help="default threshold of the probability map (default: 0.5)")
     card.add_argument("--keep-components", type=int, default=None, metavar="N", help="post-processing: keep the N largest connected components (0 = all)")
     card.add_argument("--fill-holes", action="store_true", help="post-processing: fill holes in the mask")
-    card.add_argument("--card-tta", action="store_true", help="the card asks for test-time augmentation (the mean of the 4 flips) at inference")
+    card.add_argument("--card-tta", action="store_true", default=None, help="the card asks for test-time augmentation (the mean of the 4 flips) at inference")
+    card.add_argument("--no-card-tta", dest="card_tta", action="store_false", help="the card does not ask for test-time augmentation (over an --init model's card)")
     card.add_argument("--fov-diameter", default=None, metavar="auto|PX", help="the training images' field-of-view diameter in pixels, for --scale auto at inference ('auto': measured on the training images)")
 
 

@@ -200,6 +200,9 @@ def test_train_init_starts_from_a_model_and_keeps_its_card(tmp_path, capsys):
     card = load_checkpoint(third).model_card
     assert card.task == "blob" and card.tta and card.postprocess == Postprocess("largest_component", 1, True)
     assert card.data == "blobs and more (40)" and card.short_data == "blobs and more"  # the start's short name went with its data
+    fourth = tmp_path / "fourth.safetensors"
+    assert main(["train", "r2unet", *common, "--lr", "1e-9", "--out", str(fourth), "--init", str(first), "--no-card-tta"]) == 0
+    assert not load_checkpoint(fourth).model_card.tta and load_checkpoint(fourth).model_card.task == "blob"
     name = "encoder.0.conv.weight" if "encoder.0.conv.weight" in base.state_dict else next(iter(base.state_dict))
     assert torch.allclose(trained.state_dict[name], base.state_dict[name], atol=1e-5)  # lr 1e-9: the start's weights
     capsys.readouterr()
