@@ -68,7 +68,7 @@ def _details(path: Path, seconds: float) -> str:
     train = prov.get("train_config", {})
     return (f"- `{path.stem}`: {ck.config.arch}, widths {list(ck.config.widths)}, t={ck.config.t}, {params:,} parameters, "
             f"{path.stat().st_size / 1e6:.1f} MB; {card.geometry.describe()}; threshold {card.threshold:g}, post-processing "
-            f"{card.postprocess.describe()}; best epoch {prov.get('best_epoch')} of {train.get('epochs')} "
+            f"{card.postprocess.describe()}; best epoch {prov.get('best_epoch')}{' of ' + str(train['epochs']) if train.get('epochs') else ''} "
             f"({prov.get('budget')}), seed {train.get('seed')}, augmentation rotate {train.get('rotate')} deg, "
             f"{'zoom ' + str(train['zoom']) if train.get('zoom') else 'scale ' + str(train.get('scale'))}, "
             f"aspect {train.get('aspect', 0.0)}, rot90 {train.get('rot90')}; test-time augmentation {'on' if card.tta else 'off'}; "
