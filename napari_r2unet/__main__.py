@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.screenshot:
         napari.run()
         return 0
-    if args.model:  # a checkpoint file, or a menu entry by name or label ("r2unet-drive")
-        chosen = widget._guard(lambda: widget.add_model(args.model) if args.model.endswith(".safetensors")
+    if args.model:  # a checkpoint file or bioimage.io package, or a menu entry by name or label ("r2unet-drive")
+        from ._models import is_model_file
+
+        chosen = widget._guard(lambda: widget.add_model(args.model) if is_model_file(args.model)
                                else widget.model_combo.choose(args.model))
         if chosen is None:
             print(f"segmentation failed: {widget.status.text()}", file=sys.stderr)

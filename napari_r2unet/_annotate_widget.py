@@ -42,7 +42,7 @@ from ._annotate import SESSION_KEY, predict_folder, replace_prediction, session_
 from ._annotate_table import SessionTable
 from ._dock import PROGRESS_STEPS, DockWidget, user_message
 from ._model_menu import ModelMenu
-from ._models import model_classes
+from ._models import file_model_name, is_model_file, model_classes
 
 AUTOSAVE_SECONDS = 10  # at most this many seconds of edits can be lost in a crash
 ORDER_LABELS = {"uncertainty": "most uncertain first", "sequential": "in file order"}
@@ -183,7 +183,7 @@ class AnnotateWidget(DockWidget):
         try:
             self.model_combo.choose(spec)
         except R2UNetError:
-            if not spec.endswith(".safetensors"):
+            if not is_model_file(spec):
                 raise
             self.model_combo.add_file(spec)
 
@@ -324,7 +324,7 @@ class AnnotateWidget(DockWidget):
 
         session = self._require_session()
         self.save_current()
-        base = Path(session.model).stem if session.model.endswith(".safetensors") else session.model
+        base = file_model_name(session.model) if is_model_file(session.model) else session.model
         name = f"{base.split('-ft-')[0]} + {len(session.saved_ids())} corrected ({session.images_dir.name})"
         validation = "auto" if self.validate_check.isChecked() else "none"
         request = retrain_request(session, new_version_path(base), name, minutes=self.minutes_spin.value(), validation=validation)

@@ -53,6 +53,7 @@ class WorkerBridge(QObject):
     event = Signal(object)  # training events
     progress = Signal(float)  # fraction done, 0..1
     message = Signal(str)  # a line for the user (e.g. "out of memory: retrying with smaller tiles")
+    line = Signal(str)  # a step of a job, for the status line only (no notification)
 
 
 class DockWidget(QWidget):

@@ -35,12 +35,12 @@ from src_models.user_versions import Version, list_versions, new_version_path, r
 from ._dock import PROGRESS_STEPS, DockWidget
 from ._finetune import FinetuneRequest, PairChoice, corrections, doubtful_regions, finetune, is_output_layer, pair_data
 from ._layers import META_KEY, add_result_layers, plan_job
-from ._models import ModelChoice, model_card
+from ._models import ModelChoice, file_model_name, is_model_file, model_card
 from ._pairs_panel import PairsPanel
 from ._plot import CurvePlot
 from ._settings_panel import SettingsPanel
 from ._versions_panel import VersionsPanel
-from ._worker import SegmenterCache, segment_all
+from ._worker import SegmenterCache, export_package, segment_all
 
 
 def _eta(seconds: float | None) -> str:
@@ -65,6 +65,7 @@ class FinetuneWidget(DockWidget):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(napari_viewer)
         self._bridge.event.connect(self._on_event)
+        self._bridge.line.connect(self.status_line)
         self._cache = SegmenterCache()
         self._doubtful: list[tuple[int, int, float]] = []
         self._doubtful_layer: str | None = None
@@ -80,6 +81,7 @@ class FinetuneWidget(DockWidget):
         self.pairs = PairsPanel(self.viewer, self._guard, say, lambda: self.settings.value("correction_weight"))
         self.versions = VersionsPanel(self._guard, say, self._refresh_model_menus)
         self.versions.resegment_button.clicked.connect(self.resegment)
+        self.versions.package_button.clicked.connect(self.bioimageio_dialog)
         self.plot = CurvePlot()
         self.doubt_button = QPushButton("Next doubtful region")
         self.doubt_button.setToolTip("move the view to the next place where the selected result's model is least sure")
@@ -102,6 +104,7 @@ class FinetuneWidget(DockWidget):
         self.lr_spin, self.patch_spin, self.batch_spin = editors["lr"], editors["patch_size"], editors["batch_size"]
         self.steps_spin, self.weight_spin, self.freeze_combo = editors["steps_per_epoch"], editors["correction_weight"], editors["freeze"]
         self.version_combo, self.resegment_button = self.versions.version_combo, self.versions.resegment_button
+        self.package_button = self.versions.package_button
 
     def status_line(self, line: str) -> None:
         self.status.setText(line)
@@ -122,6 +125,28 @@ class FinetuneWidget(DockWidget):
 
     def export(self, path: str, target: str) -> Path:
         return self.versions.export(path, target)
+
+    def bioimageio_dialog(self) -> None:
+        """The "Export for BioImage.IO..." button: ask for the ``.zip``, then export (refused while a job runs)."""
+        self._unless_busy("wait for the running job to end (or press Cancel)", self._bioimageio_dialog)
+
+    def _bioimageio_dialog(self) -> None:
+        asked = self.versions.package_target()
+        if asked is not None:
+            self.export_bioimageio(*asked)
+
+    def export_bioimageio(self, path: str, target: str, overwrite: bool = False) -> Any:
+        """Write the version ``path`` as a bioimage.io package at ``target`` in the worker thread (the
+        TorchScript and ONNX exports and their check take seconds); the status line follows its
+        steps and says where it went, or why it failed, in one line."""
+        index = self.version_combo.findData(path)
+        name = self.version_combo.itemText(index) if index >= 0 else Path(path).stem
+        worker = self._launch(export_package, Path(path), Path(target), overwrite, self._bridge.line.emit,
+                              on_result=lambda written: self._notify_info(f"exported {name} to {written}"),
+                              status=f"exporting {name} for BioImage.IO (TorchScript, ONNX and a check run) ...")
+        self.cancel_button.setEnabled(False)  # seconds long, with no step to stop between
+        self.progress.setRange(0, 0)  # busy, without a fraction to show
+        return worker
 
     def _refresh_model_menus(self) -> None:
         """Show new or renamed versions in the model menus of this viewer's widgets."""
@@ -162,7 +187,7 @@ class FinetuneWidget(DockWidget):
             raise R2UNetError("epochs and minutes are both 'no limit': set a time budget ('at most (min)'), a number of epochs, or both")
         base = choice.spec
         data = [piece for p in pairs for piece in pair_data(self.viewer, p)]
-        out = new_version_path(Path(base).stem if base.endswith(".safetensors") else base)
+        out = new_version_path(file_model_name(base) if is_model_file(base) else base)
         name = version_name(choice.name, len(pairs), [v.name for v in list_versions()])
         return FinetuneRequest(base=base, pairs=data, out=out, name=name, epochs=epochs, minutes=minutes,
                                validation=self.pairs.validation(), settings=self.settings.advanced_settings())

@@ -1,8 +1,8 @@
 """The model menu of both dock widgets.
 
 :class:`ModelMenu`: a combo box of the shipped models, the user's fine-tuned versions and the
-checkpoint files opened in this widget, plus "Load checkpoint..."; it re-reads the model
-folders each time it opens, so a version made a moment ago is there. Entries are labelled and
+checkpoint files and bioimage.io packages opened in this widget, plus "Load checkpoint..."; it
+re-reads the model folders each time it opens, so a version made a moment ago is there. Entries are labelled and
 explained by their model cards (:mod:`napari_r2unet._models`); ``chosen`` tells the widget
 which :class:`ModelChoice` (card included) is now the current one.
 """
@@ -20,6 +20,12 @@ from src_models.errors import R2UNetError
 from ._models import ModelChoice, all_choices, file_choice
 
 LOAD_CHECKPOINT = "Load checkpoint..."
+# the open dialog's filters: every model file first, then checkpoints alone and bioimage.io packages alone
+MODEL_FILE_FILTERS = ";;".join((
+    "Models (*.safetensors *.pt *.pth *.zip rdf.yaml bioimageio.yaml)",
+    "Checkpoints (*.safetensors *.pt *.pth)",
+    "bioimage.io packages (*.zip rdf.yaml bioimageio.yaml)",
+))
 
 
 class ModelMenu(QComboBox):
@@ -74,7 +80,7 @@ class ModelMenu(QComboBox):
             self._emit_chosen()  # another model, or a changed card (a rename alone is not a new choice)
 
     def add_file(self, path: str) -> ModelChoice:
-        """Offer a checkpoint file (validated from its header; weights load later) and choose it."""
+        """Offer a checkpoint file (validated from its header; weights load later) or a bioimage.io package, and choose it."""
         choice = file_choice(path)
         self.opened = [c for c in self.opened if c.spec != choice.spec] + [choice]
         self.refresh(select=choice.spec)
@@ -87,7 +93,7 @@ class ModelMenu(QComboBox):
     def _on_activated(self, index: int) -> None:
         if self.itemData(index) is not None:
             return
-        path, _ = QFileDialog.getOpenFileName(self, "Open a checkpoint", "", "Checkpoints (*.safetensors *.pt *.pth)")
+        path, _ = QFileDialog.getOpenFileName(self, "Open a checkpoint", "", MODEL_FILE_FILTERS)
         if path:
             self._guard(lambda: self.add_file(path))
         else:

@@ -1,4 +1,4 @@
-"""The model choices the widgets offer: shipped pretrained models and checkpoints the user opened.
+"""The model choices the widgets offer: shipped pretrained models, and checkpoints and bioimage.io packages the user opened.
 
 Torch-free: entries are described from the checkpoints' metadata (:mod:`src_models.checkpoint_files`),
 model card included. Each viewer's widget keeps its own list (no module-level mutable state).
@@ -9,6 +9,11 @@ Labels come from the card, not from a table of names: a shipped model reads
 "<name> (fine-tuned, <task>)" and a file "<file name>: <task>"; a checkpoint whose card names no
 task of its own (a card derived from the class names, as older files get) keeps its name alone.
 Each entry's tooltip is its card (``card.lines()``), after a version's history.
+
+A bioimage.io model package (a ``.zip``, or the ``rdf.yaml`` / ``bioimageio.yaml`` of an unpacked
+one) is a file choice too, "<file name>: <its name> (bioimage.io)": its description is read here
+(:func:`src_models.bioimageio.read_rdf`, torch-free), its weights when the model loads
+(:func:`is_model_file`, :func:`package_choice`).
 """
 
 from __future__ import annotations
@@ -81,8 +86,47 @@ def _pretrained_label(name: str, entry: dict[str, Any]) -> str:
     return task_label(str(entry["config"].get("arch", "?")), entry["card"]) if card_task(entry) else name
 
 
+def is_package(spec: str | Path) -> bool:
+    """Whether ``spec`` names a bioimage.io package (a ``.zip``, an ``rdf.yaml`` or a ``bioimageio.yaml``)."""
+    from src_models.bioimageio import is_package as engine_is_package  # torch-free (numpy), imported when asked
+
+    return engine_is_package(spec)
+
+
+def is_model_file(spec: str) -> bool:
+    """Whether a model spec is a file path (a checkpoint or a bioimage.io package), not a menu name."""
+    return spec.endswith(".safetensors") or is_package(spec)
+
+
+def file_model_name(spec: str) -> str:
+    """A model file's short name, which its fine-tuned versions are named after: the file's stem,
+    or the folder of an unpacked package (its description file is always called the same)."""
+    path = Path(spec)
+    return path.parent.name if path.suffix.lower() == ".yaml" and is_package(path) and path.parent.name else path.stem
+
+
+def package_choice(path: str | Path) -> ModelChoice:
+    """A bioimage.io package as a model choice: its rdf.yaml is read (torch-free) and must describe a
+    model; whether we can run it, and its weights, are checked when the model loads."""
+    from src_models.bioimageio import describe_package, read_rdf
+
+    rdf, _ = read_rdf(path)  # one-line R2UNetError: missing, not a zip, no rdf.yaml, not a model, an unknown format
+    path = Path(path).expanduser()
+    shown = path.name if path.suffix.lower() == ".zip" else f"{file_model_name(str(path))}/{path.name}"
+    title = " ".join(str(rdf.get("name") or "").split())
+    entry = describe_package(path)  # one of ours: its checkpoint's card (threshold, post-processing, TTA)
+    if entry is not None:
+        task = card_task(entry)
+        return _choice(f"{shown}: {task} (bioimage.io)" if task else f"{shown} (bioimage.io)", str(path.resolve()), entry,
+                       file_model_name(str(path)))
+    return ModelChoice(f"{shown}: {title} (bioimage.io)" if title else f"{shown} (bioimage.io)", str(path.resolve()),
+                       "bioimage.io package", file_model_name(str(path)))
+
+
 def file_choice(path: str | Path) -> ModelChoice:
-    """A checkpoint file as a model choice (validated by its metadata; weights load later)."""
+    """A checkpoint file (validated by its metadata; weights load later) or a bioimage.io package as a model choice."""
+    if is_package(path):
+        return package_choice(path)
     entry, name = describe(path), Path(path).name
     task = card_task(entry)
     return _choice(f"{name}: {task}" if task else name, str(Path(path).resolve()), entry, name)

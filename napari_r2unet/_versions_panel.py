@@ -2,8 +2,9 @@
 
 :class:`VersionsPanel` lists the versions in the per-user model folder
 (:func:`src_models.user_versions.list_versions`, newest first, their summary as tooltip), renames and
-exports the chosen one (the weights are never rewritten), and holds the "Re-segment other
-images with this version" button, whose work the Fine-tune widget does.
+exports the chosen one (the weights are never rewritten), and holds the "Export for BioImage.IO..."
+and "Re-segment other images with this version" buttons, whose work (in the worker thread) the
+Fine-tune widget does; the panel asks where a package goes (:meth:`VersionsPanel.package_target`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from src_models.user_versions import export_destination, export_version, list_ve
 
 
 class VersionsPanel(QGroupBox):
-    """The fine-tuned versions, with Rename, Export and Re-segment."""
+    """The fine-tuned versions, with Rename, Export, Export for BioImage.IO and Re-segment."""
 
     def __init__(self, guard: Callable[[Callable[[], Any]], Any], say: Callable[[str], None],
                  renamed: Callable[[], None]) -> None:
@@ -38,6 +39,10 @@ class VersionsPanel(QGroupBox):
         row.addWidget(self.rename_button)
         row.addWidget(self.export_button)
         layout.addLayout(row)
+        self.package_button = QPushButton("Export for BioImage.IO...")
+        self.package_button.setToolTip("a bioimage.io model package (.zip: TorchScript and ONNX weights, the model card, "
+                                       "a test image) for other bioimage.io tools")
+        layout.addWidget(self.package_button)
         self.resegment_button = QPushButton("Re-segment other images with this version")
         self.resegment_button.setToolTip("adds new Labels layers for every open image not used for training; edited layers are not touched")
         layout.addWidget(self.resegment_button)
@@ -54,9 +59,9 @@ class VersionsPanel(QGroupBox):
         self.set_busy(False)
 
     def set_busy(self, busy: bool) -> None:
-        """No renaming, exporting or re-segmenting while a job runs (or before there is a version)."""
+        """No renaming, exporting or re-segmenting while a job (an export too) runs, or before there is a version."""
         has = self.version_combo.count() > 0
-        for button in (self.rename_button, self.export_button, self.resegment_button):
+        for button in (self.rename_button, self.export_button, self.package_button, self.resegment_button):
             button.setEnabled(has and not busy)
         self.version_combo.setEnabled(not busy)
 
@@ -88,3 +93,16 @@ class VersionsPanel(QGroupBox):
         written = export_version(path, target, overwrite=export_destination(path, target) == Path(target).expanduser())
         self._say(f"exported to {written}")
         return written
+
+    def package_target(self) -> tuple[str, str, bool] | None:
+        """Ask where the chosen version's bioimage.io package goes: ``(version, target, overwrite)``,
+        None when the dialog is cancelled. The dialog asked about replacing the ``.zip`` it names; a
+        name typed without the suffix gets it, and then an existing file is refused, never replaced."""
+        path = self.chosen_version()
+        target, _ = QFileDialog.getSaveFileName(self, "Export for BioImage.IO", f"{Path(path).stem}.zip",
+                                                "bioimage.io packages (*.zip)")
+        if not target:
+            return None
+        if target.lower().endswith(".zip"):
+            return path, target, True
+        return path, f"{target}.zip", False

@@ -3,7 +3,9 @@ predict, report progress, stop when asked.
 
 - :func:`segment`: one :class:`~napari_r2unet._layers.Job` (the Segment widget);
 - :func:`segment_all`: several jobs with one model, progress over all of them (the Fine-tune
-  widget's "Re-segment other images").
+  widget's "Re-segment other images");
+- :func:`export_package`: a version as a bioimage.io package (the Fine-tune widget's "Export for
+  BioImage.IO...").
 
 Thread use: on the CPU, torch gets all cores but one (at least one), so napari's event loop keeps
 a core and the GUI stays responsive while a model runs.
@@ -15,6 +17,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,3 +117,13 @@ def segment_all(cache: SegmenterCache, spec: str, jobs: list[Job],
 
         results.append(segment(cache, spec, "auto", job, part, should_stop, log))
     return results
+
+
+def export_package(checkpoint: Path, target: Path, overwrite: bool, log: Callable[[str], None]) -> Path:
+    """Write ``checkpoint`` as a bioimage.io package at ``target`` (TorchScript and ONNX weights,
+    checked on a test image: seconds); returns the written path. Failures are R2UNetErrors."""
+    from src_models.bioimageio import export_package as export
+
+    limit_cpu_threads()  # the exports and their check run on the CPU: the GUI keeps a core
+
+    return Path(export(checkpoint, target, overwrite=overwrite, log=log))

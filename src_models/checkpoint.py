@@ -64,6 +64,13 @@ class Checkpoint:
     path: Path | None = None
     sha256: str | None = None
     card: ModelCard | None = None  # None: derived from the rest (see :attr:`model_card`)
+    package: Any = None  # another tool's bioimage.io package (src_models.bioimageio.Package): prediction only
+
+    def require_weights(self, what: str) -> None:
+        """Refuse ``what`` (fine-tuning, export, ...) for a package that holds no napari-r2unet weights."""
+        if self.package is not None:
+            raise R2UNetError(f"{self.name} is a bioimage.io package from another tool: napari-r2unet can segment with it, "
+                              f"not {what}; use a napari-r2unet model for that")
 
     @property
     def model_card(self) -> ModelCard:
@@ -72,6 +79,7 @@ class Checkpoint:
 
     def build(self, device: str | torch.device = "cpu") -> nn.Module:
         """The network with these weights, in eval mode, on ``device``."""
+        self.require_weights("build its network (fine-tune, train from or export it)")
         model = build_model(self.config)
         model.load_state_dict(self.state_dict)
         return model.to(device).eval()

@@ -322,6 +322,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .model_names import load_model
 
     checkpoint = load_model(args.model)
+    if args.format == "bioimageio":
+        from .bioimageio import export_package
+
+        out = export_package(checkpoint, args.out, overwrite=args.overwrite)
+        print(f"{out}: bioimage.io package (format 0.5) of {checkpoint.name}: rdf.yaml, TorchScript and ONNX weights "
+              "(probabilities), test tensors, cover, README and the checkpoint; test it with 'bioimageio test'")
+        return 0
+    checkpoint.require_weights("export it")
     difference = export_checked(checkpoint, args.out, args.format, args.overwrite)
     print(f"{Path(args.out).expanduser()}: {args.format}, input (N, {checkpoint.config.in_channels}, H, W) float32 with H, W "
           f"multiples of {checkpoint.config.size_multiple}; max |logit difference| vs PyTorch {difference:.2g}")
@@ -407,10 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_parsers(sub)
 
-    p = sub.add_parser("export", help="write a model as ONNX or TorchScript", description="Export a model's network (logits; input (N, C, H, W) float32 with H and W multiples of the model's size multiple, 16 by default) for use without this package. The export is checked against PyTorch before it is kept.")
+    p = sub.add_parser("export", help="write a model as ONNX, TorchScript or a bioimage.io package", description="Export a model's network (logits; input (N, C, H, W) float32 with H and W multiples of the model's size multiple, 16 by default) for use without this package, or (--format bioimageio) a BioImage Model Zoo package (.zip: rdf.yaml 0.5, TorchScript and ONNX weights giving probabilities, test tensors, cover, documentation, citations, licence, provenance) that deepImageJ, ilastik, bioimageio.core and 'r2unet predict PACKAGE.zip' run. The export is checked against PyTorch before it is kept.")
     p.add_argument("model", metavar="MODEL", help="pretrained name, fine-tuned version or checkpoint path")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    p.add_argument("--format", choices=["onnx", "torchscript", "bioimageio"], default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx, .pt, or .zip for bioimageio)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export)
     return parser

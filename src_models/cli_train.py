@@ -166,6 +166,7 @@ def _init_model(spec: str, model_config: Any, preprocess: Any) -> Any:
     from .model_names import load_model
 
     base = load_model(spec)
+    base.require_weights("train from it (--init)")
     mine, theirs = model_config.to_dict(), base.config.to_dict()
     differ = [f"{k} {theirs.get(k)!r} (options: {v!r})" for k, v in mine.items() if theirs.get(k) != v]
     if base.preprocess.channels != preprocess.channels:

@@ -217,7 +217,8 @@ def load_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
     if isinstance(base, (str, os.PathLike)):
         from .model_names import load_model
 
-        return load_model(str(base))
+        base = load_model(str(base))
+    base.require_weights("fine-tune it")
     return base
 
 

@@ -95,11 +95,17 @@ class Segmenter:
             if self._asked_backend == "onnxruntime":
                 raise R2UNetError("bf16 runs on the PyTorch backend; use --backend torch or --precision fp32")
             self._asked_backend = "torch"  # onnxruntime's CPU kernels are float32
-        self.backend = self._choose_backend(self._asked_backend)
+        self.package = checkpoint.package  # another tool's bioimage.io package: its own network and steps
+        if self.package is not None:
+            self.package.log = self.log
+            self.precision, self.tta = "fp32", False
+            self.backend = f"bioimageio ({self.package.weights_format})"
+        else:
+            self.backend = self._choose_backend(self._asked_backend)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles share one shape: let cuDNN pick its fastest kernels once
         self.in_channels = checkpoint.config.in_channels
-        self.size_multiple = checkpoint.config.size_multiple
+        self.size_multiple = self.package.step if self.package is not None else checkpoint.config.size_multiple
         self.geometry = checkpoint.model_card.geometry  # tiled (native resolution) or resize (letterboxed)
 
     def _choose_backend(self, backend: str) -> str:
@@ -159,6 +165,10 @@ class Segmenter:
         return True
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        if self.package is not None:
+            if self._should_stop is not None and self._should_stop():
+                raise CancelledError()
+            return self.package.predict(batch)
         if self._onnx_ready():
             return self._predict_batch_onnx(batch)
         if self._should_stop is None:
@@ -218,8 +228,18 @@ class Segmenter:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _normalizer(self, chw: Any) -> Callable[[Any], np.ndarray]:
+        """The raw image's statistics, measured once: a function from its raw tiles to network input."""
+        config = self.checkpoint.preprocess
+        if self.package is not None:
+            return self.package.normalizer(chw, config.channels)
+        stats = measure_stats(chw, config)
+        return lambda band: normalize_tile(band, stats, config)
+
     def auto_tile(self, height: int, width: int) -> int:
         """The default largest tile: the whole (padded) image when it is small and memory allows, else AUTO_TILE."""
+        if self.package is not None and self.package.fixed:
+            return self.package.fixed  # the package's network takes only this size
         padded = padded_size(height, self.size_multiple), padded_size(width, self.size_multiple)
         if padded[0] * padded[1] <= AUTO_WHOLE_IMAGE_PIXELS:
             # on the CPU, where host memory is what the activations use, tile it when that is short
@@ -321,15 +341,14 @@ class Segmenter:
         self._check_input(chw, tile)
         tile = tile or self.auto_tile(*chw.shape[1:])
         self._require_memory(chw, tile, batch_size, whole_result=out is None)
-        config = self.checkpoint.preprocess
-        stats = measure_stats(chw, config)
+        transform = self._normalizer(chw)
         self._should_stop = should_stop  # polled inside a tile too (_predict_batch)
         try:
             while True:
                 try:
                     return run_grid(
                         chw, self.tile_grid(*chw.shape[1:], tile, overlap), batch_size, self._predict_batch,
-                        transform=lambda band: normalize_tile(band, stats, config),
+                        transform=transform,
                         progress=progress, should_stop=should_stop, out=out,
                     )
                 except (RuntimeError, MemoryError) as exc:
@@ -375,8 +394,7 @@ class Segmenter:
                        f"segmenting a {h} x {w} image", "close other programs, downsample the image, or use a machine with more memory")
         if progress is not None:
             progress(0.0)
-        config = self.checkpoint.preprocess
-        boxed, box = letterbox(normalize_tile(chw, measure_stats(chw, config), config), size)
+        boxed, box = letterbox(self._normalizer(chw)(chw), size)
         batch = np.pad(boxed, ((0, 0), (0, side - size), (0, side - size)), mode="edge")[None]
         self._should_stop = should_stop  # polled inside the network too (_predict_batch)
         try:

@@ -75,6 +75,10 @@ def find_version(spec: str) -> Path | None:
 
 def load_model(spec: str) -> Checkpoint:
     """A pretrained name, a fine-tuned version's name or a checkpoint path -> validated :class:`Checkpoint`."""
+    from .bioimageio import is_package, load_package
+
+    if spec and is_package(spec):  # a bioimage.io package (.zip or rdf.yaml)
+        return load_package(spec)
     shipped = checkpoint_files.WEIGHTS_DIR / f"{spec}.safetensors"
     if spec and spec == Path(spec).name and shipped.is_file():  # a pretrained name is its file's stem: no catalog to read
         return load_checkpoint(shipped)

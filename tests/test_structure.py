@@ -62,3 +62,14 @@ def test_ruff_is_clean():
         pytest.skip("ruff is not installed in this environment")
     result = subprocess.run([str(ruff), "check", "src_models", "napari_r2unet", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_napari_hub_metadata_and_manifest_validate():
+    """napari hub readiness: the metadata the hub shows, and `npe2 validate` clean."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["readme"] == "README.md" and project["description"] and project["keywords"]
+    assert {"Framework :: napari", "License :: OSI Approved :: BSD License"} <= set(project["classifiers"])
+    npe2 = Path(sys.executable).with_name("npe2")
+    run = subprocess.run([str(npe2), "validate", "napari-r2unet"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "valid" in run.stdout, run.stdout + run.stderr
