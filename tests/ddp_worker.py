@@ -33,6 +33,7 @@ def main() -> None:
     if trainer.dist.is_main:
         diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
         (out / "sync.json").write_text(json.dumps({"max_rank_difference": diff, "world_size": trainer.dist.world_size}))
+    dist.barrier()  # both ranks leave together: a rank tearing gloo down while its peer is still in it can abort (SIGABRT)
     dist.destroy_process_group()
 
 
