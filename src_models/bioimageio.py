@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -277,42 +276,23 @@ def _version() -> str:
     return __version__
 
 
-def _check_exported(path: Path, fmt: str, x: np.ndarray, reference: np.ndarray) -> None:
-    import torch
-
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
-    else:
-        with torch.inference_mode():
-            got = torch.jit.load(str(path))(torch.from_numpy(x)).numpy()
-    difference = float(np.abs(got - reference).max())
-    if not difference < PACKAGE_TOLERANCE:
-        raise R2UNetError(f"the exported {fmt} network differs from PyTorch by {difference:.2g}; package not written")
-
-
 def _write_weights(checkpoint: Any, folder: Path, example: np.ndarray) -> tuple[np.ndarray, dict[str, Path]]:
     """TorchScript and ONNX of the packaged network, each checked on ``example``; returns its output too."""
     import torch
 
-    from .export import OPSET
+    from .export import _run_exported, export_onnx, export_torchscript
 
     net = _packaged_network(checkpoint)
     x = torch.from_numpy(example)
     with torch.inference_mode():
         reference = net(x).numpy()
-    torchscript, onnx = folder / "weights_torchscript.pt", folder / "weights.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes about the (untraced) padding branch
-        torch.jit.save(torch.jit.trace(net, x, check_trace=False), str(torchscript))
-        torch.onnx.export(net, (x,), str(onnx), input_names=["image"], output_names=["probabilities"],
-                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                        "probabilities": {0: "batch", 2: "height", 3: "width"}},
-                          opset_version=OPSET, dynamo=False)
-    for path, fmt in ((torchscript, "torchscript"), (onnx, "onnx")):
-        _check_exported(path, fmt, example, reference)
-    return reference, {"torchscript": torchscript, "onnx": onnx}
+    files = {"torchscript": export_torchscript(checkpoint, folder / "weights_torchscript.pt", module=net, example=x),
+             "onnx": export_onnx(checkpoint, folder / "weights.onnx", module=net, example=x, output_name="probabilities")}
+    for fmt, path in files.items():
+        difference = float(np.abs(_run_exported(path, fmt, x) - reference).max())
+        if not difference < PACKAGE_TOLERANCE:
+            raise R2UNetError(f"the exported {fmt} network differs from PyTorch by {difference:.2g}; package not written")
+    return reference, files
 
 
 def _rdf(checkpoint: Any, files: dict[str, Path], side: int | None, attachment: Path) -> dict[str, Any]:

@@ -116,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .nets import ModelConfig
     from .preprocessing import PreprocessConfig
     from .training import TrainConfig, Trainer, load_samples
+    from .training.distributed import leave_group
 
     _set_threads(args)
     preprocess = PreprocessConfig(channels=args.channels)
@@ -136,7 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(model_config, preprocess, samples, config, args.out, base=base,
                       class_names=[args.class_name] if args.classes == 1 else None, provenance=provenance, card=card,
                       device=args.device, resume=args.resume, overwrite=args.overwrite)
-    return _drive_training(trainer)
+    code = _drive_training(trainer)
+    leave_group(trainer.dist)  # under torchrun: every rank leaves the group together, for a clean exit
+    return code
 
 
 def _training_scale(text: str, images: str) -> Any:

@@ -50,17 +50,21 @@ def _example(checkpoint: Checkpoint) -> torch.Tensor:
     return torch.zeros(1, checkpoint.config.in_channels, size, size)
 
 
-def export_onnx(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Path:
-    """Write the network as ONNX (opset 17, dynamic batch/height/width); returns the path."""
+def export_onnx(checkpoint: Checkpoint, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None,
+                example: torch.Tensor | None = None, output_name: str = "logits") -> Path:
+    """Write the network (or ``module``, a wrapper of it) as ONNX (opset 17, dynamic
+    batch/height/width), traced on ``example`` (default: zeros of a pooling-grid multiple);
+    returns the path."""
     path = Path(path)
-    model = checkpoint.build("cpu")
+    model = checkpoint.build("cpu") if module is None else module
+    x = _example(checkpoint) if example is None else example
 
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes about the (untraced) padding branch
-            torch.onnx.export(model, (_example(checkpoint),), tmp, input_names=["image"], output_names=["logits"],
+            torch.onnx.export(model, (x,), tmp, input_names=["image"], output_names=[output_name],
                               dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                            "logits": {0: "batch", 2: "height", 3: "width"}},
+                                            output_name: {0: "batch", 2: "height", 3: "width"}},
                               opset_version=OPSET, dynamo=False)
 
     try:
@@ -72,13 +76,16 @@ def export_onnx(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def export_torchscript(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Path:
-    """Write the network as a traced TorchScript module (``torch.jit.load`` runs it without our code)."""
+def export_torchscript(checkpoint: Checkpoint, path: str | os.PathLike[str], *, module: torch.nn.Module | None = None,
+                       example: torch.Tensor | None = None) -> Path:
+    """Write the network (or ``module``) as a traced TorchScript module (``torch.jit.load`` runs
+    it without our code), traced on ``example`` as :func:`export_onnx`."""
     path = Path(path)
-    model = checkpoint.build("cpu")
+    model = checkpoint.build("cpu") if module is None else module
+    x = _example(checkpoint) if example is None else example
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, _example(checkpoint), check_trace=False)
+        traced = torch.jit.trace(model, x, check_trace=False)
     atomic_write(path, lambda tmp: torch.jit.save(traced, tmp), suffix=".pt")
     return path
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the test helpers bes
 from ddp_common import CONFIG, PP, float64, samples, train_config  # noqa: E402
 
 from src_models.training import Trainer  # noqa: E402
+from src_models.training.distributed import leave_group  # noqa: E402
 
 
 def main() -> None:
@@ -33,8 +34,7 @@ def main() -> None:
     if trainer.dist.is_main:
         diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
         (out / "sync.json").write_text(json.dumps({"max_rank_difference": diff, "world_size": trainer.dist.world_size}))
-    dist.barrier()  # both ranks leave together: a rank tearing gloo down while its peer is still in it can abort (SIGABRT)
-    dist.destroy_process_group()
+    leave_group(trainer.dist)  # what r2unet train does at its end
 
 
 if __name__ == "__main__":

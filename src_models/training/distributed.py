@@ -82,6 +82,18 @@ def barrier(dist_info: Distributed) -> None:
         dist.barrier()
 
 
+def leave_group(dist_info: Distributed) -> None:
+    """Leave the process group at the end of a run: all ranks together (a barrier first), since a
+    rank tearing gloo down while its peer is still in it can abort the peer (SIGABRT). No-op in a
+    single process."""
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def loss_reduction(dist_info: Distributed) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int]:
     """The ``(all_reduce, world_size)`` arguments of :func:`~.loss.segmentation_loss`."""
     if not dist_info.enabled:
