@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DRIVE = ROOT.parent / "shared" / "datasets" / "DRIVE"
 NOTES = "## Notes"  # docs/BENCHMARKS.md from this heading on is written by hand and kept by each run
-TARGETS = {"a": 1.2, "a_first": 1.3, "b": 1.5, "c": 1.15, "c_rss_gb": 2.0, "d": 0.5, "e_ms": 100.0, "f": 0.6, "g": 1.5}
+TARGETS = {"a": 1.2, "a_first": 1.3, "b": 1.5, "c": 1.15, "c_image": 1.4, "c_rss_gb": 2.0, "d": 0.5, "e_ms": 100.0, "f": 0.6, "g": 1.5}
 
 
 def best_of(fn, repeat: int) -> float:
@@ -243,9 +243,10 @@ def main() -> int:
         ("(a'') first image of a fresh process / a warm one", f"{ratio_first:.2f}x", f"<= {TARGETS['a_first']}x",
          f"{first:.3f} s (from the CLI's import: model, session, first run) vs {warm:.3f} s"),
         ("(b) eager PyTorch forward / ours", f"{ratio_b:.2f}x", f">= {TARGETS['b']}x", f"{eager:.3f} s vs {ours:.3f} s"),
-        (f"(c) per-pixel time at {args.large}^2 / (a)", f"{ratio_c:.2f}x", f"<= {TARGETS['c']}x",
-         f"{seconds:.1f} s for {args.large**2 / 1e6:.0f} MP; the overlapping tiles compute {computed:.2f}x its pixels, "
-         f"so {ratio_c / computed:.2f}x per computed pixel"),
+        (f"(c) per computed pixel at {args.large}^2 / (a)", f"{ratio_c / computed:.2f}x", f"<= {TARGETS['c']}x",
+         f"{seconds:.1f} s for {args.large**2 / 1e6:.0f} MP; the overlapping tiles compute {computed:.2f}x its pixels"),
+        (f"(c) per image pixel at {args.large}^2 / (a)", f"{ratio_c:.2f}x", f"<= {TARGETS['c_image']}x",
+         "the issue's accepted bound for the overlap (see the tiles below)"),
         (f"(c) peak RSS at {args.large}^2", f"{rss:.2f} GB", f"< {TARGETS['c_rss_gb']} GB", "child process, ru_maxrss"),
         ("(d) training FLOP/s / sgemm", f"{ratio_d:.0%}", f">= {TARGETS['d']:.0%}",
          f"{pixels / 1e3:.0f} kpx/s, {step_s:.3f} s per step of 8 x 96^2; drawing the batch {load_s * 1e3:.1f} ms of it"),
@@ -313,7 +314,8 @@ def main() -> int:
         "",
     ]
     verdicts = {"(a)": ratio_a <= TARGETS["a"], "(a'')": ratio_first <= TARGETS["a_first"], "(b)": ratio_b >= TARGETS["b"],
-                "(c) per pixel": ratio_c <= TARGETS["c"], "(c) RSS": rss < TARGETS["c_rss_gb"], "(d)": ratio_d >= TARGETS["d"],
+                "(c) per computed pixel": ratio_c / computed <= TARGETS["c"],
+                "(c) per image pixel": ratio_c <= TARGETS["c_image"], "(c) RSS": rss < TARGETS["c_rss_gb"], "(d)": ratio_d >= TARGETS["d"],
                 **precision_verdicts}
     if not args.no_gui and any(row[0].startswith("(e)") for row in rows):
         verdicts["(e)"] = p95 < TARGETS["e_ms"]
