@@ -136,27 +136,38 @@ def _step(name: str, command: str, wall_time_s: float) -> dict:
     return {"name": name, "command": command, "wall_time_s": wall_time_s}
 
 
+def _same_run(a: dict, b: dict) -> bool:
+    """Whether two provenances are one training run (an installed copy carries its run's command and time)."""
+    return bool(a.get("command")) and a.get("command") == b.get("command") and a.get("created") == b.get("created")
+
+
 def inherit_parent_command(provenance: dict, target: Path) -> dict:
     """``provenance`` of a run about to replace the installed ``target``, with the commands of the
     models it started from (``--init``), nearest first, as ``lineage`` (``parent_command``: the
     nearest): followed through the ``--init`` files and ``target`` while their SHA-256 matches and
-    carried over from an ancestor that holds them, or from ``target`` when that is an earlier
-    install of a run from the same parent."""
+    carried over from an ancestor that holds them, or from ``target`` when that is an install of
+    the same run, of the run a parent file comes from (the raw file of the shipped model), or of
+    a run from the same parent."""
     if "lineage" in provenance or not provenance.get("parent_sha256"):
         return provenance
-    lineage, current = [], provenance
-    while (parent := _parent(current, target)) is not None and len(lineage) < 20:
-        lineage.append(_step(parent.get("name", ""), parent.get("command", ""), parent.get("wall_time_s", 0)))
-        if parent.get("lineage") or parent.get("parent_command"):
-            lineage += _carried(parent)
-            break
-        current = parent
-    if not lineage and target.exists():
+    shipped: dict = {}
+    if target.exists():
         from src_models.checkpoint import load_checkpoint
 
         shipped = load_checkpoint(target).provenance
-        if shipped.get("parent_sha256") == provenance["parent_sha256"]:
-            lineage = _carried(shipped)
+    if shipped and _same_run(shipped, provenance) and _carried(shipped):  # installed again
+        lineage = _carried(shipped)
+        return {**provenance, "lineage": lineage, "parent_command": lineage[0]["command"], "parent_wall_time_s": lineage[0]["wall_time_s"]}
+    lineage, current = [], provenance
+    while (parent := _parent(current, target)) is not None and len(lineage) < 20:
+        lineage.append(_step(parent.get("name", ""), parent.get("command", ""), parent.get("wall_time_s", 0)))
+        holder = parent if parent.get("lineage") or parent.get("parent_command") else shipped if shipped and _same_run(shipped, parent) else None
+        if holder is not None:
+            lineage += _carried(holder)
+            break
+        current = parent
+    if not lineage and shipped.get("parent_sha256") == provenance["parent_sha256"]:
+        lineage = _carried(shipped)
     if not lineage:
         return provenance
     return {**provenance, "lineage": lineage, "parent_command": lineage[0]["command"], "parent_wall_time_s": lineage[0]["wall_time_s"]}

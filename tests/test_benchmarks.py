@@ -84,6 +84,16 @@ def test_task_install_sets_the_card_tta_and_keeps_the_parent_command(tmp_path, m
     details = module._details(weights / "unet-skin.safetensors", 0.1)
     assert "It started (`--init`) from round1, trained by `r2unet train unet --init unet-skin --minutes 36` (36 min)" in details
     assert details.index("--minutes 36") < details.index("`r2unet train unet --init unet-skin`") < details.index("--epochs 6` (10 min)")
+    again = load_checkpoint(module.install(run, "skin", result)).provenance  # the same run installed again keeps its chain
+    assert [step["command"] for step in again["lineage"]] == [step["command"] for step in chained["lineage"]]
+    # the next round starts from the raw file of the shipped run (no lineage in it: the install added that)
+    raw = save(tmp_path / "raw.safetensors", {"command": f"r2unet train unet --init {first} --minutes 30", "parent": "round1",
+                                              "parent_sha256": round1.sha256, "wall_time_s": 1800})
+    save(run, {"command": f"r2unet train unet --init {tmp_path / 'raw.safetensors'} --minutes 85", "parent": "unet-skin",
+               "parent_sha256": raw.sha256})
+    first.unlink()  # round 1's file is gone (as a run folder cleaned up): the chain comes from the shipped copy of raw's run
+    round3 = load_checkpoint(module.install(run, "skin", result)).provenance
+    assert [step["command"] for step in round3["lineage"]] == [f"r2unet train unet --init {first} --minutes 30", *[step["command"] for step in chained["lineage"]]]
     lung = runs / "unet-lung.safetensors"
     save(lung, {"command": "r2unet train unet --no-rot90"})
     assert load_checkpoint(module.install(lung, "lung", result)).model_card.tta is False
