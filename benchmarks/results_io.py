@@ -156,8 +156,7 @@ def inherit_parent_command(provenance: dict, target: Path) -> dict:
 
         shipped = load_checkpoint(target).provenance
     if shipped and _same_run(shipped, provenance) and _carried(shipped):  # installed again
-        lineage = _carried(shipped)
-        return {**provenance, "lineage": lineage, "parent_command": lineage[0]["command"], "parent_wall_time_s": lineage[0]["wall_time_s"]}
+        return _with_lineage(provenance, _carried(shipped))
     lineage, current = [], provenance
     while (parent := _parent(current, target)) is not None and len(lineage) < 20:
         lineage.append(_step(parent.get("name", ""), parent.get("command", ""), parent.get("wall_time_s", 0)))
@@ -168,8 +167,10 @@ def inherit_parent_command(provenance: dict, target: Path) -> dict:
         current = parent
     if not lineage and shipped.get("parent_sha256") == provenance["parent_sha256"]:
         lineage = _carried(shipped)
-    if not lineage:
-        return provenance
+    return _with_lineage(provenance, lineage) if lineage else provenance
+
+
+def _with_lineage(provenance: dict, lineage: list[dict]) -> dict:
     return {**provenance, "lineage": lineage, "parent_command": lineage[0]["command"], "parent_wall_time_s": lineage[0]["wall_time_s"]}
 
 
