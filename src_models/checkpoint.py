@@ -29,7 +29,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().to("cpu").contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")  # the buffer itself, no copy
     return digest.hexdigest()
 
 
@@ -227,6 +228,7 @@ def _load_safetensors(path: Path) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
     read_header(path)  # whole and a checkpoint: the torch-free check the model menus run too
+    file_digest = _in_background(file_sha256, path)  # hashlib releases the GIL: it overlaps the checks below
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             config, preprocess, class_names, provenance, card = _parse_metadata(path, handle.metadata())
@@ -236,7 +238,30 @@ def _load_safetensors(path: Path) -> Checkpoint:
     except SafetensorError as exc:
         raise _fail(path, f"not a valid .safetensors file ({str(exc).splitlines()[0]})") from exc
     _check_values(path, state_dict, expected_sha)
-    return Checkpoint(config, state_dict, preprocess, class_names, provenance, path, file_sha256(path), card)
+    return Checkpoint(config, state_dict, preprocess, class_names, provenance, path, file_digest(), card)
+
+
+def _in_background(fn: Callable[..., str], *args: Any) -> Callable[[], str]:
+    """Start ``fn(*args)`` in a thread; the returned callable waits and gives its result or raises its error."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append((fn(*args), None))
+        except BaseException as exc:  # re-raised in the caller's thread
+            result.append((None, exc))
+
+    thread = threading.Thread(target=run, name="r2unet-hash", daemon=True)
+    thread.start()
+
+    def wait() -> str:
+        thread.join()
+        value, error = result[0]
+        if error is not None:
+            raise error
+        return value
+
+    return wait
 
 
 def _check_zip(path: Path) -> None:

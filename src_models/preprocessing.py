@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .components import percentiles
 from .configs import config_from_dict, config_to_json
 from .errors import R2UNetError
 
@@ -171,7 +172,7 @@ def measure_stats(chw: Any, config: PreprocessConfig) -> np.ndarray:
             top = float(np.iinfo(raw_dtype).max) if raw_dtype.kind in "iu" else 1.0
             stats[i] = (0.0, top)
         elif config.normalize == "percentile":
-            lo, hi = np.percentile(values, [config.low, config.high])
+            lo, hi = (float(v) for v in percentiles(values, [config.low, config.high]))
             if hi <= lo:  # sparse image (e.g. > 99 % zeros): fall back to the full range
                 lo, hi = float(values.min()), float(values.max())
             stats[i] = (lo, hi - lo)

@@ -53,7 +53,7 @@ class Scale:
 def _fov_mask(chw: Any) -> tuple[np.ndarray, float]:
     """The bright-disc mask of a ``(C, H, W)`` image on a copy at most ESTIMATE_SIDE pixels, and
     the copy's pixel size in original pixels."""
-    from .components import otsu_threshold
+    from .components import otsu_threshold, percentiles
 
     step = max(1, math.ceil(max(chw.shape[1:]) / ESTIMATE_SIDE))
     small = np.asarray(chw[:, ::step, ::step], dtype=np.float32)
@@ -61,8 +61,8 @@ def _fov_mask(chw: Any) -> tuple[np.ndarray, float]:
     if float(brightness.max()) <= float(brightness.min()):
         return np.zeros(brightness.shape, dtype=bool), float(step)
     # the border is near black: a threshold between it and the dim periphery of the disc
-    low = float(np.percentile(brightness, 1))
-    level = min(otsu_threshold(brightness), low + 0.1 * (float(np.percentile(brightness, 99)) - low))
+    low, high = (float(v) for v in percentiles(brightness, [1, 99]))
+    level = min(otsu_threshold(brightness), low + 0.1 * (high - low))
     return brightness > level, float(step)
 
 

@@ -101,6 +101,30 @@ def test_predict_writes_masks_and_probabilities(capsys, tiny_checkpoint, image_f
     assert header["postprocess"]["kind"] in ("none", "largest_component", "largest_components") and len(header["model_sha256"]) == 64
 
 
+def test_predict_freezes_the_start_up_objects_only_while_it_runs(capsys, tiny_checkpoint, image_folder, tmp_path, monkeypatch):
+    """The collector skips start-up's objects during the run (no full collection over torch inside
+    the first image) and gets them all back after: a program calling main() again loses nothing."""
+    import gc
+
+    from src_models import inference
+
+    seen = []
+    real_predict = inference.Segmenter.predict
+    monkeypatch.setattr(inference.Segmenter, "predict", lambda self, *a, **k: seen.append(gc.get_freeze_count()) or real_predict(self, *a, **k))
+    assert gc.get_freeze_count() == 0
+    code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(image_folder), "--out", str(tmp_path / "out"), "--tile", "32")
+    assert code == 0, err
+    assert seen and min(seen) > 10_000  # torch alone is >100,000 objects
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller that froze its own objects: main() leaves them frozen
+    try:
+        frozen = gc.get_freeze_count()
+        assert run(capsys, "predict", str(tiny_checkpoint), str(image_folder), "--out", str(tmp_path / "out2"), "--tile", "32")[0] == 0
+        assert 0.9 * frozen < gc.get_freeze_count() <= frozen  # neither unfrozen nor frozen more (some frozen objects die)
+    finally:
+        gc.unfreeze()
+
+
 def test_predict_stack_and_multiclass(capsys, tmp_path):
     from conftest import random_checkpoint
 

@@ -45,3 +45,20 @@ def test_otsu_matches_skimage():
 def test_label_refuses_other_dimensions():
     with pytest.raises(ValueError, match="2D"):
         label(np.zeros((2, 3, 4), bool))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8, np.uint16, np.int16])
+@pytest.mark.parametrize("n", [1, 2, 3, 100, 4097])
+def test_percentiles_are_numpys(dtype, n):
+    from src_models.components import percentiles
+
+    values = (np.random.default_rng(n).random(n) * 1000 - (0 if np.dtype(dtype).kind == "u" else 300)).astype(dtype)
+    for qs in ([1, 99], [0, 100], [0.5, 99.5], [50], [3.3, 96.7]):
+        got = percentiles(values, qs)
+        assert got.dtype == np.float64 and got.shape == (len(qs),)
+        np.testing.assert_allclose(got, np.percentile(values, qs), rtol=1e-6 if dtype == np.float32 else 1e-12)
+    assert percentiles(values, 50) == pytest.approx(float(np.percentile(values, 50)), rel=1e-6)
+    with pytest.raises(ValueError):
+        percentiles(values, [101])
+    with pytest.raises(ValueError):
+        percentiles(values[:0], [50])

@@ -497,6 +497,9 @@ def test_two_threads_asking_for_a_session_while_it_builds_get_the_same_one(train
         return real(self, threads)
 
     monkeypatch.setattr(OnnxPredictor, "_new_session", slow)
+    # new threads take torch's last set_num_threads, which an earlier test may have called in
+    # another thread; this thread's own count may differ: make the two agree, as in one process
+    torch.set_num_threads(torch.get_num_threads())
     predictor = OnnxPredictor(load_checkpoint(trained_checkpoint))
     predictor.prepare()
     got, errors = [], []
