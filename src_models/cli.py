@@ -107,7 +107,7 @@ _FROZE: list[bool] = []  # whether this run froze the collector (main() unfreeze
 def _freeze_startup() -> None:
     """Keep what start-up made (torch, onnxruntime, the model: ~170,000 objects) out of the cyclic
     garbage collector: each full collection would scan them all (0.05 s on 2 cores), and one fell
-    inside the first image: a quarter of what the first image cost over a warm one. Objects made
+    inside the first image: a fifth of what the first image cost over a warm one. Objects made
     later are collected as usual."""
     if _FROZE or gc.get_freeze_count() == 0:  # not when the embedding program froze its own
         gc.freeze()

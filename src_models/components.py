@@ -75,8 +75,8 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def percentiles(values: np.ndarray, qs: Any) -> np.ndarray:
-    """``np.percentile(values, qs)`` (its default, linear method) from one ``np.partition``, as float64
-    (equal to numpy's, but for float32 input, within float32 rounding).
+    """``np.percentile(values, qs)`` of finite ``values`` (its default, linear method) from one
+    ``np.partition``, as float64 (numpy's numbers; for float32 input, to float32 rounding).
     np.percentile imports numpy.ma on its first call: 8 ms of every fresh process's first image."""
     a = np.asarray(values).ravel()
     if a.size == 0:
