@@ -77,7 +77,9 @@ def test_task_install_sets_the_card_tta_and_keeps_the_parent_command(tmp_path, m
     installed_now = load_checkpoint(weights / "unet-skin.safetensors")
     round1 = save(first, {"command": "r2unet train unet --init unet-skin --minutes 36", "wall_time_s": 2160,
                           "parent": "unet-skin", "parent_sha256": installed_now.sha256})
-    save(run, {"command": f"r2unet train unet --init {first} --minutes 30", "parent": "round1", "parent_sha256": round1.sha256})
+    round2_created = "2026-12-04T06:00:00+00:00"  # one run: its raw file and its installed copy share the time it was written
+    save(run, {"command": f"r2unet train unet --init {first} --minutes 30", "parent": "round1", "parent_sha256": round1.sha256,
+               "created": round2_created})
     chained = load_checkpoint(module.install(run, "skin", result)).provenance
     assert [step["command"] for step in chained["lineage"]] == [
         "r2unet train unet --init unet-skin --minutes 36", "r2unet train unet --init unet-skin", "r2unet train unet --epochs 6"]
@@ -88,7 +90,8 @@ def test_task_install_sets_the_card_tta_and_keeps_the_parent_command(tmp_path, m
     assert [step["command"] for step in again["lineage"]] == [step["command"] for step in chained["lineage"]]
     # the next round starts from the raw file of the shipped run (no lineage in it: the install added that)
     raw = save(tmp_path / "raw.safetensors", {"command": f"r2unet train unet --init {first} --minutes 30", "parent": "round1",
-                                              "parent_sha256": round1.sha256, "wall_time_s": 1800})
+                                              "parent_sha256": round1.sha256, "wall_time_s": 1800,
+                                              "created": round2_created})
     save(run, {"command": f"r2unet train unet --init {tmp_path / 'raw.safetensors'} --minutes 85", "parent": "unet-skin",
                "parent_sha256": raw.sha256})
     first.unlink()  # round 1's file is gone (as a run folder cleaned up): the chain comes from the shipped copy of raw's run
