@@ -280,7 +280,24 @@ def test_a_version_keeps_the_masks_it_was_trained_on_beside_it(trained_checkpoin
 
 # -- the widget, end to end -------------------------------------------------------------------
 @pytest.fixture
-def viewer_and_widgets(make_napari_viewer, trained_checkpoint, qtbot):
+def weak_checkpoint(trained_checkpoint, tmp_path):
+    """``trained_checkpoint`` with its head's bias lowered by 2 (a model that misses the fainter
+    vessels), named alike: how good the 60-step fixture is depends on the CPU's arithmetic (on an
+    AVX-512 Xeon its holdout F1 was 0.87 and no fine-tuned epoch beat it), this base is weak on every CPU."""
+    from src_models.checkpoint import save_checkpoint
+
+    base = load_checkpoint(trained_checkpoint)
+    state = {k: v.clone() for k, v in base.state_dict.items()}
+    state["head.bias"] -= 2.0
+    (tmp_path / "weak").mkdir()
+    path = tmp_path / "weak" / trained_checkpoint.name
+    save_checkpoint(path, state, base.config, base.preprocess, base.class_names, base.provenance, card=base.card)
+    return path
+
+
+@pytest.fixture
+def viewer_and_widgets(make_napari_viewer, weak_checkpoint, qtbot):
+    trained_checkpoint = weak_checkpoint
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-r2unet", "synthetic_vessels")
     _, seg = viewer.window.add_plugin_dock_widget("napari-r2unet", "Segment")
@@ -297,11 +314,11 @@ def viewer_and_widgets(make_napari_viewer, trained_checkpoint, qtbot):
     return viewer, seg, fine
 
 
-def test_a_version_no_better_than_its_base_is_not_recommended(viewer_and_widgets, trained_checkpoint, user_models_dir):
+def test_a_version_no_better_than_its_base_is_not_recommended(viewer_and_widgets, weak_checkpoint, user_models_dir):
     from src_models.checkpoint import save_checkpoint
 
     _, _, fine = viewer_and_widgets
-    base = load_checkpoint(trained_checkpoint)
+    base = load_checkpoint(weak_checkpoint)
     said = []
     fine._notify_info = said.append
     fine._started = time.perf_counter()
@@ -328,8 +345,9 @@ def _correct_with_truth(viewer):
 
 
 @pytest.mark.gui
-def test_correct_finetune_and_resegment_end_to_end(viewer_and_widgets, trained_checkpoint, qtbot, user_models_dir):
+def test_correct_finetune_and_resegment_end_to_end(viewer_and_widgets, weak_checkpoint, qtbot, user_models_dir):
     viewer, seg, fine = viewer_and_widgets
+    trained_checkpoint = weak_checkpoint
     base_sha = file_sha256(trained_checkpoint)
     layer, changed = _correct_with_truth(viewer)
     assert changed > 500
