@@ -110,10 +110,10 @@ def tiling_overhead(segmenter, side: int) -> float:
 
 
 def child_rss_predict(model: str, image: Path, out: Path, threads: int) -> tuple[float, float]:
-    """Wall time and peak RSS (GB) of `r2unet predict` in a child process."""
+    """Wall time and peak RSS (GB) of `r2unet predict --precision fp32` in a child process (the backend of (a))."""
     code = (
         f"import resource, sys, time, torch; torch.set_num_threads({threads}); from src_models.cli import main; t = time.perf_counter(); "
-        f"rc = main(['predict', {model!r}, {str(image)!r}, '--out', {str(out)!r}]); "
+        f"rc = main(['predict', {model!r}, {str(image)!r}, '--out', {str(out)!r}, '--precision', 'fp32']); "
         "print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, rc)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=3600)
@@ -162,7 +162,7 @@ def main() -> int:
     from src_models.predict import PredictOptions, predict_file
 
     options = PredictOptions()  # what 'r2unet predict' runs by default
-    segmenter = Segmenter(checkpoint, device="cpu")
+    segmenter = Segmenter(checkpoint, device="cpu", precision="fp32")  # (a) is the fp32 path on every CPU; bf16 is (f)
     ours = best_of(lambda: predict_file(segmenter, image_path, out / "mask.tif", None, options), 2 if args.smoke else 3)
     peaks.append(sgemm_flops(threads, gemm_n))  # right next to (a): the two sides of its ratio
     print(f"(a) predict {h}x{w}: {ours:.3f} s for {flops / 1e9:.1f} GFLOP (backend {segmenter.backend}); cold 'r2unet predict' "
@@ -308,9 +308,12 @@ def main() -> int:
         "  the graph onnxruntime optimised for this CPU (cached next to the exported graph, named by the CPU's flags);",
         "  the PyTorch network is built only when PyTorch runs; start-up checks use numpy, not scipy (0.4 s to import).",
         "  The napari widget loads and warms the chosen model up in the background before Segment is pressed.",
-        "- Backend rule: onnxruntime for fp32 on every CPU (measured faster than PyTorch with channels_last on the",
-        "  AVX2 EPYC and the AVX-512 Xeon); PyTorch with bf16 autocast and channels_last where bf16 is chosen",
-        "  (`--precision auto` only on CPUs with native bf16 and cards validated by benchmarks/precision_check.py).",
+        "- Backend rule: onnxruntime for fp32 on every CPU (measured faster than PyTorch with channels_last, eager or",
+        "  compiled, on the AVX2 EPYC and the AVX-512 Xeon); bf16 is PyTorch with autocast and channels_last, compiled by",
+        "  `torch.compile` (inductor, frozen weights: 15-30 s per image shape). `--precision auto` picks bf16 only on CPUs",
+        "  with native bf16, for cards validated by benchmarks/precision_check.py, in runs that compile (`--compile auto`:",
+        "  32 images or 64 MB of input files and more): eager bf16 was no faster than onnxruntime's fp32. (a), (a''), (c)",
+        "  are the fp32 path; (f) the compiled bf16 one.",
         "- Training uses PyTorch (autograd) with channels_last tensors (oneDNN's faster NHWC kernels)",
         "  and one batch_norm call per recurrent step (the shared affine fused in): together a step of",
         "  8 x 96^2 went from 0.93 to 0.75 s (two alternating runs of each, 2026-11-25). Batches are",

@@ -67,7 +67,7 @@ class Segmenter:
 
     def __init__(
         self, checkpoint: Checkpoint, device: str = "auto", amp: bool = True, log: Log | None = None, tta: bool | None = None,
-        backend: str = "auto", scale: str | float = "auto", precision: str = "auto",
+        backend: str = "auto", scale: str | float = "auto", precision: str = "auto", compile: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
         self.scale = parse_scale_option(scale)  # auto: to the card's training scale; a factor (1 = native)
@@ -81,20 +81,24 @@ class Segmenter:
         backend = os.environ.get(BACKEND_ENV) or backend
         if asked == "auto" and backend == "onnxruntime":
             asked = "fp32"  # onnxruntime asked for by name: auto keeps its float32 kernels
+        # compile: torch.compile the PyTorch network on the CPU (src_models.compiled; 15-30 s per
+        # input shape, for long runs); auto's bf16 on a CPU is chosen only then
+        self.compile = bool(compile) and self.device.type == "cpu" and backend != "onnxruntime"
         self.precision, precision_note = resolve_precision(asked if amp else "fp32", self.device.type, checkpoint.model_card.bf16,
-                                                           name=PRECISION_ENV if from_env else "precision")
+                                                           name=PRECISION_ENV if from_env else "precision", compiled=self.compile)
         if precision_note:
             self.log(precision_note)
         # test-time augmentation: mean over the 4 flips (4x the compute); None: as the model card says
         self.tta = checkpoint.model_card.tta if tta is None else bool(tta)
         self._model: Any = None  # the PyTorch network, built when first needed (not for onnxruntime)
+        self._compiled: Any = None  # its compiled form (src_models.compiled.CompiledNetwork), when compile
         self.onnx: Any = None
         self._should_stop: ShouldStop | None = None  # the running predict's, for a Cancel inside a tile
         self._asked_backend = backend
-        if self.precision == "bf16" and self._asked_backend != "torch":
+        if (self.precision == "bf16" or self.compile) and self._asked_backend != "torch":
             if self._asked_backend == "onnxruntime":
                 raise R2UNetError("bf16 runs on the PyTorch backend; use --backend torch or --precision fp32")
-            self._asked_backend = "torch"  # onnxruntime's CPU kernels are float32
+            self._asked_backend = "torch"  # onnxruntime's CPU kernels are float32; compiling is PyTorch's
         self.package = checkpoint.package  # another tool's bioimage.io package: its own network and steps
         if self.package is not None:
             self.package.log = self.log
@@ -102,6 +106,8 @@ class Segmenter:
             self.backend = f"bioimageio ({self.package.weights_format})"
         else:
             self.backend = self._choose_backend(self._asked_backend)
+            if self.compile:
+                self.backend = "torch (compiled)"
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles share one shape: let cuDNN pick its fastest kernels once
         self.in_channels = checkpoint.config.in_channels
@@ -140,13 +146,26 @@ class Segmenter:
             self._model = self.checkpoint.build(self.device)
             if self.precision == "bf16":
                 self._model = keep_float32_ends(self._model)
-                if self.device.type == "cpu":
-                    self._model = self._model.to(memory_format=torch.channels_last)
+            if (self.precision == "bf16" or self.compile) and self.device.type == "cpu":
+                self._model = self._model.to(memory_format=torch.channels_last)
         return self._model
 
     @model.setter
     def model(self, value: Any) -> None:
-        self._model = value
+        self._model, self._compiled = value, None
+
+    def _network(self) -> Any:
+        """What runs a batch: the compiled network when compiling (it falls back to ``model`` and
+        logs why if inductor fails), else ``model``."""
+        if not self.compile or self.device.type != "cpu":
+            return self.model
+        if self._compiled is None:
+            from .compiled import CompiledNetwork
+
+            self._compiled = CompiledNetwork(self.model, lambda message: self.log(message))
+        if self._compiled.failed:
+            self.backend = "torch"
+        return self._compiled
 
     # -- the network on one batch -------------------------------------------------------
     def _onnx_ready(self) -> bool:
@@ -171,7 +190,9 @@ class Segmenter:
             return self.package.predict(batch)
         if self._onnx_ready():
             return self._predict_batch_onnx(batch)
-        if self._should_stop is None:
+        if self._should_stop is None or self.compile:  # compiled: Cancel between tiles (a hook would break the graph)
+            if self._should_stop is not None and self._should_stop():
+                raise CancelledError()
             return self._predict_batch_torch(batch)
         should_stop = self._should_stop
 
@@ -188,14 +209,15 @@ class Segmenter:
 
     def _predict_batch_torch(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(self.device)
-        if self.precision == "bf16" and self.device.type == "cpu":
+        if (self.precision == "bf16" or self.compile) and self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's bf16 kernels want NHWC
         flips = FLIPS if self.tta else ((),)
+        network = self._network()
 
         def probabilities(flip: tuple[int, ...]) -> torch.Tensor:
             if not flip:
-                return logits_to_probabilities(self.model(x).float())
-            return logits_to_probabilities(self.model(x.flip(flip)).float()).flip(flip)
+                return logits_to_probabilities(network(x).float())
+            return logits_to_probabilities(network(x.flip(flip)).float()).flip(flip)
 
         with torch.inference_mode(), autocast(self.device, self.precision):
             probs = sum(probabilities(f) for f in flips) / len(flips)

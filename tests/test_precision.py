@@ -22,6 +22,8 @@ AVX2 = frozenset({"avx2", "fma"})
 def test_auto_picks_bf16_only_with_native_bf16_and_a_card_that_allows_it():
     assert cpu_has_native_bf16(AMX) and cpu_has_native_bf16(frozenset({"avx512_bf16"})) and not cpu_has_native_bf16(AVX2)
     assert resolve_precision("auto", "cpu", True, AMX)[0] == "bf16"
+    assert resolve_precision("auto", "cpu", True, AMX, compiled=False) == ("fp32", "")  # bf16 pays only compiled
+    assert resolve_precision("bf16", "cpu", True, AMX, compiled=False) == ("bf16", "")  # asked for by name: bf16
     assert resolve_precision("auto", "cpu", False, AMX) == ("fp32", "")  # the card has not been validated in bf16
     assert resolve_precision("auto", "cpu", True, AVX2) == ("fp32", "")  # emulated bf16 is slower than fp32
     assert resolve_precision("auto", "cuda", False, AVX2) == ("amp", "")  # CUDA keeps its mixed precision
@@ -63,7 +65,8 @@ def test_the_tests_run_fp32_and_auto_follows_the_card(trained_checkpoint, tmp_pa
     import src_models.precision as precision
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: AMX)
-    assert Segmenter(load_checkpoint(allowed), "cpu").precision == "bf16"
+    assert Segmenter(load_checkpoint(allowed), "cpu", compile=True).precision == "bf16"
+    assert Segmenter(load_checkpoint(allowed), "cpu").precision == "fp32"  # eager bf16 is no faster than onnxruntime's fp32
     assert "bfloat16: validated" in "\n".join(load_checkpoint(allowed).model_card.lines())
     assert Segmenter(checkpoint, "cpu").precision == "fp32"
     monkeypatch.setattr(precision, "cpu_flags", lambda: AVX2)

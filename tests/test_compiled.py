@@ -1,0 +1,128 @@
+"""--compile: when a run compiles (the rule, the environment, the compiler), a compiled network
+giving the eager network's probabilities, and the fall-back to eager when inductor fails."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from src_models import compiled
+from src_models.checkpoint import load_checkpoint
+from src_models.compiled import COMPILE_MIN_BYTES, COMPILE_MIN_FILES, resolve_compile, worth_compiling
+from src_models.errors import R2UNetError
+from src_models.inference import Segmenter
+from src_models.synthetic import vessel_image
+
+
+def _files(folder, count, size=10):
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.png"
+        path.write_bytes(b"\0" * size)
+        paths.append(path)
+    return paths
+
+
+def test_auto_compiles_long_runs_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("R2UNET_COMPILE", raising=False)
+    monkeypatch.setattr(compiled, "compiler_available", lambda: True)
+    assert not worth_compiling(_files(tmp_path, COMPILE_MIN_FILES - 1))  # 20 DRIVE images: compiling would not pay
+    assert worth_compiling(_files(tmp_path, COMPILE_MIN_FILES))
+    big = tmp_path / "big.tif"
+    with open(big, "wb") as handle:  # a sparse file: its size, not its bytes on disk
+        handle.truncate(COMPILE_MIN_BYTES)
+    assert worth_compiling([big]) and resolve_compile("auto", [big])
+    assert not worth_compiling([tmp_path / "gone.tif"])  # unreadable files count for nothing
+    assert not resolve_compile("auto", [tmp_path / "0.png"])
+    assert not resolve_compile("auto", [big], bf16=False)  # float32: onnxruntime beats the compiled network
+    assert resolve_compile("on") and not resolve_compile("off", [big])
+    monkeypatch.setattr(compiled, "compiler_available", lambda: False)  # inductor writes C++: no compiler, no compiling
+    assert not resolve_compile("auto", [big]) and resolve_compile("on")
+    monkeypatch.setenv("R2UNET_COMPILE", "on")  # the environment replaces auto, not an explicit choice
+    assert resolve_compile("auto") and not resolve_compile("off")
+    monkeypatch.setenv("R2UNET_COMPILE", "sometimes")
+    with pytest.raises(R2UNetError, match="must be one of auto, on, off"):
+        resolve_compile("auto")
+
+
+def test_compiler_found_through_cxx(monkeypatch):
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: "/opt/cc/bin/mycxx" if name == "mycxx" else None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert not compiled.compiler_available()
+    monkeypatch.setenv("CXX", "mycxx")
+    assert compiled.compiler_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compiled.compiler_available(), reason="no C++ compiler for torch.compile here")
+def test_compiled_segmenter_gives_the_eager_probabilities(trained_checkpoint):
+    checkpoint = load_checkpoint(trained_checkpoint)
+    image = vessel_image((72, 80), seed=5)[0]
+    eager = Segmenter(checkpoint, "cpu", backend="torch", precision="fp32").predict(image)
+    messages = []
+    segmenter = Segmenter(checkpoint, "cpu", precision="fp32", compile=True, log=messages.append)
+    assert segmenter.backend == "torch (compiled)" and segmenter.onnx is None
+    first = segmenter.predict(image)
+    again = segmenter.predict(image, should_stop=lambda: False)  # the compiled graph is reused; Cancel is checked per tile
+    assert not any("failed" in m for m in messages), messages
+    assert segmenter.backend == "torch (compiled)"
+    np.testing.assert_allclose(first, eager, atol=1e-4)  # the same float32 network, fused: not a different model
+    np.testing.assert_array_equal(first, again)
+
+
+def test_a_failing_compile_runs_the_eager_network_and_says_why(trained_checkpoint, monkeypatch):
+    calls = []
+
+    def broken_compile(network, **options):
+        calls.append(options)
+
+        def run(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx\nmore")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    checkpoint = load_checkpoint(trained_checkpoint)
+    image = vessel_image((64, 64), seed=6)[0]
+    messages = []
+    segmenter = Segmenter(checkpoint, "cpu", precision="fp32", compile=True, log=messages.append)
+    probs = segmenter.predict(image)
+    segmenter.predict(image)
+    assert calls == [{"options": {"freezing": True}}]  # compiled once, not retried per tile
+    assert messages == ["torch.compile failed (InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx); "
+                        "running the network uncompiled"]
+    assert segmenter.backend == "torch"
+    eager = Segmenter(checkpoint, "cpu", backend="torch", precision="fp32").predict(image)
+    np.testing.assert_allclose(probs, eager, atol=1e-5)  # channels_last against NCHW: float rounding only
+
+
+def test_compile_keeps_out_of_memory_as_it_is(trained_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda network, **options: lambda x: (_ for _ in ()).throw(MemoryError("no room")))
+    segmenter = Segmenter(load_checkpoint(trained_checkpoint), "cpu", precision="fp32", compile=True)
+    with pytest.raises(MemoryError):
+        segmenter._predict_batch_torch(np.zeros((1, 1, 32, 32), np.float32))
+
+
+def test_cli_auto_compiles_only_what_would_run_bf16(trained_checkpoint, tmp_path, monkeypatch):
+    import argparse
+    import dataclasses
+
+    import src_models.precision as precision
+    from src_models.cli import _bf16_possible
+
+    checkpoint = load_checkpoint(trained_checkpoint)  # its card does not validate bf16
+    allowed = dataclasses.replace(checkpoint, card=checkpoint.model_card.with_(bf16=True))
+
+    def args(precision="auto", device="auto"):
+        return argparse.Namespace(precision=precision, device=device)
+
+    monkeypatch.delenv("R2UNET_PRECISION")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert _bf16_possible(args(), allowed) and not _bf16_possible(args(), checkpoint)
+    assert _bf16_possible(args("bf16"), checkpoint)  # asked for by name
+    assert not _bf16_possible(args("fp32"), allowed) and not _bf16_possible(args(device="cuda"), allowed)
+    monkeypatch.setenv("R2UNET_PRECISION", "fp32")
+    assert not _bf16_possible(args(), allowed)
+    monkeypatch.delenv("R2UNET_PRECISION")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))  # emulated bf16: auto stays fp32
+    assert not _bf16_possible(args(), allowed)
