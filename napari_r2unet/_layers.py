@@ -52,7 +52,7 @@ class Job:
     overlap: float | None = None  # overlap of neighbouring tiles, a fraction of the tile; None = automatic
     tta: bool = False  # average the predictions of the 4 flipped images
     scale: str = "auto"  # auto (the model card's training scale), 1 (native) or a factor, as text
-    precision: str = "auto"  # auto (bf16 where the CPU has it and the card allows it), fp32 or bf16
+    precision: str = "auto"  # auto (fp32 on the CPU: the widget does not compile; mixed on CUDA), fp32 or bf16
 
     @property
     def channels(self) -> int:

@@ -137,8 +137,8 @@ class SegmentWidget(DockWidget):
         form.addRow("", self.tta)
         self.precision_combo = QComboBox()
         self.precision_combo.addItems(["auto", "fp32", "bf16"])
-        self.precision_combo.setToolTip("auto: bf16 where the CPU has native bf16 (AMX, AVX-512 BF16) and the model card validates it, "
-                                        "mixed precision on CUDA, else fp32; bf16 runs on PyTorch (emulated, slower, on other CPUs)")
+        self.precision_combo.setToolTip("auto: mixed precision on CUDA, else fp32 (on the CPU, bf16 pays only compiled: the CLI's --compile); "
+                                        "bf16 runs on PyTorch (emulated, slower, on CPUs without AMX or AVX-512 BF16)")
         form.addRow("precision", self.precision_combo)
 
     @property

@@ -8,7 +8,8 @@ graph compiled slower and ran 25 % slower), paid once per process. So it is for 
 CLI compiles when a run will use bf16 and is large enough to repay it (:func:`resolve_compile`), or
 when asked (``--compile on``); elsewhere eager PyTorch or onnxruntime run.
 
-Inductor writes C++ and needs a compiler (``$CXX``, ``g++``, ``clang++`` or ``c++``): without one,
+Inductor writes C++ and needs the compiler it looks for (``$CXX``, else ``g++``; ``clang++`` on macOS)
+and Python's headers: without them,
 or when compilation fails for any other reason, the caller runs the eager network and says why
 (:class:`CompiledNetwork`).
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import sysconfig
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,11 @@ COMPILE_MIN_BYTES = 64 * 1024 * 1024
 
 
 def compiler_available() -> bool:
-    """Whether a C++ compiler for inductor is on this machine."""
-    cxx = os.environ.get("CXX")
-    return bool((cxx and shutil.which(cxx)) or any(shutil.which(name) for name in ("g++", "clang++", "c++")))
+    """Whether inductor can build here: the C++ compiler it uses (``$CXX``, else ``g++``, ``clang++``
+    on macOS) and ``Python.h``."""
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    include = sysconfig.get_paths().get("include")
+    return bool(shutil.which(cxx)) and bool(include) and Path(include, "Python.h").is_file()
 
 
 def check_compile(choice: str) -> str:
@@ -80,18 +85,21 @@ class CompiledNetwork:
 
         self.network = network
         self.log = log
-        self._compiled: Any = torch.compile(network, options={"freezing": True})
+        # static shapes: a dynamic-shape graph ran 25 % slower; each new tile shape compiles once
+        self._compiled: Any = torch.compile(network, dynamic=False, options={"freezing": True})
         self.failed = False
 
     def __call__(self, x: Any) -> Any:
         if self._compiled is None:
             return self.network(x)
+        from .devices import is_out_of_memory
+
         try:
             return self._compiled(x)
-        except (MemoryError, KeyboardInterrupt):
+        except KeyboardInterrupt:
             raise
         except Exception as exc:  # inductor's errors (no compiler, unsupported op) are of many kinds
-            if "out of memory" in str(exc).lower():
+            if is_out_of_memory(exc):  # the tiler retries smaller, compiled
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             self.log(f"torch.compile failed ({first}); running the network uncompiled")

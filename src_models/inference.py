@@ -163,8 +163,9 @@ class Segmenter:
             from .compiled import CompiledNetwork
 
             self._compiled = CompiledNetwork(self.model, lambda message: self.log(message))
-        if self._compiled.failed:
-            self.backend = "torch"
+        if self._compiled.failed:  # it fell back to eager: from now on eager, with Cancel inside a tile
+            self.backend, self.compile = "torch", False
+            return self.model
         return self._compiled
 
     # -- the network on one batch -------------------------------------------------------
