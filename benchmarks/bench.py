@@ -312,7 +312,7 @@ def main() -> int:
         "  compiled, on the AVX2 EPYC and the AVX-512 Xeon); bf16 is PyTorch with autocast and channels_last, compiled by",
         "  `torch.compile` (inductor, frozen weights: 15-30 s per image shape). `--precision auto` picks bf16 only on CPUs",
         "  with native bf16, for cards validated by benchmarks/precision_check.py, in runs that compile (`--compile auto`:",
-        "  32 images or 64 MB of input files and more): eager bf16 was no faster than onnxruntime's fp32. (a), (a''), (c)",
+        "  256 images or more): eager bf16 was no faster than onnxruntime's fp32. (a), (a''), (c)",
         "  are the fp32 path; (f) the compiled bf16 one.",
         "- Training uses PyTorch (autograd) with channels_last tensors (oneDNN's faster NHWC kernels)",
         "  and one batch_norm call per recurrent step (the shared affine fused in): together a step of",

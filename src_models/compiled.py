@@ -1,10 +1,10 @@
 """Compiled PyTorch networks for inference: ``torch.compile`` (inductor, frozen weights) on the CPU.
 
 What it buys, measured on a 2-core Xeon with AMX (r2unet-drive, 592 x 576, 2 threads,
-benchmarks/bench.py): the bf16 forward takes 0.18 s compiled against 0.31 s eager (inductor fuses
-the batch norms, ReLUs and residual adds around oneDNN's convolutions and prepacks the frozen
-weights). What it costs: 15-30 s of compilation per input shape (static shapes: a dynamic-shape
-graph compiled slower and ran 25 % slower), paid once per process. So it is for long bf16 runs: the
+benchmarks/bench.py): a bf16 DRIVE image takes 0.20 s compiled against 0.29-0.32 s eager bf16 and
+0.36-0.39 s in onnxruntime fp32 (inductor fuses the batch norms, ReLUs and residual adds into a
+few kernels around oneDNN's convolutions). What it costs: 10-30 s of compilation per input shape
+(static shapes: a dynamic-shape graph compiled slower and ran 25 % slower), once per process. So it is for long bf16 runs: the
 CLI compiles when a run will use bf16 and is large enough to repay it (:func:`resolve_compile`), or
 when asked (``--compile on``); elsewhere eager PyTorch or onnxruntime run.
 
@@ -28,10 +28,14 @@ from .errors import R2UNetError
 
 COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_ENV = "R2UNET_COMPILE"  # replaces --compile auto (on | off)
-# a run is long enough to repay 15-30 s of compilation (it saves ~0.4 s per megapixel in bf16):
-# this many images, or this many bytes of input files (an 8192^2 RGB TIFF is 200 MB)
-COMPILE_MIN_FILES = 32
-COMPILE_MIN_BYTES = 64 * 1024 * 1024
+# a run long enough to repay 10-30 s of compilation. Measured through the CLI on the AMX Xeon
+# (2026-12-07, r2unet-drive): 40 DRIVE images took 24.8 s compiled (bf16) against 18.6 s in
+# onnxruntime fp32, about 0.1 s saved per image after compiling; one 8192^2 image 110.7 s against
+# 105.8 s. So only runs of hundreds of images gain.
+COMPILE_MIN_FILES = 256
+# input shapes compiled per network at most: a folder of images of many sizes would otherwise
+# compile each one (15-30 s apiece); shapes beyond these run uncompiled
+MAX_SHAPES = 4
 
 
 def compiler_available() -> bool:
@@ -49,16 +53,8 @@ def check_compile(choice: str) -> str:
 
 
 def worth_compiling(files: Sequence[Path]) -> bool:
-    """``--compile auto``'s rule: the run holds COMPILE_MIN_FILES images or COMPILE_MIN_BYTES of input files."""
-    if len(files) >= COMPILE_MIN_FILES:
-        return True
-    total = 0
-    for path in files:
-        try:
-            total += path.stat().st_size
-        except OSError:
-            continue
-    return total >= COMPILE_MIN_BYTES
+    """``--compile auto``'s rule: the run holds COMPILE_MIN_FILES images or more."""
+    return len(files) >= COMPILE_MIN_FILES
 
 
 def resolve_compile(choice: str, files: Sequence[Path] = (), bf16: bool = True) -> bool:
@@ -75,7 +71,9 @@ def resolve_compile(choice: str, files: Sequence[Path] = (), bf16: bool = True) 
 
 class CompiledNetwork:
     """``network`` compiled by inductor, called like it; on the first failure of compilation it
-    runs the eager ``network`` from then on and calls ``log`` once with the reason.
+    runs the eager ``network`` from then on and calls ``log`` once with the reason. Each new input
+    shape compiles once (``log`` says so: the pause is not a hang), up to :data:`MAX_SHAPES`;
+    later shapes run the eager network.
 
     Inductor's ``freezing`` folds the eval-mode weights into the graph: call it under
     ``torch.no_grad()`` / ``torch.inference_mode()`` only (inference)."""
@@ -88,10 +86,21 @@ class CompiledNetwork:
         # static shapes: a dynamic-shape graph ran 25 % slower; each new tile shape compiles once
         self._compiled: Any = torch.compile(network, dynamic=False, options={"freezing": True})
         self.failed = False
+        self.shapes: set[tuple[int, ...]] = set()  # input shapes compiled (or being compiled)
+        self._said_limit = False
 
     def __call__(self, x: Any) -> Any:
         if self._compiled is None:
             return self.network(x)
+        shape = tuple(x.shape)
+        if shape not in self.shapes:
+            if len(self.shapes) >= MAX_SHAPES:
+                if not self._said_limit:
+                    self.log(f"{MAX_SHAPES} input shapes compiled already: inputs of other shapes run uncompiled")
+                    self._said_limit = True
+                return self.network(x)
+            self.shapes.add(shape)
+            self.log(f"compiling the network for {shape[-2]} x {shape[-1]} inputs (once per shape; 15-30 s on 2 cores)")
         from .devices import is_out_of_memory
 
         try:
@@ -107,5 +116,5 @@ class CompiledNetwork:
             return self.network(x)
 
 
-__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "CompiledNetwork", "check_compile", "compiler_available", "resolve_compile",
+__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "MAX_SHAPES", "CompiledNetwork", "check_compile", "compiler_available", "resolve_compile",
            "worth_compiling"]

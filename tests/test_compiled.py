@@ -9,7 +9,7 @@ import torch
 
 from src_models import compiled
 from src_models.checkpoint import load_checkpoint
-from src_models.compiled import COMPILE_MIN_BYTES, COMPILE_MIN_FILES, resolve_compile, worth_compiling
+from src_models.compiled import COMPILE_MIN_FILES, resolve_compile, worth_compiling
 from src_models.errors import R2UNetError
 from src_models.inference import Segmenter
 from src_models.synthetic import vessel_image
@@ -27,18 +27,14 @@ def _files(folder, count, size=10):
 def test_auto_compiles_long_runs_only(tmp_path, monkeypatch):
     monkeypatch.delenv("R2UNET_COMPILE", raising=False)
     monkeypatch.setattr(compiled, "compiler_available", lambda: True)
-    assert not worth_compiling(_files(tmp_path, COMPILE_MIN_FILES - 1))  # 20 DRIVE images: compiling would not pay
-    assert worth_compiling(_files(tmp_path, COMPILE_MIN_FILES))
-    big = tmp_path / "big.tif"
-    with open(big, "wb") as handle:  # a sparse file: its size, not its bytes on disk
-        handle.truncate(COMPILE_MIN_BYTES)
-    assert worth_compiling([big]) and resolve_compile("auto", [big])
-    assert not worth_compiling([tmp_path / "gone.tif"])  # unreadable files count for nothing
-    assert not resolve_compile("auto", [tmp_path / "0.png"])
-    assert not resolve_compile("auto", [big], bf16=False)  # float32: onnxruntime beats the compiled network
-    assert resolve_compile("on") and not resolve_compile("off", [big])
+    assert not worth_compiling(_files(tmp_path, COMPILE_MIN_FILES - 1))  # 40 DRIVE images ran slower compiled
+    big = _files(tmp_path, COMPILE_MIN_FILES)
+    assert worth_compiling(big) and resolve_compile("auto", big)
+    assert not resolve_compile("auto", big[:1])
+    assert not resolve_compile("auto", big, bf16=False)  # float32: onnxruntime beats the compiled network
+    assert resolve_compile("on") and not resolve_compile("off", big)
     monkeypatch.setattr(compiled, "compiler_available", lambda: False)  # inductor writes C++: no compiler, no compiling
-    assert not resolve_compile("auto", [big]) and resolve_compile("on")
+    assert not resolve_compile("auto", big) and resolve_compile("on")
     monkeypatch.setenv("R2UNET_COMPILE", "on")  # the environment replaces auto, not an explicit choice
     assert resolve_compile("auto") and not resolve_compile("off")
     monkeypatch.setenv("R2UNET_COMPILE", "sometimes")
@@ -93,7 +89,8 @@ def test_a_failing_compile_runs_the_eager_network_and_says_why(trained_checkpoin
     probs = segmenter.predict(image)
     segmenter.predict(image)
     assert calls == [{"dynamic": False, "options": {"freezing": True}}]  # compiled once, not retried per tile
-    assert messages == ["torch.compile failed (InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx); "
+    assert messages == ["compiling the network for 64 x 64 inputs (once per shape; 15-30 s on 2 cores)",
+                        "torch.compile failed (InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx); "
                         "running the network uncompiled"]
     assert segmenter.backend == "torch" and not segmenter.compile  # eager from now on: Cancel inside a tile again
     eager = Segmenter(checkpoint, "cpu", backend="torch", precision="fp32").predict(image)
@@ -132,3 +129,28 @@ def test_cli_auto_compiles_only_what_would_run_bf16(trained_checkpoint, tmp_path
     monkeypatch.delenv("R2UNET_PRECISION")
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))  # emulated bf16: auto stays fp32
     assert not _bf16_possible(args(), allowed)
+
+
+def test_each_shape_compiles_once_up_to_a_limit(monkeypatch):
+    from src_models.compiled import MAX_SHAPES, CompiledNetwork
+
+    compiled_calls = []
+
+    def fake_compile(network, **options):
+        def run(x):
+            compiled_calls.append(tuple(x.shape))
+            return x
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    eager_calls = []
+    messages = []
+    network = CompiledNetwork(lambda x: eager_calls.append(tuple(x.shape)) or x, messages.append)
+    sides = [16 * (i + 1) for i in range(MAX_SHAPES + 2)]
+    for side in sides + sides[:2]:
+        network(torch.zeros(1, 1, side, side))
+    compiled_shapes = [(1, 1, side, side) for side in sides[:MAX_SHAPES]]
+    assert compiled_calls == compiled_shapes + compiled_shapes[:2]  # seen shapes keep running compiled
+    assert eager_calls == [(1, 1, side, side) for side in sides[MAX_SHAPES:]]  # a folder of many sizes: no endless compiling
+    assert messages == [f"compiling the network for {side} x {side} inputs (once per shape; 15-30 s on 2 cores)" for side in sides[:MAX_SHAPES]] + [
+        f"{MAX_SHAPES} input shapes compiled already: inputs of other shapes run uncompiled"]
