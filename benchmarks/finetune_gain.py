@@ -18,6 +18,7 @@ Kinds:
 
     python benchmarks/finetune_gain.py --kind synthetic --epochs 12
     python benchmarks/finetune_gain.py --kind angiography --epochs 12
+    python benchmarks/finetune_gain.py --kind camera --minutes 4 --precision bf16   # the same budget in bf16
 
 Prints one line per epoch (and after steps 2, 5 and 10): training seconds, F1 and AUC on the
 held-out images; then the saved version (with ``--validation holdout``, the default as in the
@@ -102,6 +103,8 @@ def main() -> int:
                         help="torch threads (default: cores - 1, what the napari widget uses)")
     parser.add_argument("--early-steps", type=lambda t: {int(v) for v in t.split(",") if v}, default={2, 5, 10},
                         help="also score after these steps of the first epoch (default: 2,5,10)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="training arithmetic (bf16: autocast, for CPUs with AMX or AVX-512 BF16; default fp32, the widget's)")
     parser.add_argument("--curve-images", type=int, default=5, help="held-out images scored after each epoch (all at the end)")
     args = parser.parse_args()
 
@@ -140,10 +143,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         request = FinetuneRequest(base=base, pairs=pairs, out=Path(tmp) / "v.safetensors", name="bench",
                                   epochs=args.epochs or (None if args.minutes else 12), minutes=args.minutes, validation=args.validation, device="cpu",
-                                  settings={"l2sp": args.l2sp, "lr": args.lr})
+                                  settings={"l2sp": args.l2sp, "lr": args.lr, "precision": args.precision})
         trainer = build_trainer(request)
         before = score(trainer.model, base, test)
-        print(f"kind {args.kind}, {args.threads} thread(s), {len(test)} held-out images, budget {trainer.budget()}")
+        print(f"kind {args.kind}, {args.threads} thread(s), {trainer.precision}, {len(test)} held-out images, budget {trainer.budget()}")
         print(f"{'train s':>8} {'epoch':>5} {'F1':>7} {'AUC':>7}   (first {len(curve)} held-out images)")
         start = score(trainer.model, base, curve)
         print(f"{0.0:8.1f} {0:5d} {start['F1']:7.4f} {start['AUC']:7.4f}")
