@@ -310,7 +310,7 @@ def main() -> int:
         "  The napari widget loads and warms the chosen model up in the background before Segment is pressed.",
         "- Backend rule: onnxruntime for fp32 on every CPU (measured faster than PyTorch with channels_last, eager or",
         "  compiled, on the AVX2 EPYC and the AVX-512 Xeon); bf16 is PyTorch with autocast and channels_last, compiled by",
-        "  `torch.compile` (inductor, frozen weights: 15-30 s per image shape). `--precision auto` picks bf16 only on CPUs",
+        "  `torch.compile` (inductor, frozen weights: 10-30 s per image shape). `--precision auto` picks bf16 only on CPUs",
         "  with native bf16, for cards validated by benchmarks/precision_check.py, in runs that compile (`--compile auto`:",
         "  256 images or more): eager bf16 was no faster than onnxruntime's fp32. (a), (a''), (c)",
         "  are the fp32 path; (f) the compiled bf16 one.",

@@ -412,7 +412,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 where the CPU has native bf16 (AMX, AVX-512 BF16), the model card validates it and the "
                         "network runs compiled (--compile), mixed precision on CUDA, else fp32; bf16 runs on PyTorch (default: auto)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the network (CPU; 15-30 s per image shape, then bf16 runs about 1.7x faster on CPUs with AMX): "
+                   help="torch.compile the network (CPU; 10-30 s per image shape, then bf16 forwards run 1.5-2x faster on CPUs with AMX): "
                         "auto compiles bf16 runs of 256 images or more, where a C++ compiler is installed; "
                         "--precision auto picks bf16 on a CPU only when compiling (default: auto)")
     p.add_argument("--stack", action="store_true", help="treat a 3D (N, H, W) file with N <= 4 as a stack, not as channels")

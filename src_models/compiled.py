@@ -34,7 +34,7 @@ COMPILE_ENV = "R2UNET_COMPILE"  # replaces --compile auto (on | off)
 # 105.8 s. So only runs of hundreds of images gain.
 COMPILE_MIN_FILES = 256
 # input shapes compiled per network at most: a folder of images of many sizes would otherwise
-# compile each one (15-30 s apiece); shapes beyond these run uncompiled
+# compile each one (10-30 s apiece); shapes beyond these run uncompiled
 MAX_SHAPES = 4
 
 
@@ -100,7 +100,7 @@ class CompiledNetwork:
                     self._said_limit = True
                 return self.network(x)
             self.shapes.add(shape)
-            self.log(f"compiling the network for {shape[-2]} x {shape[-1]} inputs (once per shape; 15-30 s on 2 cores)")
+            self.log(f"compiling the network for {shape[-2]} x {shape[-1]} inputs (once per shape; 10-30 s on 2 cores)")
         from .devices import is_out_of_memory
 
         try:

@@ -81,9 +81,9 @@ class Segmenter:
         backend = os.environ.get(BACKEND_ENV) or backend
         if asked == "auto" and backend == "onnxruntime":
             asked = "fp32"  # onnxruntime asked for by name: auto keeps its float32 kernels
-        # compile: torch.compile the PyTorch network on the CPU (src_models.compiled; 15-30 s per
+        # compile: torch.compile the PyTorch network on the CPU (src_models.compiled; 10-30 s per
         # input shape, for long runs); auto's bf16 on a CPU is chosen only then
-        self.compile = bool(compile) and self.device.type == "cpu" and backend != "onnxruntime"
+        self.compile = bool(compile) and self.device.type == "cpu" and backend != "onnxruntime" and checkpoint.package is None
         self.precision, precision_note = resolve_precision(asked if amp else "fp32", self.device.type, checkpoint.model_card.bf16,
                                                            name=PRECISION_ENV if from_env else "precision", compiled=self.compile)
         if precision_note:

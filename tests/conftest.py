@@ -75,7 +75,7 @@ def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # the tests run float32 on every machine (a CPU with AMX would pick bf16 for a card that allows
     # it); the tests of bf16 ask for it by name, which this does not override
     os.environ["R2UNET_PRECISION"] = "fp32"
-    os.environ["R2UNET_COMPILE"] = "off"  # no test compiles unless it asks (15-30 s a shape); tests of --compile set it
+    os.environ["R2UNET_COMPILE"] = "off"  # no test compiles unless it asks (10-30 s a shape); tests of --compile set it
     os.environ["R2UNET_WARMUP"] = "0"  # no background model loads in widget tests, except the test of the warm-up
     return folder
 

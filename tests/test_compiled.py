@@ -89,7 +89,7 @@ def test_a_failing_compile_runs_the_eager_network_and_says_why(trained_checkpoin
     probs = segmenter.predict(image)
     segmenter.predict(image)
     assert calls == [{"dynamic": False, "options": {"freezing": True}}]  # compiled once, not retried per tile
-    assert messages == ["compiling the network for 64 x 64 inputs (once per shape; 15-30 s on 2 cores)",
+    assert messages == ["compiling the network for 64 x 64 inputs (once per shape; 10-30 s on 2 cores)",
                         "torch.compile failed (InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx); "
                         "running the network uncompiled"]
     assert segmenter.backend == "torch" and not segmenter.compile  # eager from now on: Cancel inside a tile again
@@ -152,5 +152,5 @@ def test_each_shape_compiles_once_up_to_a_limit(monkeypatch):
     compiled_shapes = [(1, 1, side, side) for side in sides[:MAX_SHAPES]]
     assert compiled_calls == compiled_shapes + compiled_shapes[:2]  # seen shapes keep running compiled
     assert eager_calls == [(1, 1, side, side) for side in sides[MAX_SHAPES:]]  # a folder of many sizes: no endless compiling
-    assert messages == [f"compiling the network for {side} x {side} inputs (once per shape; 15-30 s on 2 cores)" for side in sides[:MAX_SHAPES]] + [
+    assert messages == [f"compiling the network for {side} x {side} inputs (once per shape; 10-30 s on 2 cores)" for side in sides[:MAX_SHAPES]] + [
         f"{MAX_SHAPES} input shapes compiled already: inputs of other shapes run uncompiled"]
