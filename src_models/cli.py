@@ -116,12 +116,13 @@ def _segmenter(args: argparse.Namespace, files: list[Path]) -> Any:
 def _bf16_possible(args: argparse.Namespace, checkpoint: Any) -> bool:
     """Whether this run would run bf16 on the CPU if compiled (what ``--compile auto`` waits for)."""
     from .inference import PRECISION_ENV
-    from .precision import cpu_has_native_bf16
+    from .precision import resolve_precision
 
-    precision = (os.environ.get(PRECISION_ENV) or "auto") if args.precision == "auto" else args.precision
-    if args.device not in ("auto", "cpu") or precision not in ("auto", "bf16"):
+    from_env = os.environ.get(PRECISION_ENV) if args.precision == "auto" else None
+    if args.device not in ("auto", "cpu"):
         return False
-    return precision == "bf16" or (cpu_has_native_bf16() and checkpoint.model_card.bf16)
+    return resolve_precision(from_env or args.precision, "cpu", checkpoint.model_card.bf16, compiled=True,
+                             name=PRECISION_ENV if from_env else "precision")[0] == "bf16"
 
 
 _FROZE: list[bool] = []  # whether this run froze the collector (main() unfreezes what it froze)
