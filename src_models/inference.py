@@ -146,7 +146,7 @@ class Segmenter:
             self._model = self.checkpoint.build(self.device)
             if self.precision == "bf16":
                 self._model = keep_float32_ends(self._model)
-            if (self.precision == "bf16" or self.compile) and self.device.type == "cpu":
+            if self._channels_last:
                 self._model = self._model.to(memory_format=torch.channels_last)
         return self._model
 
@@ -154,10 +154,15 @@ class Segmenter:
     def model(self, value: Any) -> None:
         self._model, self._compiled = value, None
 
+    @property
+    def _channels_last(self) -> bool:
+        """Whether the network and its input are NHWC: oneDNN's bf16 kernels and inductor's graphs want it."""
+        return (self.precision == "bf16" or self.compile) and self.device.type == "cpu"
+
     def _network(self) -> Any:
         """What runs a batch: the compiled network when compiling (it falls back to ``model`` and
         logs why if inductor fails), else ``model``."""
-        if not self.compile or self.device.type != "cpu":
+        if not self.compile:  # (set on the CPU only)
             return self.model
         if self._compiled is None:
             from .compiled import CompiledNetwork
@@ -210,8 +215,8 @@ class Segmenter:
 
     def _predict_batch_torch(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(self.device)
-        if (self.precision == "bf16" or self.compile) and self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's bf16 kernels want NHWC
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         flips = FLIPS if self.tta else ((),)
         network = self._network()
 
