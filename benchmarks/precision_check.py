@@ -4,10 +4,12 @@
         --masks ../shared/datasets/DRIVE/test/1st_manual --fov ../shared/datasets/DRIVE/test/mask [--install]
 
 Each image is segmented twice by PyTorch, in float32 and with bf16 autocast (channels_last), with
-the card's threshold: the masks must agree on >= 99.9 % of the pixels (inside the FOV where
-given) and the pooled F1 against the ground truth must move by <= 0.002. ``--install`` then sets
-``bf16`` in the card of the model's file in ``src_models/weights/`` (weights untouched), so
-``--precision auto`` uses bf16 on CPUs with native bf16. Where the CPU has none, bf16 is
+the card's threshold; the bf16 network is compiled, as ``--precision auto`` runs it (batch norms
+folded, ``torch.compile``), unless ``--compile off`` or no compiler is at hand. The masks must
+agree on >= 99.9 % of the pixels (inside the FOV where given) and the pooled F1 against the
+ground truth must move by <= 0.002. ``--install`` then sets ``bf16`` in the card of the model's
+file in ``src_models/weights/`` (weights untouched), so ``--precision auto`` uses bf16 on CPUs
+with native bf16. Where the CPU has none, bf16 is
 emulated: the numbers are the same arithmetic (bf16 products, float32 sums), only slower.
 Without ``--images`` it runs on synthetic fundus images (a smoke check, never installs).
 """
@@ -45,11 +47,14 @@ def main() -> int:
     parser.add_argument("--fov", type=Path)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", choices=("on", "off"), default=None,
+                        help="compile the bf16 network (default: on where inductor can build, as --precision auto runs it)")
     parser.add_argument("--install", action="store_true", help="set bf16 in the card of src_models/weights/MODEL.safetensors when it passes")
     args = parser.parse_args()
 
     import torch
 
+    from src_models.compiled import compiler_available
     from src_models.inference import Segmenter
     from src_models.metrics import MetricAccumulator
     from src_models.model_names import load_model
@@ -60,7 +65,8 @@ def main() -> int:
     checkpoint = load_model(args.model)
     threshold = checkpoint.model_card.threshold
     fp32 = Segmenter(checkpoint, "cpu", backend="torch", precision="fp32")
-    bf16 = Segmenter(checkpoint, "cpu", backend="torch", precision="bf16")
+    compile = args.compile == "on" if args.compile else compiler_available()
+    bf16 = Segmenter(checkpoint, "cpu", backend="torch", precision="bf16", compile=compile)
     pooled = {"fp32": MetricAccumulator(threshold=threshold), "bf16": MetricAccumulator(threshold=threshold)}
     same = total = 0
     seconds = {"fp32": 0.0, "bf16": 0.0}
@@ -84,7 +90,7 @@ def main() -> int:
     native = "native" if cpu_has_native_bf16() else "emulated (no AMX / AVX-512 BF16 here)"
     print(f"{args.model}: masks agree on {agreement:.4%} of {total:,} pixels (>= {AGREEMENT:.1%}); max probability difference {max_diff:.3g}; "
           + (f"pooled F1 fp32 {f1['fp32']:.4f}, bf16 {f1['bf16']:.4f} (|diff| {drift:.4f} <= {F1_DRIFT}); " if f1 else "")
-          + f"bf16 {native}: {seconds['bf16']:.1f} s vs fp32 {seconds['fp32']:.1f} s")
+          + f"bf16 {native}{', compiled' if compile else ''}: {seconds['bf16']:.1f} s vs fp32 {seconds['fp32']:.1f} s")
     passed = agreement >= AGREEMENT and drift <= F1_DRIFT and bool(f1)
     print("PASS" if passed else "FAIL" if f1 else "(smoke: no ground truth, nothing decided)")
     if args.install and passed:

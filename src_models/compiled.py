@@ -1,12 +1,17 @@
 """Compiled PyTorch networks for inference: ``torch.compile`` (inductor, frozen weights) on the CPU.
 
-What it buys, measured on a 2-core Xeon with AMX (r2unet-drive, 592 x 576, 2 threads,
-benchmarks/bench.py): a bf16 DRIVE image takes 0.20 s compiled against 0.29-0.32 s eager bf16 and
-0.36-0.39 s in onnxruntime fp32 (inductor fuses the batch norms, ReLUs and residual adds into a
-few kernels around oneDNN's convolutions). What it costs: 10-30 s of compilation per input shape
-(static shapes: a dynamic-shape graph compiled slower and ran 25 % slower), once per process. So it is for long bf16 runs: the
-CLI compiles when a run will use bf16 and is large enough to repay it (:func:`resolve_compile`), or
-when asked (``--compile on``); elsewhere eager PyTorch or onnxruntime run.
+What runs: a copy of the network with each recurrent step's batch norm folded into its own copy
+of the conv (:func:`src_models.nets.fold_batch_norms`), compiled with static shapes; in bf16 its
+first block's recurrent layers run split (:func:`src_models.precision.split_bf16_first_block`)
+where this torch lets inductor round casts as eager PyTorch does.
+What it buys, measured on a 2-core Xeon with AMX (r2unet-drive, 2 threads, ``make bench``
+2026-12-07): a bf16 DRIVE image takes 0.140 s end to end compiled (0.113 s of it the network)
+against 0.32 s eager bf16 and 0.365 s in onnxruntime fp32 (inductor runs oneDNN's prepacked
+convolutions with the ReLUs and residual adds fused in; docs/BENCHMARKS.md). What it costs:
+10-30 s of compilation per input shape (static shapes: a dynamic-shape graph compiled slower and
+ran 25 % slower), once per process. So it is for long bf16 runs: the CLI compiles when a run will
+use bf16 and is large enough to repay it (:func:`resolve_compile`), or when asked
+(``--compile on``); elsewhere eager PyTorch or onnxruntime run.
 
 Inductor writes C++ and needs the compiler it looks for (``$CXX``, else ``g++``; ``clang++`` on macOS)
 and Python's headers: without them,
@@ -29,10 +34,11 @@ from .errors import R2UNetError
 COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_ENV = "R2UNET_COMPILE"  # replaces --compile auto (on | off)
 # a run long enough to repay 10-30 s of compilation. Measured through the CLI on the AMX Xeon
-# (2026-12-07, r2unet-drive): 40 DRIVE images took 24.8 s compiled (bf16) against 18.6 s in
-# onnxruntime fp32, about 0.1 s saved per image after compiling; one 8192^2 image 110.7 s against
-# 105.8 s. So only runs of hundreds of images gain.
-COMPILE_MIN_FILES = 256
+# (2026-12-07, r2unet-drive, 80 DRIVE-sized images, the batch norms folded and the first block in
+# split bf16): 24.0-25.5 s compiled (bf16; the compile took about 8 s with inductor's on-disk cache
+# warm) against 33.8-34.0 s in onnxruntime fp32, about 0.2 s saved per image after compiling. A
+# cold compile (13-33 s) is repaid after 60-150 such images.
+COMPILE_MIN_FILES = 128
 # input shapes compiled per network at most: a folder of images of many sizes would otherwise
 # compile each one (10-30 s apiece); shapes beyond these run uncompiled
 MAX_SHAPES = 4
@@ -69,42 +75,70 @@ def resolve_compile(choice: str, files: Sequence[Path] = (), bf16: bool = True) 
     return choice == "on"
 
 
+def _inductor_settings() -> dict[str, bool]:
+    """Inductor's settings while a :class:`CompiledNetwork` runs (and compiles): frozen weights, and
+    casts that round inside fused kernels as they do in eager PyTorch where this torch has the
+    switch (see :func:`casts_keep_rounding`)."""
+    from torch._inductor import config
+
+    return {"freezing": True, **({"emulate_precision_casts": True} if hasattr(config, "emulate_precision_casts") else {})}
+
+
+def casts_keep_rounding() -> bool:
+    """Whether a compiled network rounds ``bf16(z)`` as eager PyTorch does: the split bf16 layers
+    (:class:`src_models.nets.SplitBF16RecurrentConv`) need it. Inductor by default keeps such a
+    cast's value in float32 inside a fused kernel, which makes their low halves zero; older torch
+    versions have no switch for it, and the first block then stays in float32."""
+    return "emulate_precision_casts" in _inductor_settings()
+
+
 class CompiledNetwork:
     """``network`` compiled by inductor, called like it; on the first failure of compilation it
-    runs the eager ``network`` from then on and calls ``log`` once with the reason. Each new input
-    shape compiles once (``log`` says so: the pause is not a hang), up to :data:`MAX_SHAPES`;
-    later shapes run the eager network.
+    runs ``eager`` (default: ``network`` itself) from then on and calls ``log`` once with the
+    reason. Each new input shape compiles once (``log`` says so: the pause is not a hang), up to
+    :data:`MAX_SHAPES`; later shapes run ``eager``. The Segmenter compiles a folded, partly split
+    copy of its model and passes the model itself as ``eager``, so that every tile of an image
+    runs either that copy compiled or the model.
 
     Inductor's ``freezing`` folds the eval-mode weights into the graph: call it under
-    ``torch.no_grad()`` / ``torch.inference_mode()`` only (inference)."""
+    ``torch.no_grad()`` / ``torch.inference_mode()`` only (inference). Its settings are patched
+    process-wide for the duration of each call (:func:`_inductor_settings`)."""
 
-    def __init__(self, network: Any, log: Callable[[str], None]) -> None:
+    def __init__(self, network: Any, log: Callable[[str], None], eager: Callable[[Any], Any] | None = None) -> None:
         import torch
 
         self.network = network
+        self.eager = eager if eager is not None else network
         self.log = log
-        # static shapes: a dynamic-shape graph ran 25 % slower; each new tile shape compiles once
-        self._compiled: Any = torch.compile(network, dynamic=False, options={"freezing": True})
+        # static shapes: a dynamic-shape graph ran 25 % slower; each new tile shape compiles once.
+        # Freezing is switched on around each call (__call__), not through compile's options: passed
+        # as options={"freezing": True}, inductor (torch 2.13) still ran aten convolutions with
+        # separate elementwise kernels, without oneDNN's prepacked, fused ones (0.174 against
+        # 0.159 s for a bf16 DRIVE image, AMX Xeon)
+        self._compiled: Any = torch.compile(network, dynamic=False)
         self.failed = False
         self.shapes: set[tuple[int, ...]] = set()  # input shapes compiled (or being compiled)
         self._said_limit = False
 
     def __call__(self, x: Any) -> Any:
         if self._compiled is None:
-            return self.network(x)
+            return self.eager(x)
         shape = tuple(x.shape)
         if shape not in self.shapes:
             if len(self.shapes) >= MAX_SHAPES:
                 if not self._said_limit:
                     self.log(f"{MAX_SHAPES} input shapes compiled already: inputs of other shapes run uncompiled")
                     self._said_limit = True
-                return self.network(x)
+                return self.eager(x)
             self.shapes.add(shape)
             self.log(f"compiling the network for {shape[-2]} x {shape[-1]} inputs (once per shape; 10-30 s on 2 cores)")
+        from torch._inductor import config as inductor_config
+
         from .devices import is_out_of_memory
 
         try:
-            return self._compiled(x)
+            with inductor_config.patch(**_inductor_settings()):
+                return self._compiled(x)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # inductor's errors (no compiler, unsupported op) are of many kinds
@@ -113,8 +147,8 @@ class CompiledNetwork:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             self.log(f"torch.compile failed ({first}); running the network uncompiled")
             self._compiled, self.failed = None, True
-            return self.network(x)
+            return self.eager(x)
 
 
-__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "MAX_SHAPES", "CompiledNetwork", "check_compile", "compiler_available", "resolve_compile",
+__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "MAX_SHAPES", "CompiledNetwork", "casts_keep_rounding", "check_compile", "compiler_available", "resolve_compile",
            "worth_compiling"]

@@ -38,7 +38,7 @@ from .devices import is_out_of_memory, select_device
 from .errors import CancelledError, R2UNetError
 from .geometry import letterbox, resize_planes, unletterbox
 from .nets import logits_to_probabilities
-from .precision import autocast, keep_float32_ends, resolve_precision
+from .precision import autocast, keep_float32_ends, resolve_precision, split_bf16_first_block
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
 from .resources import HEADROOM, available_memory, require_memory
 from .scale import parse_scale_option, resized_shape, scale_factor
@@ -152,6 +152,8 @@ class Segmenter:
 
     @model.setter
     def model(self, value: Any) -> None:
+        # swapping the network (fine-tuning does) drops the compiled copy of the old one; weights
+        # changed in place are not seen by a compiled copy (frozen, folded): assign the model again
         self._model, self._compiled = value, None
 
     @property
@@ -165,9 +167,15 @@ class Segmenter:
         if not self.compile:  # (set on the CPU only)
             return self.model
         if self._compiled is None:
-            from .compiled import CompiledNetwork
+            from .compiled import CompiledNetwork, casts_keep_rounding
+            from .nets import fold_batch_norms
 
-            self._compiled = CompiledNetwork(self.model, lambda message: self.log(message))
+            network = fold_batch_norms(self.model)  # the recurrent steps' batch norms folded into their convs
+            if self.precision == "bf16" and casts_keep_rounding():  # the float32 first block's recurrent layers in split bf16
+                network = split_bf16_first_block(network)
+            if self._channels_last:
+                network = network.to(memory_format=torch.channels_last)
+            self._compiled = CompiledNetwork(network, lambda message: self.log(message), eager=lambda x: self.model(x))
         if self._compiled.failed:  # it fell back to eager: from now on eager, with Cancel inside a tile
             self.backend, self.compile = "torch", False
             return self.model

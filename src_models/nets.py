@@ -195,6 +195,97 @@ class RecurrentConv(nn.Module):
         return x1
 
 
+class FoldedRecurrentConv(nn.Module):
+    """An eval-mode :class:`RecurrentConv` for inference only, its batch norms folded away: step
+    ``k``'s statistics and the shared affine become the weights and bias of step ``k``'s own copy
+    of the conv, so ``f_k(z) = ReLU(conv_k(z))``, the same function to float32 rounding. It does
+    the same arithmetic as the layer it replaces, without the normalisation passes: compiled with
+    bf16 on the AMX Xeon, it halved inductor's elementwise time (76 -> 38 ms per DRIVE image). It
+    stores ``t + 1`` copies of the conv (a few MB for the shipped widths) and cannot be trained
+    (:func:`fold_batch_norms` makes it from a trained layer)."""
+
+    def __init__(self, layer: RecurrentConv) -> None:
+        super().__init__()
+        if not foldable(layer):
+            raise ValueError("only a RecurrentConv with batch norms (running statistics) and their affine folds")
+        self.t = layer.t
+        convs = []
+        with torch.no_grad():
+            for step in range(layer.t + 1):
+                norm = layer.norms[min(step, len(layer.norms) - 1)]
+                scale = layer.weight / torch.sqrt(norm.running_var + norm.eps)
+                conv = nn.Conv2d(layer.conv.in_channels, layer.conv.out_channels, layer.conv.kernel_size,
+                                 padding=layer.conv.padding, bias=True)
+                conv.to(device=layer.conv.weight.device, dtype=layer.conv.weight.dtype)
+                conv.weight.copy_(layer.conv.weight * scale[:, None, None, None])
+                shift = layer.bias - norm.running_mean * scale
+                conv.bias.copy_(shift if layer.conv.bias is None else shift + layer.conv.bias * scale)
+                convs.append(conv.requires_grad_(False))
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = F.relu(self.convs[0](x))
+        for step in range(1, self.t + 1):
+            x1 = F.relu(self.convs[step](x + x1))
+        return x1
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference in which every :class:`RecurrentConv` with batch norms
+    is a :class:`FoldedRecurrentConv` (same outputs to float32 rounding, in eval mode); ``model``
+    itself is left as it is. Layers with other norms (no running statistics) stay as they are."""
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    for module in list(folded.modules()):
+        for name, child in list(module.named_children()):
+            if foldable(child):
+                setattr(module, name, FoldedRecurrentConv(child))
+    return folded
+
+
+def foldable(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a :class:`RecurrentConv` whose norms are batch norms with running
+    statistics and a shared affine: what :class:`FoldedRecurrentConv` folds."""
+    return (isinstance(layer, RecurrentConv) and layer.weight is not None
+            and all(type(norm) is nn.BatchNorm2d and norm.running_var is not None for norm in layer.norms))
+
+
+class SplitBF16RecurrentConv(nn.Module):
+    """A :class:`FoldedRecurrentConv` whose convolutions run in bf16 on float32 inputs split in two:
+    ``z = hi + lo`` with ``hi = bf16(z)``, ``lo = bf16(z - hi)`` (16 bits of mantissa between
+    them), and ONE bf16 convolution of ``[hi, lo]`` (channels concatenated) with ``[w, w]``: on AMX
+    about 3.4x faster than the float32 convolution at 16 channels (2.1 against 7.1 ms at 592 x 576),
+    while the input keeps what bf16 would round away. The weights are bf16; the outputs are rounded
+    to bf16 before the float32 bias and ReLU. Inference only, float32 in and out, outside autocast.
+    Compiled, it needs inductor to round casts as eager PyTorch does
+    (:func:`src_models.compiled.casts_keep_rounding`), else ``lo`` comes out zero."""
+
+    def __init__(self, folded: FoldedRecurrentConv) -> None:
+        super().__init__()
+        self.t = folded.t
+        self.padding = folded.convs[0].padding
+        with torch.no_grad():
+            self.weights = nn.ParameterList(
+                nn.Parameter(torch.cat([c.weight, c.weight], 1).to(torch.bfloat16), requires_grad=False) for c in folded.convs)
+            self.biases = nn.ParameterList(
+                nn.Parameter(c.bias.detach().float().reshape(-1, 1, 1).clone(), requires_grad=False) for c in folded.convs)
+
+    def f(self, z: torch.Tensor, step: int) -> torch.Tensor:
+        hi = z.to(torch.bfloat16)
+        lo = (z - hi.float()).to(torch.bfloat16)
+        y = F.conv2d(torch.cat([hi, lo], 1), self.weights[step], None, padding=self.padding)
+        return F.relu(y.float() + self.biases[step])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            x1 = self.f(x, 0)
+            for step in range(1, self.t + 1):
+                x1 = self.f(x + x1, step)
+        return x1
+
+
 class UNetBlock(nn.Module):
     """U-Net level: ``f2(f1(x))``, ``(N, c_in, H, W) -> (N, c_out, H, W)``."""
 

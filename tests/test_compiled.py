@@ -3,6 +3,8 @@ giving the eager network's probabilities, and the fall-back to eager when induct
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from src_models.checkpoint import load_checkpoint
 from src_models.compiled import COMPILE_MIN_FILES, resolve_compile, worth_compiling
 from src_models.errors import R2UNetError
 from src_models.inference import Segmenter
+from src_models.nets import FoldedRecurrentConv, RecurrentConv, SplitBF16RecurrentConv
 from src_models.synthetic import vessel_image
 
 
@@ -27,7 +30,7 @@ def _files(folder, count, size=10):
 def test_auto_compiles_long_runs_only(tmp_path, monkeypatch):
     monkeypatch.delenv("R2UNET_COMPILE", raising=False)
     monkeypatch.setattr(compiled, "compiler_available", lambda: True)
-    assert not worth_compiling(_files(tmp_path, COMPILE_MIN_FILES - 1))  # 40 DRIVE images ran slower compiled
+    assert not worth_compiling(_files(tmp_path, COMPILE_MIN_FILES - 1))  # a cold compile is repaid after 60-150 DRIVE images
     big = _files(tmp_path, COMPILE_MIN_FILES)
     assert worth_compiling(big) and resolve_compile("auto", big)
     assert not resolve_compile("auto", big[:1])
@@ -69,6 +72,14 @@ def test_compiled_segmenter_gives_the_eager_probabilities(trained_checkpoint):
     assert segmenter.backend == "torch (compiled)"
     np.testing.assert_allclose(first, eager, atol=1e-4)  # the same float32 network, fused: not a different model
     np.testing.assert_array_equal(first, again)
+    if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64"):
+        # frozen for real: oneDNN's prepacked convolutions with the pointwise ops fused in (x86; ARM builds differ)
+        from torch.profiler import profile
+
+        with profile() as trace:
+            segmenter.predict(image)
+        names = {event.key for event in trace.key_averages()}
+        assert "mkldnn::_convolution_pointwise" in names and "aten::convolution" not in names, sorted(names)
 
 
 def test_a_failing_compile_runs_the_eager_network_and_says_why(trained_checkpoint, monkeypatch):
@@ -78,6 +89,7 @@ def test_a_failing_compile_runs_the_eager_network_and_says_why(trained_checkpoin
         calls.append(options)
 
         def run(x):
+            calls.append({"freezing while called": torch._inductor.config.freezing})
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx\nmore")
         return run
 
@@ -88,7 +100,9 @@ def test_a_failing_compile_runs_the_eager_network_and_says_why(trained_checkpoin
     segmenter = Segmenter(checkpoint, "cpu", precision="fp32", compile=True, log=messages.append)
     probs = segmenter.predict(image)
     segmenter.predict(image)
-    assert calls == [{"dynamic": False, "options": {"freezing": True}}]  # compiled once, not retried per tile
+    # compiled once, not retried per tile; inductor's freezing on while it compiles (set around the call)
+    assert calls == [{"dynamic": False}, {"freezing while called": True}]
+    assert not torch._inductor.config.freezing  # and only then: the process's other compiles keep their settings
     assert messages == ["compiling the network for 64 x 64 inputs (once per shape; 10-30 s on 2 cores)",
                         "torch.compile failed (InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx); "
                         "running the network uncompiled"]
@@ -154,3 +168,45 @@ def test_each_shape_compiles_once_up_to_a_limit(monkeypatch):
     assert eager_calls == [(1, 1, side, side) for side in sides[MAX_SHAPES:]]  # a folder of many sizes: no endless compiling
     assert messages == [f"compiling the network for {side} x {side} inputs (once per shape; 10-30 s on 2 cores)" for side in sides[:MAX_SHAPES]] + [
         f"{MAX_SHAPES} input shapes compiled already: inputs of other shapes run uncompiled"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compiled.compiler_available(), reason="no C++ compiler (g++ or $CXX) or Python headers for torch.compile here")
+@pytest.mark.skipif(not compiled.casts_keep_rounding(), reason="this torch's inductor cannot round casts as eager does (no split bf16 here)")
+def test_compiled_casts_keep_their_rounding():
+    """The split bf16 layers (src_models.nets.SplitBF16RecurrentConv) take z's low half as
+    bf16(z - bf16(z)). Inductor by default keeps a cast's value in float32 inside a fused kernel,
+    which makes that low half zero; CompiledNetwork has it round as eager PyTorch does."""
+
+    class LowHalf(torch.nn.Module):
+        def forward(self, z):
+            return (z - z.to(torch.bfloat16).float()).to(torch.bfloat16).float() * 1000
+
+    z = torch.randn(4, 8, 16, 16)
+    eager = LowHalf()(z)
+    network = compiled.CompiledNetwork(LowHalf(), log=lambda message: None)
+    with torch.inference_mode():
+        out = network(z)
+    assert not network.failed and eager.abs().max() > 0
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compiled.compiler_available(), reason="no C++ compiler (g++ or $CXX) or Python headers for torch.compile here")
+def test_compiled_bf16_runs_folded_split_layers_and_keeps_the_masks(trained_checkpoint):
+    """What --precision auto runs on an AMX CPU in a long run: batch norms folded, the first
+    block's recurrent layers in split bf16, the rest in bf16; the masks stay those of fp32."""
+    checkpoint = load_checkpoint(trained_checkpoint)
+    image = vessel_image((96, 88), seed=7)[0]
+    fp32 = Segmenter(checkpoint, "cpu", backend="torch", precision="fp32").predict(image)
+    segmenter = Segmenter(checkpoint, "cpu", precision="bf16", compile=True)
+    bf16 = segmenter.predict(image)
+    network = segmenter._compiled.network
+    split = [m for m in network.encoder[0].inner.children() if isinstance(m, SplitBF16RecurrentConv)]
+    assert len(split) == (2 if compiled.casts_keep_rounding() else 0)  # older torch: the first block stays float32
+    later = list(network.encoder[1].modules())
+    assert any(isinstance(m, FoldedRecurrentConv) for m in later) and not any(isinstance(m, RecurrentConv) for m in later)
+    assert segmenter.backend == "torch (compiled)" and not segmenter._compiled.failed
+    assert 0 < np.abs(bf16 - fp32).max() < 0.1
+    assert ((bf16 >= 0.5) == (fp32 >= 0.5)).mean() >= 0.99
+    assert isinstance(segmenter.model.encoder[1].r1, RecurrentConv)  # the model itself is not folded (fine-tuning swaps it)
