@@ -314,7 +314,7 @@ def main() -> int:
         "  into their convolutions and the first block's recurrent layers in split bf16 (each float32 input as two bf16",
         "  halves in one AMX convolution: masks as fp32's on 99.96 % of the DRIVE test FOV). `--precision auto` picks bf16 only on CPUs",
         "  with native bf16, for cards validated by benchmarks/precision_check.py, in runs that compile (`--compile auto`:",
-        "  128 images or more): eager bf16 was no faster than onnxruntime's fp32. (a), (a''), (c)",
+        "  42 megapixels or more): eager bf16 was no faster than onnxruntime's fp32. (a), (a''), (c)",
         "  are the fp32 path; (f) the compiled bf16 one.",
         "- Training uses PyTorch (autograd) with channels_last tensors (oneDNN's faster NHWC kernels)",
         "  and one batch_norm call per recurrent step (the shared affine fused in): together a step of",

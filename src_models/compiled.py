@@ -33,12 +33,15 @@ from .errors import R2UNetError
 
 COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_ENV = "R2UNET_COMPILE"  # replaces --compile auto (on | off)
-# a run long enough to repay 10-30 s of compilation. Measured through the CLI on the AMX Xeon
-# (2026-12-07, r2unet-drive, 80 DRIVE-sized images, the batch norms folded and the first block in
-# split bf16): 24.0-25.5 s compiled (bf16; the compile took about 8 s with inductor's on-disk cache
-# warm) against 33.8-34.0 s in onnxruntime fp32, about 0.2 s saved per image after compiling. A
-# cold compile (13-33 s) is repaid after 60-150 such images.
-COMPILE_MIN_FILES = 128
+# a run large enough to repay 10-30 s of compilation, in image pixels (every plane, tiles'
+# overlaps not counted). Measured through the CLI on the AMX Xeon (2026-12-07, r2unet-drive, the
+# batch norms folded and the first block in split bf16): 80 DRIVE-sized images (0.33 MP each) took
+# 24.0-25.5 s compiled (bf16; the compile took about 8 s with inductor's on-disk cache warm)
+# against 33.8-34.0 s in onnxruntime fp32, about 0.2 s saved per image after compiling, so a cold
+# compile (13-33 s) is repaid after 60-150 such images; one 8192^2 image (67 MP) took 69 s compiled
+# against 112 s. The threshold: 128 DRIVE images.
+DRIVE_PIXELS = 584 * 565
+COMPILE_MIN_PIXELS = 128 * DRIVE_PIXELS  # 42.2 MP
 # input shapes compiled per network at most: a folder of images of many sizes would otherwise
 # compile each one (10-30 s apiece); shapes beyond these run uncompiled
 MAX_SHAPES = 4
@@ -59,8 +62,18 @@ def check_compile(choice: str) -> str:
 
 
 def worth_compiling(files: Sequence[Path]) -> bool:
-    """``--compile auto``'s rule: the run holds COMPILE_MIN_FILES images or more."""
-    return len(files) >= COMPILE_MIN_FILES
+    """``--compile auto``'s rule: the run's images hold COMPILE_MIN_PIXELS pixels or more, read
+    from their headers until that many are counted (a file whose size its header does not tell, a
+    DICOM or NIfTI one, counts as a DRIVE-sized image)."""
+    from .data import image_pixels
+
+    total = 0
+    for path in files:
+        pixels = image_pixels(path)
+        total += DRIVE_PIXELS if pixels is None else pixels
+        if total >= COMPILE_MIN_PIXELS:
+            return True
+    return False
 
 
 def resolve_compile(choice: str, files: Sequence[Path] = (), bf16: bool = True) -> bool:
@@ -150,5 +163,5 @@ class CompiledNetwork:
             return self.eager(x)
 
 
-__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "MAX_SHAPES", "CompiledNetwork", "casts_keep_rounding", "check_compile", "compiler_available", "resolve_compile",
+__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "COMPILE_MIN_PIXELS", "DRIVE_PIXELS", "MAX_SHAPES", "CompiledNetwork", "casts_keep_rounding", "check_compile", "compiler_available", "resolve_compile",
            "worth_compiling"]

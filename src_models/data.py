@@ -92,6 +92,27 @@ def read_image_with_meta(path: str | os.PathLike[str]) -> tuple[np.ndarray, Imag
         raise R2UNetError(f"cannot read {path} as an image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from exc
 
 
+def image_pixels(path: str | os.PathLike[str]) -> int | None:
+    """The pixels of a TIFF or Pillow-readable image, every plane counted and the colour channels
+    not, read from its header (the pixels are not decoded); None where it cannot tell (DICOM,
+    NIfTI, an unreadable file)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, axes = series.shape, series.axes
+            return int(np.prod([n for n, axis in zip(shape, axes) if axis not in "CS"]))
+        from PIL import Image  # DICOM and NIfTI files are not Pillow's: None
+
+        with Image.open(path) as img:
+            return int(img.size[0] * img.size[1] * getattr(img, "n_frames", 1))
+    except Exception:  # any reader's error: the size is unknown, nothing else depends on it
+        return None
+
+
 def _read_plain(path: Path) -> np.ndarray:
     """TIFF through tifffile, the other formats through Pillow."""
     if path.suffix.lower() in (".tif", ".tiff"):

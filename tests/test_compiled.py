@@ -11,7 +11,7 @@ import torch
 
 from src_models import compiled
 from src_models.checkpoint import load_checkpoint
-from src_models.compiled import COMPILE_MIN_FILES, resolve_compile, worth_compiling
+from src_models.compiled import COMPILE_MIN_PIXELS, DRIVE_PIXELS, resolve_compile, worth_compiling
 from src_models.errors import R2UNetError
 from src_models.inference import Segmenter
 from src_models.nets import FoldedRecurrentConv, RecurrentConv, SplitBF16RecurrentConv
@@ -30,8 +30,9 @@ def _files(folder, count, size=10):
 def test_auto_compiles_long_runs_only(tmp_path, monkeypatch):
     monkeypatch.delenv("R2UNET_COMPILE", raising=False)
     monkeypatch.setattr(compiled, "compiler_available", lambda: True)
-    assert not worth_compiling(_files(tmp_path, COMPILE_MIN_FILES - 1))  # a cold compile is repaid after 60-150 DRIVE images
-    big = _files(tmp_path, COMPILE_MIN_FILES)
+    files_needed = COMPILE_MIN_PIXELS // DRIVE_PIXELS  # files whose size no header tells count as DRIVE images
+    assert not worth_compiling(_files(tmp_path, files_needed - 1))  # a cold compile is repaid after 60-150 DRIVE images
+    big = _files(tmp_path, files_needed)
     assert worth_compiling(big) and resolve_compile("auto", big)
     assert not resolve_compile("auto", big[:1])
     assert not resolve_compile("auto", big, bf16=False)  # float32: onnxruntime beats the compiled network
@@ -43,6 +44,28 @@ def test_auto_compiles_long_runs_only(tmp_path, monkeypatch):
     monkeypatch.setenv("R2UNET_COMPILE", "sometimes")
     with pytest.raises(R2UNetError, match="must be one of auto, on, off"):
         resolve_compile("auto")
+
+
+def test_auto_weighs_the_images_pixels_from_their_headers(tmp_path):
+    """One 8192^2 image repays a compile (69 s compiled against 112 s); a hundred small images do
+    not. Sizes come from the headers: TIFF (planes counted, colour channels not) and Pillow's."""
+    import tifffile
+    from PIL import Image
+
+    from src_models.data import image_pixels
+
+    large = tmp_path / "large.tif"
+    tifffile.imwrite(large, np.zeros((8192, 8192, 3), np.uint8), compression="zlib", photometric="rgb")
+    assert image_pixels(large) == 8192 * 8192 and worth_compiling([large])
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((5, 40, 50), np.uint16))
+    assert image_pixels(stack) == 5 * 40 * 50  # (three planes would be taken as colour channels, as the CLI does)
+    small = []
+    for i in range(100):
+        small.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (64, 48)).save(small[-1])
+    assert image_pixels(small[0]) == 64 * 48 and not worth_compiling(small)
+    assert image_pixels(tmp_path / "missing.png") is None
 
 
 def test_compiler_found_through_cxx(monkeypatch, tmp_path):
