@@ -2,8 +2,7 @@
 
 What runs: a copy of the network with each recurrent step's batch norm folded into its own copy
 of the conv (:func:`src_models.nets.fold_batch_norms`), compiled with static shapes; in bf16 its
-first block's recurrent layers run split (:func:`src_models.precision.split_bf16_first_block`)
-where this torch lets inductor round casts as eager PyTorch does.
+first block's recurrent layers run split (:func:`src_models.precision.split_bf16_first_block`).
 What it buys, measured on a 2-core Xeon with AMX (r2unet-drive, 2 threads, ``make bench``
 2026-12-07): a bf16 DRIVE image takes 0.140 s end to end compiled (0.113 s of it the network)
 against 0.32 s eager bf16 and 0.365 s in onnxruntime fp32 (inductor runs oneDNN's prepacked
@@ -88,23 +87,6 @@ def resolve_compile(choice: str, files: Sequence[Path] = (), bf16: bool = True) 
     return choice == "on"
 
 
-def _inductor_settings() -> dict[str, bool]:
-    """Inductor's settings while a :class:`CompiledNetwork` runs (and compiles): frozen weights, and
-    casts that round inside fused kernels as they do in eager PyTorch where this torch has the
-    switch (see :func:`casts_keep_rounding`)."""
-    from torch._inductor import config
-
-    return {"freezing": True, **({"emulate_precision_casts": True} if hasattr(config, "emulate_precision_casts") else {})}
-
-
-def casts_keep_rounding() -> bool:
-    """Whether a compiled network rounds ``bf16(z)`` as eager PyTorch does: the split bf16 layers
-    (:class:`src_models.nets.SplitBF16RecurrentConv`) need it. Inductor by default keeps such a
-    cast's value in float32 inside a fused kernel, which makes their low halves zero; older torch
-    versions have no switch for it, and the first block then stays in float32."""
-    return "emulate_precision_casts" in _inductor_settings()
-
-
 class CompiledNetwork:
     """``network`` compiled by inductor, called like it; on the first failure of compilation it
     runs ``eager`` (default: ``network`` itself) from then on and calls ``log`` once with the
@@ -114,8 +96,8 @@ class CompiledNetwork:
     runs either that copy compiled or the model.
 
     Inductor's ``freezing`` folds the eval-mode weights into the graph: call it under
-    ``torch.no_grad()`` / ``torch.inference_mode()`` only (inference). Its settings are patched
-    process-wide for the duration of each call (:func:`_inductor_settings`)."""
+    ``torch.no_grad()`` / ``torch.inference_mode()`` only (inference). It is switched on
+    process-wide for the duration of each call."""
 
     def __init__(self, network: Any, log: Callable[[str], None], eager: Callable[[Any], Any] | None = None) -> None:
         import torch
@@ -150,7 +132,7 @@ class CompiledNetwork:
         from .devices import is_out_of_memory
 
         try:
-            with inductor_config.patch(**_inductor_settings()):
+            with inductor_config.patch(freezing=True):
                 return self._compiled(x)
         except KeyboardInterrupt:
             raise
@@ -163,5 +145,5 @@ class CompiledNetwork:
             return self.eager(x)
 
 
-__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "COMPILE_MIN_PIXELS", "DRIVE_PIXELS", "MAX_SHAPES", "CompiledNetwork", "casts_keep_rounding", "check_compile", "compiler_available", "resolve_compile",
+__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "COMPILE_MIN_PIXELS", "DRIVE_PIXELS", "MAX_SHAPES", "CompiledNetwork", "check_compile", "compiler_available", "resolve_compile",
            "worth_compiling"]

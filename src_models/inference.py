@@ -38,7 +38,7 @@ from .devices import is_out_of_memory, select_device
 from .errors import CancelledError, R2UNetError
 from .geometry import letterbox, resize_planes, unletterbox
 from .nets import logits_to_probabilities
-from .precision import autocast, keep_float32_ends, resolve_precision, split_bf16_first_block
+from .precision import autocast, cpu_has_native_bf16, keep_float32_ends, resolve_precision, split_bf16_first_block
 from .preprocessing import check_image, measure_stats, normalize_tile, to_chw
 from .resources import HEADROOM, available_memory, require_memory
 from .scale import parse_scale_option, resized_shape, scale_factor
@@ -167,11 +167,13 @@ class Segmenter:
         if not self.compile:  # (set on the CPU only)
             return self.model
         if self._compiled is None:
-            from .compiled import CompiledNetwork, casts_keep_rounding
+            from .compiled import CompiledNetwork
             from .nets import fold_batch_norms
 
             network = fold_batch_norms(self.model)  # the recurrent steps' batch norms folded into their convs
-            if self.precision == "bf16" and casts_keep_rounding():  # the float32 first block's recurrent layers in split bf16
+            # the float32 first block's recurrent layers in split bf16, on CPUs with native bf16 (what
+            # auto compiles): inductor's AVX2 code dropped the low halves in a simulated AVX2 run
+            if self.precision == "bf16" and cpu_has_native_bf16():
                 network = split_bf16_first_block(network)
             if self._channels_last:
                 network = network.to(memory_format=torch.channels_last)

@@ -251,15 +251,27 @@ def foldable(layer: nn.Module) -> bool:
             and all(type(norm) is nn.BatchNorm2d and norm.running_var is not None for norm in layer.norms))
 
 
+def split_bf16(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``z`` as two bf16 tensors, ``hi + lo`` equal to ``z`` within 2^-16 relative: ``hi``
+    is ``z`` rounded to 8 significant bits by Veltkamp's split (``g = 65537 z; hi = g + (z - g)``,
+    exact in bf16; float32 arithmetic only, for ``|z| < 1e33``) and ``lo`` the rest, rounded to
+    bf16. Not ``bf16(z)`` and ``z - float(bf16(z))``: inductor keeps a cast's value in float32
+    inside a fused kernel, which made that low half zero once compiled; a bit mask instead ran
+    unvectorised (6 ms against 1 ms at 16 x 592 x 576)."""
+    g = z * 65537.0
+    high = g + (z - g)
+    return high.to(torch.bfloat16), (z - high).to(torch.bfloat16)
+
+
 class SplitBF16RecurrentConv(nn.Module):
     """A :class:`FoldedRecurrentConv` whose convolutions run in bf16 on float32 inputs split in two:
-    ``z = hi + lo`` with ``hi = bf16(z)``, ``lo = bf16(z - hi)`` (16 bits of mantissa between
-    them), and ONE bf16 convolution of ``[hi, lo]`` (channels concatenated) with ``[w, w]``: on AMX
-    about 3.4x faster than the float32 convolution at 16 channels (2.1 against 7.1 ms at 592 x 576),
-    while the input keeps what bf16 would round away. The weights are bf16; the outputs are rounded
-    to bf16 before the float32 bias and ReLU. Inference only, float32 in and out, outside autocast.
-    Compiled, it needs inductor to round casts as eager PyTorch does
-    (:func:`src_models.compiled.casts_keep_rounding`), else ``lo`` comes out zero."""
+    ``z = hi + lo`` (:func:`split_bf16`: 16 bits of mantissa between them), and ONE bf16 convolution of ``[hi, lo]`` (channels
+    concatenated) with ``[w, w]``: on AMX about 3.4x faster than the float32 convolution at 16
+    channels (2.1 against 7.1 ms at 592 x 576), while the input keeps what bf16 would round away.
+    The weights are bf16; the outputs are rounded to bf16 before the float32 bias and ReLU.
+    Inference only, float32 in and out, outside autocast. (Inductor's switch that keeps a cast's
+    rounding, ``emulate_precision_casts``, crashed a process on its third compiled shape together
+    with freezing, torch 2.13: :func:`split_bf16` needs no such switch.)"""
 
     def __init__(self, folded: FoldedRecurrentConv) -> None:
         super().__init__()
@@ -272,9 +284,7 @@ class SplitBF16RecurrentConv(nn.Module):
                 nn.Parameter(c.bias.detach().float().reshape(-1, 1, 1).clone(), requires_grad=False) for c in folded.convs)
 
     def f(self, z: torch.Tensor, step: int) -> torch.Tensor:
-        hi = z.to(torch.bfloat16)
-        lo = (z - hi.float()).to(torch.bfloat16)
-        y = F.conv2d(torch.cat([hi, lo], 1), self.weights[step], None, padding=self.padding)
+        y = F.conv2d(torch.cat(split_bf16(z), 1), self.weights[step], None, padding=self.padding)
         return F.relu(y.float() + self.biases[step])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

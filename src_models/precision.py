@@ -64,7 +64,7 @@ def resolve_precision(precision: str, device_type: str, card_allows_bf16: bool,
     saying why (empty when there is nothing to say). ``name`` names the setting in errors.
     ``compiled``: whether the network runs compiled (:mod:`src_models.compiled`); on a CPU, auto
     picks bf16 only then: eager bf16 ran no faster than onnxruntime's float32 (0.32 s against
-    0.33 s on the AMX Xeon, DRIVE image), compiled bf16 0.18 s."""
+    0.37 s on the AMX Xeon, DRIVE image), compiled bf16 0.14 s (``make bench``, 2026-12-07)."""
     check_precision(precision, name)
     if precision == "fp32":
         return "fp32", ""
@@ -122,8 +122,7 @@ def split_bf16_first_block(model: Any) -> Any:
     """``model`` (made by :func:`keep_float32_ends`, then folded by
     :func:`src_models.nets.fold_batch_norms`) with the folded recurrent layers of its float32
     first block run as :class:`src_models.nets.SplitBF16RecurrentConv`: bf16 arithmetic that keeps
-    its inputs' float32 detail. For compiled inference, where inductor rounds casts as eager
-    PyTorch does (:func:`src_models.compiled.casts_keep_rounding`). Measured over the 20 DRIVE
+    its inputs' float32 detail (for compiled inference; eager, it is slower than float32). Measured over the 20 DRIVE
     test images (r2unet-drive, compiled, AMX Xeon): masks agree with fp32 on 99.957 % of the FOV,
     against 99.90 % with those layers in plain bf16 and 99.984 % in float32; 0.125 against 0.148 s
     per forward (one process, alternating, median of 8)."""

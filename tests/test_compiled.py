@@ -15,6 +15,7 @@ from src_models.compiled import COMPILE_MIN_PIXELS, DRIVE_PIXELS, resolve_compil
 from src_models.errors import R2UNetError
 from src_models.inference import Segmenter
 from src_models.nets import FoldedRecurrentConv, RecurrentConv, SplitBF16RecurrentConv
+from src_models.precision import cpu_has_native_bf16
 from src_models.synthetic import vessel_image
 
 
@@ -95,7 +96,7 @@ def test_compiled_segmenter_gives_the_eager_probabilities(trained_checkpoint):
     assert segmenter.backend == "torch (compiled)"
     np.testing.assert_allclose(first, eager, atol=1e-4)  # the same float32 network, fused: not a different model
     np.testing.assert_array_equal(first, again)
-    if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64"):
+    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and platform.machine().lower() in ("x86_64", "amd64"):
         # frozen for real: oneDNN's prepacked convolutions with the pointwise ops fused in (x86; ARM builds differ)
         from torch.profiler import profile
 
@@ -195,27 +196,30 @@ def test_each_shape_compiles_once_up_to_a_limit(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not compiled.compiler_available(), reason="no C++ compiler (g++ or $CXX) or Python headers for torch.compile here")
-@pytest.mark.skipif(not compiled.casts_keep_rounding(), reason="this torch's inductor cannot round casts as eager does (no split bf16 here)")
-def test_compiled_casts_keep_their_rounding():
-    """The split bf16 layers (src_models.nets.SplitBF16RecurrentConv) take z's low half as
-    bf16(z - bf16(z)). Inductor by default keeps a cast's value in float32 inside a fused kernel,
-    which makes that low half zero; CompiledNetwork has it round as eager PyTorch does."""
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="the split runs only on CPUs with native bf16 (inductor's AVX2 code dropped lo)")
+def test_compiled_split_keeps_the_low_half():
+    """The split bf16 layers take z as hi + lo (src_models.nets.split_bf16). Written as
+    bf16(z - float(bf16(z))), inductor's fused kernels kept bf16(z) in float32 and lo came out
+    zero; Veltkamp's split compiles to what eager PyTorch computes, in every shape."""
+    from src_models.nets import split_bf16
 
-    class LowHalf(torch.nn.Module):
+    class Split(torch.nn.Module):
         def forward(self, z):
-            return (z - z.to(torch.bfloat16).float()).to(torch.bfloat16).float() * 1000
+            return torch.cat(split_bf16(z), 1)
 
-    z = torch.randn(4, 8, 16, 16)
-    eager = LowHalf()(z)
-    network = compiled.CompiledNetwork(LowHalf(), log=lambda message: None)
-    with torch.inference_mode():
-        out = network(z)
-    assert not network.failed and eager.abs().max() > 0
-    assert torch.equal(out, eager)
+    network = compiled.CompiledNetwork(Split(), log=lambda message: None)
+    for shape in [(1, 16, 40, 48), (2, 16, 40, 48), (1, 3, 7, 9)]:  # recompiles, odd sizes
+        z = torch.randn(*shape) * 3
+        with torch.inference_mode():
+            out = network(z)
+        assert not network.failed and torch.equal(out, Split()(z))
+        hi, lo = out[:, : shape[1]].float(), out[:, shape[1]:].float()
+        assert lo.abs().max() > 0 and torch.allclose(hi + lo, z, rtol=2**-15, atol=0)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not compiled.compiler_available(), reason="no C++ compiler (g++ or $CXX) or Python headers for torch.compile here")
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="auto compiles bf16 only on CPUs with native bf16 (AMX, AVX-512 BF16)")
 def test_compiled_bf16_runs_folded_split_layers_and_keeps_the_masks(trained_checkpoint):
     """What --precision auto runs on an AMX CPU in a long run: batch norms folded, the first
     block's recurrent layers in split bf16, the rest in bf16; the masks stay those of fp32."""
@@ -226,7 +230,7 @@ def test_compiled_bf16_runs_folded_split_layers_and_keeps_the_masks(trained_chec
     bf16 = segmenter.predict(image)
     network = segmenter._compiled.network
     split = [m for m in network.encoder[0].inner.children() if isinstance(m, SplitBF16RecurrentConv)]
-    assert len(split) == (2 if compiled.casts_keep_rounding() else 0)  # older torch: the first block stays float32
+    assert len(split) == 2
     later = list(network.encoder[1].modules())
     assert any(isinstance(m, FoldedRecurrentConv) for m in later) and not any(isinstance(m, RecurrentConv) for m in later)
     assert segmenter.backend == "torch (compiled)" and not segmenter._compiled.failed
