@@ -4,8 +4,8 @@ What runs: a copy of the network with each recurrent step's batch norm folded in
 of the conv (:func:`src_models.nets.fold_batch_norms`), compiled with static shapes; in bf16 its
 first block's recurrent layers run split (:func:`src_models.precision.split_bf16_first_block`).
 What it buys, measured on a 2-core Xeon with AMX (r2unet-drive, 2 threads, ``make bench``
-2026-12-07): a bf16 DRIVE image takes 0.140 s end to end compiled (0.113 s of it the network)
-against 0.32 s eager bf16 and 0.365 s in onnxruntime fp32 (inductor runs oneDNN's prepacked
+2026-12-07): a bf16 DRIVE image takes 0.128 s end to end compiled (about 0.11 s of it the
+network) against 0.32 s eager bf16 and 0.374 s in onnxruntime fp32 (inductor runs oneDNN's prepacked
 convolutions with the ReLUs and residual adds fused in; docs/BENCHMARKS.md). What it costs:
 10-30 s of compilation per input shape (static shapes: a dynamic-shape graph compiled slower and
 ran 25 % slower), once per process. So it is for long bf16 runs: the CLI compiles when a run will

@@ -64,7 +64,7 @@ def resolve_precision(precision: str, device_type: str, card_allows_bf16: bool,
     saying why (empty when there is nothing to say). ``name`` names the setting in errors.
     ``compiled``: whether the network runs compiled (:mod:`src_models.compiled`); on a CPU, auto
     picks bf16 only then: eager bf16 ran no faster than onnxruntime's float32 (0.32 s against
-    0.37 s on the AMX Xeon, DRIVE image), compiled bf16 0.14 s (``make bench``, 2026-12-07)."""
+    0.37 s on the AMX Xeon, DRIVE image), compiled bf16 0.13 s (``make bench``, 2026-12-07)."""
     check_precision(precision, name)
     if precision == "fp32":
         return "fp32", ""
