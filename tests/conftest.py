@@ -25,6 +25,23 @@ def random_checkpoint(path: Path, seed: int = 0, **config_kwargs) -> Path:
     return path
 
 
+def with_trained_statistics(module, seed: int = 0):
+    """``module`` in eval mode with batch-norm statistics and recurrent affines far from the
+    identity, as training leaves them (a fresh network's are 0/1, which hides folding mistakes)."""
+    import torch
+
+    from src_models.nets import RecurrentConv
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.running_var is not None:
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.3, 3)
+            if isinstance(m, RecurrentConv) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return module.eval()
+
+
 def run_to_end(widget, qtbot, timeout_ms: int = 120_000) -> None:
     """Press a dock widget's run button (``start``) and wait until its worker is done."""
     widget.start()

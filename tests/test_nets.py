@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import with_trained_statistics
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,24 +201,12 @@ def test_heads():
     assert torch.allclose(binary, torch.sigmoid(logits[:, :1]))
 
 
-def _with_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """``model`` in eval mode with batch-norm statistics and affines far from the identity (as trained)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d) and module.running_var is not None:
-                module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.3, 3)
-            if isinstance(module, RecurrentConv) and module.weight is not None:
-                module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize("arch", ["r2unet", "runet"])
 def test_folded_batch_norms_give_the_same_network(arch):
     """fold_batch_norms (what the compiled inference runs): each recurrent step's statistics and
     the shared affine folded into that step's copy of the conv; the same logits to float32
     rounding, and the model it was given untouched."""
-    model = _with_statistics(build_model(ModelConfig(arch=arch, widths=(8, 16, 32), in_channels=3)))
+    model = with_trained_statistics(build_model(ModelConfig(arch=arch, widths=(8, 16, 32), in_channels=3)))
     before = copy.deepcopy(model.state_dict())
     folded = fold_batch_norms(model)
     layers = [m for m in folded.modules() if isinstance(m, FoldedRecurrentConv)]

@@ -168,16 +168,11 @@ def test_split_bf16_recurrent_layer_keeps_more_of_its_input_than_plain_bf16():
     the rounding of the inputs separates it from plain bf16 autocast, and it removes about half
     of the error (measured over 6 seeds: 0.49-0.60 of plain bf16's mean error)."""
     import torch
+    from conftest import with_trained_statistics
 
     from src_models.nets import FoldedRecurrentConv, RecurrentConv, SplitBF16RecurrentConv
 
-    torch.manual_seed(0)
-    layer = RecurrentConv(16, 2, "batch")
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-0.5, 0.5)
-        for norm in layer.norms:
-            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.3, 3)
-    folded = FoldedRecurrentConv(layer.eval())
+    folded = FoldedRecurrentConv(with_trained_statistics(RecurrentConv(16, 2, "batch")))
     with torch.no_grad():
         for conv in folded.convs:
             conv.weight.copy_(conv.weight.to(torch.bfloat16).float())  # what either bf16 layer multiplies by
