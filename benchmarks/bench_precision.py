@@ -27,12 +27,12 @@ torch.set_num_threads({threads})
 sys.path.insert(0, {root!r})
 start = time.perf_counter()
 from src_models.cli import main
-assert main(['predict', {model!r}, {image!r}, '--out', {out!r}]) == 0
+assert main(['predict', {model!r}, {image!r}, '--out', {out!r}, '--precision', {precision!r}]) == 0
 first = time.perf_counter() - start
 from src_models.inference import Segmenter
 from src_models.model_names import load_model
 from src_models.predict import PredictOptions, predict_file
-segmenter = Segmenter(load_model({model!r}), device='cpu')
+segmenter = Segmenter(load_model({model!r}), device='cpu', precision={precision!r})
 warm = []
 for _ in range(4):
     start = time.perf_counter()
@@ -42,15 +42,17 @@ print('RESULT', first, min(warm[1:]))
 """
 
 
-def first_image(model: str, image: Path, out: Path, threads: int) -> tuple[float, float]:
-    """(first image of a fresh process, warm image) in seconds; the graph cache already exists.
+def first_image(model: str, image: Path, out: Path, threads: int, precision: str = "auto") -> tuple[float, float]:
+    """(first image of a fresh process, warm image) in seconds, with ``--precision precision``
+    (auto: the CLI's default path, bf16 on OpenVINO where the CPU has native bf16); the graph cache
+    already exists.
     Our modules are byte-compiled first, as pip leaves an installed package: where the shell sets
     PYTHONDONTWRITEBYTECODE (this project's CI machines do), every process would otherwise compile
     them again, 0.15 s that no installed copy pays."""
     import compileall
 
     compileall.compile_dir(str(ROOT / "src_models"), quiet=1)
-    code = FIRST_IMAGE_CODE.format(threads=threads, root=str(ROOT), model=model, image=str(image), out=str(out))
+    code = FIRST_IMAGE_CODE.format(threads=threads, root=str(ROOT), model=model, image=str(image), out=str(out), precision=precision)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
     line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT")), None)
     if line is None:
@@ -72,14 +74,19 @@ def bf16_rows(checkpoint, image_path: Path, out: Path, roofline: float, fp32_sec
     if not cpu_has_native_bf16():
         return [("(f) bf16 inference and training", "not run", f"<= {targets['f']}x roofline, >= {targets['g']}x step",
                  f"this CPU ({isa}) has no native bf16 (AMX, AVX-512 BF16): --precision auto keeps fp32 here")], {}
-    eager = Segmenter(checkpoint, device="cpu", precision="bf16")
-    bf16 = Segmenter(checkpoint, device="cpu", precision="bf16", compile=True)  # what --compile auto runs on long runs here
+    bf16 = Segmenter(checkpoint, device="cpu", precision="bf16")  # what --precision auto runs here: OpenVINO where installed
+    eager = Segmenter(checkpoint, device="cpu", backend="torch", precision="bf16")
+    compiled = Segmenter(checkpoint, device="cpu", backend="torch", precision="bf16", compile=True)
     fp32 = Segmenter(checkpoint, device="cpu", backend="torch", precision="fp32")
     options = PredictOptions()
-    compile_s = _timed(lambda: predict_file(bf16, image_path, out / "bf16.tif", None, options))  # compiles this shape
+    first_s = _timed(lambda: predict_file(bf16, image_path, out / "bf16.tif", None, options))  # OpenVINO compiles this shape
+    compile_s = _timed(lambda: predict_file(compiled, image_path, out / "bf16.tif", None, options))  # inductor compiles it
     predict_file(eager, image_path, out / "bf16.tif", None, options)  # warm
-    best = min(_timed(lambda: predict_file(bf16, image_path, out / "bf16.tif", None, options)) for _ in range(repeat))
-    best_eager = min(_timed(lambda: predict_file(eager, image_path, out / "bf16.tif", None, options)) for _ in range(repeat))
+    times: dict[str, list[float]] = {"bf16": [], "compiled": [], "eager": []}
+    for _ in range(repeat):  # alternating: the host's speed drifts
+        for name, segmenter in (("bf16", bf16), ("compiled", compiled), ("eager", eager)):
+            times[name].append(_timed(lambda s=segmenter: predict_file(s, image_path, out / "bf16.tif", None, options)))
+    best, best_compiled, best_eager = (min(times[k]) for k in ("bf16", "compiled", "eager"))
     from src_models.data import read_image
 
     image = read_image(image_path)
@@ -89,8 +96,9 @@ def bf16_rows(checkpoint, image_path: Path, out: Path, roofline: float, fp32_sec
     step32, step16 = _train_step(checkpoint, "fp32"), _train_step(checkpoint, "bf16")
     ratio_f, ratio_g = best / roofline, step32 / step16
     rows = [("(f) bf16 predict / fp32 roofline", f"{ratio_f:.2f}x", f"<= {targets['f']}x",
-             f"{best:.3f} s {bf16.backend} (fp32 ours {fp32_seconds:.3f} s, bf16 eager {best_eager:.3f} s; the first image, compiling, "
-             f"{compile_s:.1f} s); masks agree with fp32 on {agree:.3%} of pixels ({isa})"),
+             f"{best:.3f} s {bf16.backend} (fp32 ours {fp32_seconds:.3f} s; bf16 PyTorch compiled {best_compiled:.3f} s, eager "
+             f"{best_eager:.3f} s; the first image {first_s:.2f} s, compiling PyTorch's {compile_s:.1f} s); masks agree with fp32 "
+             f"on {agree:.3%} of pixels ({isa})"),
             ("(g) training step fp32 / bf16 autocast", f"{ratio_g:.2f}x", f">= {targets['g']}x",
              f"{step32:.3f} s vs {step16:.3f} s per step of 8 x 96^2")]
     return rows, {"(f)": ratio_f <= targets["f"], "(g)": ratio_g >= targets["g"]}

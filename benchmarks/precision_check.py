@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/precision_check.py r2unet-drive --images ../shared/datasets/DRIVE/test/images \
         --masks ../shared/datasets/DRIVE/test/1st_manual --fov ../shared/datasets/DRIVE/test/mask [--install]
 
-Each image is segmented twice by PyTorch, in float32 and with bf16 autocast (channels_last), with
-the card's threshold; the bf16 network is compiled, as ``--precision auto`` runs it (batch norms
-folded, ``torch.compile``), unless ``--compile off`` or no compiler is at hand. The masks must
+Each image is segmented twice, by PyTorch in float32 and in bf16 as ``--precision auto`` runs it,
+with the card's threshold: by OpenVINO where it is installed and the CPU has native bf16 (float32
+ends, :mod:`src_models.openvino_backend`), else by PyTorch with bf16 autocast (channels_last),
+compiled (batch norms folded, ``torch.compile``) unless ``--compile off`` or no compiler is at
+hand; ``--backend torch`` checks the PyTorch path where OpenVINO would run. The masks must
 agree on >= 99.9 % of the pixels (inside the FOV where given) and the pooled F1 against the
 ground truth must move by <= 0.002. ``--install`` then sets ``bf16`` in the card of the model's
 file in ``src_models/weights/`` (weights untouched), so ``--precision auto`` uses bf16 on CPUs
@@ -49,6 +51,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compile", choices=("on", "off"), default=None,
                         help="compile the bf16 network (default: on where inductor can build, as --precision auto runs it)")
+    parser.add_argument("--backend", choices=("auto", "openvino", "torch"), default="auto",
+                        help="the bf16 engine checked (auto: what --precision auto runs, OpenVINO where installed and the CPU has native bf16)")
     parser.add_argument("--install", action="store_true", help="set bf16 in the card of src_models/weights/MODEL.safetensors when it passes")
     args = parser.parse_args()
 
@@ -65,8 +69,11 @@ def main() -> int:
     checkpoint = load_model(args.model)
     threshold = checkpoint.model_card.threshold
     fp32 = Segmenter(checkpoint, "cpu", backend="torch", precision="fp32")
-    compile = args.compile == "on" if args.compile else compiler_available()
-    bf16 = Segmenter(checkpoint, "cpu", backend="torch", precision="bf16", compile=compile)
+    from src_models.openvino_backend import openvino_available
+
+    openvino = args.backend == "openvino" or (args.backend == "auto" and openvino_available() and cpu_has_native_bf16())
+    compile = not openvino and (args.compile == "on" if args.compile else compiler_available())
+    bf16 = Segmenter(checkpoint, "cpu", backend="openvino" if openvino else "torch", precision="bf16", compile=compile)
     pooled = {"fp32": MetricAccumulator(threshold=threshold), "bf16": MetricAccumulator(threshold=threshold)}
     same = total = 0
     seconds = {"fp32": 0.0, "bf16": 0.0}
@@ -90,7 +97,7 @@ def main() -> int:
     native = "native" if cpu_has_native_bf16() else "emulated (no AMX / AVX-512 BF16 here)"
     print(f"{args.model}: masks agree on {agreement:.4%} of {total:,} pixels (>= {AGREEMENT:.1%}); max probability difference {max_diff:.3g}; "
           + (f"pooled F1 fp32 {f1['fp32']:.4f}, bf16 {f1['bf16']:.4f} (|diff| {drift:.4f} <= {F1_DRIFT}); " if f1 else "")
-          + f"bf16 {native}{', compiled' if compile else ''}: {seconds['bf16']:.1f} s vs fp32 {seconds['fp32']:.1f} s")
+          + f"bf16 {native}, {bf16.backend}: {seconds['bf16']:.1f} s vs fp32 {seconds['fp32']:.1f} s")
     passed = agreement >= AGREEMENT and drift <= F1_DRIFT and bool(f1)
     print("PASS" if passed else "FAIL" if f1 else "(smoke: no ground truth, nothing decided)")
     if args.install and passed:

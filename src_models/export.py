@@ -139,12 +139,12 @@ def _export_key(path: Path) -> str:
 
 
 def prune_cache(folder: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
-    """Delete the least recently used exports (``*.onnx``; a graph and its optimised copies go as
-    one, used when the latest of them was: modification time, which every use renews) until the
+    """Delete the least recently used exports (``*.onnx``; a graph, its optimised copies and its
+    OpenVINO IR, ``.xml`` and ``.bin``, go as one, used when the latest of them was: modification time, which every use renews) until the
     folder holds at most :func:`cache_limit_bytes`; ``keep``'s exports are never deleted. Returns
     what was deleted; a file another process removed or holds is skipped."""
     groups: dict[str, list[tuple[float, int, Path]]] = {}
-    for path in folder.glob("*.onnx"):
+    for path in (p for pattern in ("*.onnx", "*.xml", "*.bin") for p in folder.glob(pattern)):
         if path.name.startswith("."):  # another process's export being written (atomic_write's temp file)
             continue
         with contextlib.suppress(OSError):
@@ -171,6 +171,33 @@ def prune_cache(folder: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
     return deleted
 
 
+def cached_onnx(checkpoint: Checkpoint) -> Path:
+    """The checkpoint's network as ONNX in the cache folder, exported on first use: the graph the
+    onnxruntime and OpenVINO backends read. Named by the weights, our network code and the exporter."""
+    folder = cache_dir() / "onnx"
+    from . import __version__
+
+    stamp = re.sub(r"[^A-Za-z0-9.]+", "_", f"{__version__}-{_network_code_digest()}-torch{torch.__version__}")
+    path = folder / f"{checkpoint.sha256[:32]}-{stamp}-opset{OPSET}.onnx"
+    if not path.is_file():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise R2UNetError(f"cannot create the cache folder {folder}: {exc.strerror or exc}; set {CACHE_ENV}") from exc
+        export_onnx(checkpoint, path)
+        for stale in folder.glob(f"{checkpoint.sha256[:32]}-*.onnx"):  # graphs of older code for these weights
+            if stale != path:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+    else:
+        _touch(path)  # least recently used goes first when the folder is pruned
+    try:
+        prune_cache(folder, keep=(path,))
+    except R2UNetError as exc:  # housekeeping must not turn the backend off (a bad $R2UNET_CACHE_LIMIT_MB)
+        warnings.warn(f"cache not pruned: {exc}", stacklevel=2)
+    return path
+
+
 class OnnxPredictor:
     """Logits of a checkpoint's network computed by onnxruntime on the CPU."""
 
@@ -178,28 +205,7 @@ class OnnxPredictor:
         import onnxruntime  # noqa: F401 (fail here, not at the first tile)
 
         self.checkpoint = checkpoint
-        folder = cache_dir() / "onnx"
-        # the graph depends on the weights, our network code and the exporter: all three name the file
-        from . import __version__
-
-        stamp = re.sub(r"[^A-Za-z0-9.]+", "_", f"{__version__}-{_network_code_digest()}-torch{torch.__version__}")
-        self.path = folder / f"{checkpoint.sha256[:32]}-{stamp}-opset{OPSET}.onnx"
-        if not self.path.is_file():
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise R2UNetError(f"cannot create the cache folder {folder}: {exc.strerror or exc}; set {CACHE_ENV}") from exc
-            export_onnx(checkpoint, self.path)
-            for stale in folder.glob(f"{checkpoint.sha256[:32]}-*.onnx"):  # graphs of older code for these weights
-                if stale != self.path:
-                    with contextlib.suppress(OSError):
-                        stale.unlink()
-        else:
-            _touch(self.path)  # least recently used goes first when the folder is pruned
-        try:
-            prune_cache(folder, keep=(self.path,))
-        except R2UNetError as exc:  # housekeeping must not turn the backend off (a bad $R2UNET_CACHE_LIMIT_MB)
-            warnings.warn(f"cache not pruned: {exc}", stacklevel=2)
+        self.path = cached_onnx(checkpoint)
         self._session: Any = None
         self._threads = 0
         self._building: threading.Thread | None = None

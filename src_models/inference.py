@@ -49,9 +49,15 @@ Log = Callable[[str], None]
 
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
 ACTIVATION_BYTES_PER_PIXEL = 900  # R2U-Net 16-256, onnxruntime: a 1024^2 tile's process peaks at 0.9 GB (the activations alone ~490 B/px)
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PRECISION_ENV = "R2UNET_PRECISION"  # replaces --precision auto (auto | fp32 | bf16)
-BACKEND_ENV = "R2UNET_BACKEND"  # overrides the backend argument (auto | torch | onnxruntime)
+BACKEND_ENV = "R2UNET_BACKEND"  # overrides the backend argument (auto | torch | onnxruntime | openvino)
+
+
+def _openvino_available() -> bool:
+    from .openvino_backend import openvino_available
+
+    return openvino_available()
 
 
 def auto_overlap(tile: int) -> int:
@@ -79,13 +85,20 @@ class Segmenter:
         from_env = os.environ.get(PRECISION_ENV) if precision == "auto" else None
         asked = from_env or precision
         backend = os.environ.get(BACKEND_ENV) or backend
+        self._requested_backend = backend
         if asked == "auto" and backend == "onnxruntime":
             asked = "fp32"  # onnxruntime asked for by name: auto keeps its float32 kernels
         # compile: torch.compile the PyTorch network on the CPU (src_models.compiled; 10-30 s per
         # input shape, for long runs); auto's bf16 on a CPU is chosen only then
-        self.compile = bool(compile) and self.device.type == "cpu" and backend != "onnxruntime" and checkpoint.package is None
+        self.compile = (bool(compile) and self.device.type == "cpu" and backend not in ("onnxruntime", "openvino")
+                        and checkpoint.package is None)
+        # OpenVINO runs bf16 without compiling (src_models.openvino_backend): auto's bf16 needs one of the two
+        # (on CPUs with native bf16 only: elsewhere bf16 asked for by name stays PyTorch's emulation)
+        self._openvino_bf16 = (self.device.type == "cpu" and backend in ("auto", "openvino") and not self.compile
+                               and checkpoint.package is None and cpu_has_native_bf16() and _openvino_available())
         self.precision, precision_note = resolve_precision(asked if amp else "fp32", self.device.type, checkpoint.model_card.bf16,
-                                                           name=PRECISION_ENV if from_env else "precision", compiled=self.compile)
+                                                           name=PRECISION_ENV if from_env else "precision",
+                                                           fast=self.compile or self._openvino_bf16)
         if precision_note:
             self.log(precision_note)
         # test-time augmentation: mean over the 4 flips (4x the compute); None: as the model card says
@@ -95,9 +108,11 @@ class Segmenter:
         self.onnx: Any = None
         self._should_stop: ShouldStop | None = None  # the running predict's, for a Cancel inside a tile
         self._asked_backend = backend
-        if (self.precision == "bf16" or self.compile) and self._asked_backend != "torch":
+        if self.precision == "bf16" and self._openvino_bf16:
+            self._asked_backend = "openvino"
+        elif (self.precision == "bf16" or self.compile) and self._asked_backend not in ("torch", "openvino"):
             if self._asked_backend == "onnxruntime":
-                raise R2UNetError("bf16 runs on the PyTorch backend; use --backend torch or --precision fp32")
+                raise R2UNetError("bf16 runs on the OpenVINO or PyTorch backend; use --backend auto or --precision fp32")
             self._asked_backend = "torch"  # onnxruntime's CPU kernels are float32; compiling is PyTorch's
         self.package = checkpoint.package  # another tool's bioimage.io package: its own network and steps
         if self.package is not None:
@@ -115,13 +130,16 @@ class Segmenter:
         self.geometry = checkpoint.model_card.geometry  # tiled (native resolution) or resize (letterboxed)
 
     def _choose_backend(self, backend: str) -> str:
-        """torch, or onnxruntime on the CPU (about 2x faster, same results to ~1e-6); auto = the fastest that works."""
+        """torch, or onnxruntime on the CPU (about 2x faster, same results to ~1e-6), or OpenVINO
+        for bf16 on the CPU; auto = the fastest that works."""
         if backend not in BACKENDS:
             raise R2UNetError(f"backend {backend!r} must be one of {', '.join(BACKENDS)}")
         if backend == "torch" or (backend == "auto" and self.device.type != "cpu"):
             return "torch"
         if self.device.type != "cpu":
-            raise R2UNetError("the onnxruntime backend runs on the CPU only; use --device cpu or --backend torch")
+            raise R2UNetError(f"the {backend} backend runs on the CPU only; use --device cpu or --backend torch")
+        if backend == "openvino":
+            return self._choose_openvino()
         from .export import OnnxPredictor
 
         try:
@@ -183,15 +201,42 @@ class Segmenter:
             return self.model
         return self._compiled
 
+    def _choose_openvino(self) -> str:
+        """OpenVINO for bf16 (fp32 asked for by name: OpenVINO in float32); when auto chose it and
+        it cannot start, float32 on the fastest backend that can, said through ``log``."""
+        from .openvino_backend import OpenVinoPredictor
+
+        try:
+            self.onnx = OpenVinoPredictor(self.checkpoint, precision=self.precision)
+            self.onnx.prepare()  # graph and a first compile in the background while the caller reads its image
+        except Exception as exc:
+            self.onnx = None
+            return self._openvino_failed(exc)
+        return "openvino"
+
+    def _openvino_failed(self, exc: BaseException) -> str:
+        if self.backend_asked_by_name("openvino"):
+            raise R2UNetError(f"the OpenVINO backend is not available ({exc}); install openvino or use --backend auto") from exc
+        self.log(f"OpenVINO not used ({exc}); running float32")
+        self.precision, self._asked_backend = "fp32", "auto"
+        return self._choose_backend("auto")
+
+    def backend_asked_by_name(self, name: str) -> bool:
+        return self._requested_backend == name
+
     # -- the network on one batch -------------------------------------------------------
     def _onnx_ready(self) -> bool:
-        """Whether onnxruntime runs this batch: its session (built in the background) is waited
-        for; if it could not be built, auto falls back to PyTorch and says why."""
+        """Whether onnxruntime (or OpenVINO) runs this batch: its session (built in the background)
+        is waited for; if it could not be built, auto falls back and says why."""
         if self.onnx is None or self.device.type != "cpu":
             return False
         try:
             self.onnx.session()
         except Exception as exc:
+            if self.backend == "openvino":
+                self.onnx = None
+                self.backend = self._openvino_failed(exc)
+                return self._onnx_ready()
             if self._asked_backend == "onnxruntime":
                 raise R2UNetError(f"the onnxruntime backend is not available ({exc}); use --backend torch") from exc
             self.log(f"onnxruntime not used ({exc}); running PyTorch")
@@ -205,7 +250,16 @@ class Segmenter:
                 raise CancelledError()
             return self.package.predict(batch)
         if self._onnx_ready():
-            return self._predict_batch_onnx(batch)
+            try:
+                return self._predict_batch_onnx(batch)
+            except (CancelledError, MemoryError):
+                raise
+            except Exception as exc:  # OpenVINO compiles each new shape here: auto falls back to float32
+                if self.backend != "openvino" or self.backend_asked_by_name("openvino"):
+                    raise
+                self.onnx = None
+                self.backend = self._openvino_failed(exc)
+                return self._predict_batch(batch)
         if self._should_stop is None or self.compile:  # compiled: Cancel between tiles (a hook would break the graph)
             if self._should_stop is not None and self._should_stop():
                 raise CancelledError()

@@ -59,12 +59,13 @@ def check_precision(precision: str, name: str = "precision") -> str:
 
 
 def resolve_precision(precision: str, device_type: str, card_allows_bf16: bool,
-                      flags: frozenset[str] | None = None, name: str = "precision", compiled: bool = True) -> tuple[str, str]:
+                      flags: frozenset[str] | None = None, name: str = "precision", fast: bool = True) -> tuple[str, str]:
     """The precision a run uses (``fp32``, ``bf16`` or, on CUDA under auto, ``amp``) and a line
     saying why (empty when there is nothing to say). ``name`` names the setting in errors.
-    ``compiled``: whether the network runs compiled (:mod:`src_models.compiled`); on a CPU, auto
-    picks bf16 only then: eager bf16 ran no faster than onnxruntime's float32 (0.32 s against
-    0.37 s on the AMX Xeon, DRIVE image), compiled bf16 0.13 s (``make bench``, 2026-12-07)."""
+    ``fast``: whether a fast bf16 engine runs the network, OpenVINO
+    (:mod:`src_models.openvino_backend`) or the compiled PyTorch network (:mod:`src_models.compiled`);
+    on a CPU, auto picks bf16 only then: eager PyTorch bf16 ran no faster than onnxruntime's
+    float32 (0.32 s against 0.37 s on the AMX Xeon, DRIVE image), OpenVINO 0.11 s, compiled 0.13 s."""
     check_precision(precision, name)
     if precision == "fp32":
         return "fp32", ""
@@ -81,8 +82,8 @@ def resolve_precision(precision: str, device_type: str, card_allows_bf16: bool,
         if device_type == "cpu" and not native:
             return "bf16", "bf16 asked for, but this CPU has no native bf16 (AMX or AVX-512 BF16): it is emulated, slower than fp32"
         return "bf16", ""
-    if device_type == "cpu" and native and card_allows_bf16 and compiled:
-        return "bf16", "precision auto: bf16 (this CPU has native bf16, the model card validates it, the network runs compiled)"
+    if device_type == "cpu" and native and card_allows_bf16 and fast:
+        return "bf16", "precision auto: bf16 (this CPU has native bf16 and the model card validates it)"
     return "fp32", ""
 
 

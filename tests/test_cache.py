@@ -55,6 +55,22 @@ def test_a_graph_and_its_optimised_copy_are_pruned_together(tmp_path, monkeypatc
     assert base.exists() and base_opt.exists()
 
 
+def test_openvinos_marked_graph_goes_with_its_export(tmp_path, monkeypatch):
+    """The OpenVINO IR (.xml and .bin, src_models.openvino_backend) is one more copy of an export:
+    pruned with it, renewing it when used."""
+    from src_models.export import CACHE_LIMIT_ENV, prune_cache
+
+    base = _graph(tmp_path, "a-code-opset17.onnx", 300_000, 900)
+    xml = _graph(tmp_path, "a-code-opset17-ov2026.4.1-bf16.xml", 100_000, 10)  # used a moment ago
+    weights = _graph(tmp_path, "a-code-opset17-ov2026.4.1-bf16.bin", 300_000, 10)
+    other = _graph(tmp_path, "b-code-opset17.onnx", 300_000, 500)
+    other_xml = _graph(tmp_path, "b-code-opset17-ov2026.4.1-bf16.xml", 100_000, 450)
+    other_weights = _graph(tmp_path, "b-code-opset17-ov2026.4.1-bf16.bin", 300_000, 450)
+    monkeypatch.setenv(CACHE_LIMIT_ENV, str(800_000 / 2**20))  # room for one export and its IR
+    assert prune_cache(tmp_path) == [other, other_xml, other_weights]
+    assert base.exists() and xml.exists() and weights.exists()
+
+
 def test_a_bad_cache_limit_is_one_clear_error(monkeypatch):
     from src_models.export import CACHE_LIMIT_ENV, cache_limit_bytes
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_training import PP, TINY, fast, synthetic_samples
 
+from src_models import inference
 from src_models.checkpoint import load_checkpoint, save_checkpoint
 from src_models.errors import R2UNetError
 from src_models.inference import Segmenter
@@ -22,8 +23,8 @@ AVX2 = frozenset({"avx2", "fma"})
 def test_auto_picks_bf16_only_with_native_bf16_and_a_card_that_allows_it():
     assert cpu_has_native_bf16(AMX) and cpu_has_native_bf16(frozenset({"avx512_bf16"})) and not cpu_has_native_bf16(AVX2)
     assert resolve_precision("auto", "cpu", True, AMX)[0] == "bf16"
-    assert resolve_precision("auto", "cpu", True, AMX, compiled=False) == ("fp32", "")  # bf16 pays only compiled
-    assert resolve_precision("bf16", "cpu", True, AMX, compiled=False) == ("bf16", "")  # asked for by name: bf16
+    assert resolve_precision("auto", "cpu", True, AMX, fast=False) == ("fp32", "")  # bf16 pays only on OpenVINO or compiled
+    assert resolve_precision("bf16", "cpu", True, AMX, fast=False) == ("bf16", "")  # asked for by name: bf16
     assert resolve_precision("auto", "cpu", False, AMX) == ("fp32", "")  # the card has not been validated in bf16
     assert resolve_precision("auto", "cpu", True, AVX2) == ("fp32", "")  # emulated bf16 is slower than fp32
     assert resolve_precision("auto", "cuda", False, AVX2) == ("amp", "")  # CUDA keeps its mixed precision
@@ -41,8 +42,8 @@ def test_bf16_inference_agrees_with_fp32(trained_checkpoint):
     image = vessel_image((128, 120), seed=4)[0]
     fp32 = Segmenter(checkpoint, "cpu", backend="torch", precision="fp32").predict(image)
     messages = []
-    segmenter = Segmenter(checkpoint, "cpu", precision="bf16", log=messages.append)
-    assert segmenter.backend == "torch" and segmenter.precision == "bf16"  # onnxruntime's CPU kernels are float32
+    segmenter = Segmenter(checkpoint, "cpu", backend="torch", precision="bf16", log=messages.append)
+    assert segmenter.backend == "torch" and segmenter.precision == "bf16"  # (OpenVINO's bf16: tests/test_openvino.py)
     bf16 = segmenter.predict(image)
     # the first block and the head run in float32 (the finest detail and the logits)
     assert type(segmenter.model.encoder[0]).__name__ == type(segmenter.model.head).__name__ == "Float32"
@@ -65,6 +66,7 @@ def test_the_tests_run_fp32_and_auto_follows_the_card(trained_checkpoint, tmp_pa
     import src_models.precision as precision
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: AMX)
+    monkeypatch.setattr(inference, "_openvino_available", lambda: False)
     assert Segmenter(load_checkpoint(allowed), "cpu", compile=True).precision == "bf16"
     assert Segmenter(load_checkpoint(allowed), "cpu").precision == "fp32"  # eager bf16 is no faster than onnxruntime's fp32
     assert "bfloat16: validated" in "\n".join(load_checkpoint(allowed).model_card.lines())
@@ -73,8 +75,8 @@ def test_the_tests_run_fp32_and_auto_follows_the_card(trained_checkpoint, tmp_pa
     assert Segmenter(load_checkpoint(allowed), "cpu").precision == "fp32"
 
 
-def test_bf16_runs_on_pytorch_only(tiny_checkpoint):
-    with pytest.raises(R2UNetError, match="bf16 runs on the PyTorch backend"):
+def test_bf16_does_not_run_on_onnxruntime(tiny_checkpoint):
+    with pytest.raises(R2UNetError, match="bf16 runs on the OpenVINO or PyTorch backend"):
         Segmenter(load_checkpoint(tiny_checkpoint), "cpu", precision="bf16", backend="onnxruntime")
     with pytest.raises(R2UNetError, match="must be one of"):
         Segmenter(load_checkpoint(tiny_checkpoint), "cpu", precision="half")
@@ -104,7 +106,7 @@ def test_cli_precision_option(tmp_path, trained_checkpoint, capsys):
     assert (tmp_path / "out" / "eye.tif").is_file()
     assert main(["predict", str(trained_checkpoint), str(image), "--out", str(tmp_path / "o2"), "--precision", "bf16",
                  "--backend", "onnxruntime"]) == 1
-    assert "bf16 runs on the PyTorch backend" in capsys.readouterr().err
+    assert "bf16 runs on the OpenVINO or PyTorch backend" in capsys.readouterr().err
 
 
 def test_auto_with_onnxruntime_by_name_keeps_fp32_and_a_cuda_fallback_runs_fp32(trained_checkpoint, tmp_path, monkeypatch):
