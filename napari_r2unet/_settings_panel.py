@@ -37,7 +37,7 @@ from ._model_menu import ModelMenu
 from ._models import ModelChoice
 
 BUDGET = ("epochs", "minutes")
-ADVANCED = ("lr", "patch_size", "batch_size", "steps_per_epoch", "correction_weight", "freeze", "fn_weight", "l2sp")
+ADVANCED = ("lr", "patch_size", "batch_size", "steps_per_epoch", "correction_weight", "freeze", "fn_weight", "l2sp", "precision")
 LABELS = {"lr": "learning rate", "minutes": "at most (min)", "fn_weight": "missed-foreground weight", "l2sp": "pull to base (L2-SP)"}  # otherwise the field name, spaced
 STEPS = {"lr": 1e-4, "patch_size": 16, "fn_weight": 0.05, "l2sp": 1e-3}
 DECIMALS = {"lr": 5, "minutes": 1, "l2sp": 4}

@@ -185,8 +185,8 @@ def cached_onnx(checkpoint: Checkpoint) -> Path:
         except OSError as exc:
             raise R2UNetError(f"cannot create the cache folder {folder}: {exc.strerror or exc}; set {CACHE_ENV}") from exc
         export_onnx(checkpoint, path)
-        for stale in folder.glob(f"{checkpoint.sha256[:32]}-*.onnx"):  # graphs of older code for these weights
-            if stale != path:
+        for stale in folder.glob(f"{checkpoint.sha256[:32]}-*"):  # graphs (and their IR) of older code for these weights
+            if stale != path and stale.suffix in (".onnx", ".xml", ".bin"):
                 with contextlib.suppress(OSError):
                     stale.unlink()
     else:

@@ -86,6 +86,7 @@ class Segmenter:
         asked = from_env or precision
         backend = os.environ.get(BACKEND_ENV) or backend
         self._requested_backend = backend
+        self._asked_precision = asked if amp else "fp32"
         if asked == "auto" and backend == "onnxruntime":
             asked = "fp32"  # onnxruntime asked for by name: auto keeps its float32 kernels
         # compile: torch.compile the PyTorch network on the CPU (src_models.compiled; 10-30 s per
@@ -215,11 +216,30 @@ class Segmenter:
         return "openvino"
 
     def _openvino_failed(self, exc: BaseException) -> str:
+        """The backend that runs instead of OpenVINO, which failed with ``exc`` (raised as one line
+        when OpenVINO was asked for by name): PyTorch's bf16 when bf16 was asked for by name, else
+        float32 on the fastest backend that works. The caller drops the predictor after this returns."""
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         if self.backend_asked_by_name("openvino"):
-            raise R2UNetError(f"the OpenVINO backend is not available ({exc}); install openvino or use --backend auto") from exc
-        self.log(f"OpenVINO not used ({exc}); running float32")
+            raise R2UNetError(f"the OpenVINO backend failed ({reason}); use --backend auto or --precision fp32") from exc
+        if self._asked_precision == "bf16":
+            self.log(f"OpenVINO not used ({reason}); running bf16 on PyTorch")
+            self._asked_backend = "torch"
+            return self._choose_backend("torch")
+        self.log(f"OpenVINO not used ({reason}); running float32")
         self.precision, self._asked_backend = "fp32", "auto"
         return self._choose_backend("auto")
+
+    def _replace_openvino(self, exc: BaseException) -> str:
+        """:meth:`_openvino_failed` for a predictor in use: it stays (and the error stands) when
+        OpenVINO was asked for by name, else it is dropped for the fall-back's."""
+        predictor = self.onnx
+        self.onnx = None
+        try:
+            return self._openvino_failed(exc)
+        except R2UNetError:
+            self.onnx = predictor
+            raise
 
     def backend_asked_by_name(self, name: str) -> bool:
         return self._requested_backend == name
@@ -234,8 +254,7 @@ class Segmenter:
             self.onnx.session()
         except Exception as exc:
             if self.backend == "openvino":
-                self.onnx = None
-                self.backend = self._openvino_failed(exc)
+                self.backend = self._replace_openvino(exc)
                 return self._onnx_ready()
             if self._asked_backend == "onnxruntime":
                 raise R2UNetError(f"the onnxruntime backend is not available ({exc}); use --backend torch") from exc
@@ -255,10 +274,9 @@ class Segmenter:
             except (CancelledError, MemoryError):
                 raise
             except Exception as exc:  # OpenVINO compiles each new shape here: auto falls back to float32
-                if self.backend != "openvino" or self.backend_asked_by_name("openvino"):
+                if self.backend != "openvino":
                     raise
-                self.onnx = None
-                self.backend = self._openvino_failed(exc)
+                self.backend = self._replace_openvino(exc)
                 return self._predict_batch(batch)
         if self._should_stop is None or self.compile:  # compiled: Cancel between tiles (a hook would break the graph)
             if self._should_stop is not None and self._should_stop():

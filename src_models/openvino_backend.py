@@ -16,11 +16,14 @@ shape compiles once (the last :data:`MAX_SHAPES` are kept); Cancel stops a run i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import re
+import shutil
 import tempfile
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +37,8 @@ from .errors import CancelledError, R2UNetError
 
 MAX_SHAPES = 4  # compiled shapes kept (tiles share one; an image's last band may add another)
 PRECISE = "precise"  # OpenVINO's rt_info attribute that keeps a layer out of the inference precision
+MARKS_VERSION = 1  # bump when the marking changes: the cached IR's name carries it (and the prefixes)
+SCRATCH_PREFIX = ".r2unet-ov-"  # the folder an IR is written in before it moves into the cache
 
 
 def openvino_available() -> bool:
@@ -89,6 +94,10 @@ class OpenVinoPredictor:
 
         if precision not in ("bf16", "fp32"):
             raise R2UNetError(f"OpenVINO runs bf16 or fp32, not {precision}")
+        from .precision import cpu_has_native_bf16
+
+        if precision == "bf16" and not cpu_has_native_bf16():  # OpenVINO would run float32 and call it bf16
+            raise R2UNetError("OpenVINO's bf16 needs a CPU with AMX or AVX-512 BF16; use --backend torch (emulated) or --precision fp32")
 
         from .export import cached_onnx
 
@@ -108,7 +117,7 @@ class OpenVinoPredictor:
         """Read the marked graph in a background thread (0.02 s from the cache, 0.15 s the first
         time, when it is marked and written there)."""
         with self._lock:
-            if self._model is not None or self._building is not None:
+            if self._model is not None or self._building is not None or self._error is not None:
                 return
 
             def build() -> None:
@@ -138,7 +147,8 @@ class OpenVinoPredictor:
         import openvino as ov
 
         version = re.sub(r"[^A-Za-z0-9.]+", "_", ov.__version__.split("-")[0])
-        return self.path.with_name(f"{self.path.stem}-ov{version}-bf16.xml")
+        marks = hashlib.sha256(f"{MARKS_VERSION}:{','.join(self.prefixes)}".encode()).hexdigest()[:8]  # what was marked
+        return self.path.with_name(f"{self.path.stem}-ov{version}-bf16-{marks}.xml")
 
     def _read(self) -> Any:
         import openvino as ov
@@ -155,10 +165,11 @@ class OpenVinoPredictor:
                     with contextlib.suppress(OSError):  # least recently used goes first when the folder is pruned
                         os.utime(path)
                 return model
+        _remove_abandoned(xml.parent)
         try:  # written beside the cache (an atomic rename), else in the temp folder (marked again next time)
-            scratch = tempfile.TemporaryDirectory(prefix=".r2unet-ov-", dir=xml.parent)
+            scratch = tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=xml.parent, ignore_cleanup_errors=True)
         except OSError:
-            scratch = tempfile.TemporaryDirectory(prefix="r2unet-ov-")
+            scratch = tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, ignore_cleanup_errors=True)
         with scratch as folder:
             tmp_xml, tmp_weights = Path(folder) / "model.xml", Path(folder) / "model.bin"
             ov.save_model(core.read_model(str(self.path)), str(tmp_xml), compress_to_fp16=False)
@@ -166,11 +177,12 @@ class OpenVinoPredictor:
             if not marked:
                 raise R2UNetError(f"OpenVINO: no layer of {self.checkpoint.name} matches {self.prefixes}; run --precision fp32")
             tmp_xml.write_text(text, encoding="utf-8")
-            model = core.read_model(str(tmp_xml), str(tmp_weights))
-            with contextlib.suppress(OSError):  # a read-only cache: marked again next time
+            try:  # moved into the cache before OpenVINO maps the weights (Windows cannot rename a mapped file)
                 os.replace(tmp_weights, weights)  # weights first: an .xml names a complete pair
                 os.replace(tmp_xml, xml)
-            return model
+            except OSError:  # a read-only cache: read from the scratch copy, marked again next time
+                return core.read_model(str(tmp_xml), str(tmp_weights))
+        return core.read_model(str(xml), str(weights))
 
     def _compiled_for(self, shape: tuple[int, ...]) -> Any:
         return self._compile(shape, self.session())
@@ -222,6 +234,16 @@ class OpenVinoPredictor:
                     request.wait()
                 raise CancelledError()
         return np.array(request.get_output_tensor(0).data, copy=True)
+
+
+def _remove_abandoned(folder: Path, age_s: float = 3600.0) -> None:
+    """Delete scratch folders that a killed process left in the cache (each a copy of the weights)."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for path in folder.glob(f"{SCRATCH_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and now - path.stat().st_mtime > age_s:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def _stopping(should_stop: Callable[[], bool] | None) -> bool:
