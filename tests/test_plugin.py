@@ -13,6 +13,9 @@ import pytest
 import yaml
 from conftest import random_checkpoint, run_to_end
 
+from src_models.openvino_backend import openvino_available
+from src_models.precision import cpu_has_native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = yaml.safe_load((ROOT / "napari.yaml").read_text())
 
@@ -222,6 +225,29 @@ def test_choosing_a_model_warms_it_up_and_segment_takes_the_warm_one(widget, qtb
     assert len(loaded) == 4 and loaded[2] is loaded[3] and loaded[3].checkpoint.name == "third"
     assert loaded[3].backend == "onnxruntime"  # no run saw a half-built session and fell back to PyTorch
     assert "synthetic vessels [third]" in widget.viewer.layers
+
+
+@pytest.mark.gui
+@pytest.mark.skipif(not (openvino_available() and cpu_has_native_bf16()), reason="OpenVINO's bf16 needs openvino and AMX / AVX-512 BF16")
+def test_bf16_in_the_widget_warms_up_and_segments_on_openvino(widget, qtbot, monkeypatch, tmp_path):
+    from napari_r2unet import _worker
+
+    loaded = []
+    original = _worker.SegmenterCache.get
+
+    def spy(self, *args, **options):
+        loaded.append(original(self, *args, **options))
+        return loaded[-1]
+
+    monkeypatch.setattr(_worker.SegmenterCache, "get", spy)
+    monkeypatch.setenv("R2UNET_WARMUP", "1")
+    widget.precision_combo.setCurrentText("bf16")
+    widget.add_model(str(random_checkpoint(tmp_path / "bf.safetensors", widths=(4, 8, 16), seed=1)))  # chosen: warms up
+    qtbot.waitUntil(lambda: len(loaded) == 1 and not widget._warming, timeout=30_000)
+    assert (loaded[0].backend, loaded[0].precision) == ("openvino", "bf16")
+    run_to_end(widget, qtbot)
+    assert loaded[-1] is loaded[0] and loaded[0].backend == "openvino"  # no fall-back on the way
+    assert "synthetic vessels [bf]" in widget.viewer.layers
 
 
 @pytest.mark.gui
