@@ -196,8 +196,8 @@ def test_the_scale_setting_reaches_the_segmenter_and_a_bad_one_is_refused(widget
     assert "must be 'auto' or a factor" in widget.status.text() and not widget.running and seen == ["0.5"]
 
 
-@pytest.mark.gui
-def test_choosing_a_model_warms_it_up_and_segment_takes_the_warm_one(widget, qtbot, monkeypatch, tmp_path):
+def _loads_with_warm_up(monkeypatch) -> list:
+    """The Segmenters the widget's cache hands out, in order, with the warm-up on."""
     from napari_r2unet import _worker
 
     loaded = []
@@ -209,6 +209,12 @@ def test_choosing_a_model_warms_it_up_and_segment_takes_the_warm_one(widget, qtb
 
     monkeypatch.setattr(_worker.SegmenterCache, "get", spy)
     monkeypatch.setenv("R2UNET_WARMUP", "1")
+    return loaded
+
+
+@pytest.mark.gui
+def test_choosing_a_model_warms_it_up_and_segment_takes_the_warm_one(widget, qtbot, monkeypatch, tmp_path):
+    loaded = _loads_with_warm_up(monkeypatch)
     widget.precision_combo.setCurrentText("fp32")
     widget.add_model(str(random_checkpoint(tmp_path / "other.safetensors", widths=(4, 8, 16), seed=1)))  # chosen: warms up
     qtbot.waitUntil(lambda: len(loaded) == 1 and not widget._warming, timeout=30_000)
@@ -230,17 +236,7 @@ def test_choosing_a_model_warms_it_up_and_segment_takes_the_warm_one(widget, qtb
 @pytest.mark.gui
 @pytest.mark.skipif(not (openvino_available() and cpu_has_native_bf16()), reason="OpenVINO's bf16 needs openvino and AMX / AVX-512 BF16")
 def test_bf16_in_the_widget_warms_up_and_segments_on_openvino(widget, qtbot, monkeypatch, tmp_path):
-    from napari_r2unet import _worker
-
-    loaded = []
-    original = _worker.SegmenterCache.get
-
-    def spy(self, *args, **options):
-        loaded.append(original(self, *args, **options))
-        return loaded[-1]
-
-    monkeypatch.setattr(_worker.SegmenterCache, "get", spy)
-    monkeypatch.setenv("R2UNET_WARMUP", "1")
+    loaded = _loads_with_warm_up(monkeypatch)
     widget.precision_combo.setCurrentText("bf16")
     widget.add_model(str(random_checkpoint(tmp_path / "bf.safetensors", widths=(4, 8, 16), seed=1)))  # chosen: warms up
     qtbot.waitUntil(lambda: len(loaded) == 1 and not widget._warming, timeout=30_000)
