@@ -115,13 +115,9 @@ def _segmenter(args: argparse.Namespace, files: list[Path]) -> Any:
 
 def _openvino_runs(args: argparse.Namespace) -> bool:
     """Whether OpenVINO would run this run's bf16 (no compiling needed then)."""
-    from .inference import BACKEND_ENV
-    from .openvino_backend import openvino_available
-    from .precision import cpu_has_native_bf16
+    from .inference import BACKEND_ENV, openvino_runs_bf16
 
-    backend = os.environ.get(BACKEND_ENV) or args.backend
-    return (args.device in ("auto", "cpu") and backend in ("auto", "openvino") and cpu_has_native_bf16()
-            and openvino_available())
+    return openvino_runs_bf16("cpu" if args.device in ("auto", "cpu") else args.device, os.environ.get(BACKEND_ENV) or args.backend)
 
 
 def _bf16_possible(args: argparse.Namespace, checkpoint: Any) -> bool:

@@ -60,6 +60,13 @@ def _openvino_available() -> bool:
     return openvino_available()
 
 
+def openvino_runs_bf16(device_type: str, backend: str) -> bool:
+    """Whether OpenVINO runs a bf16 run on ``device_type`` with ``backend`` (auto or openvino):
+    on CPUs with native bf16 where it is installed (elsewhere bf16 asked for by name stays PyTorch's
+    emulation). It needs no compiling, so auto's bf16 and ``--compile auto`` follow it."""
+    return device_type == "cpu" and backend in ("auto", "openvino") and cpu_has_native_bf16() and _openvino_available()
+
+
 def auto_overlap(tile: int) -> int:
     """The default overlap in pixels: AUTO_OVERLAP_PIXELS whatever the tile, at most half of it."""
     return min(AUTO_OVERLAP_PIXELS, tile // 2)
@@ -94,9 +101,7 @@ class Segmenter:
         self.compile = (bool(compile) and self.device.type == "cpu" and backend not in ("onnxruntime", "openvino")
                         and checkpoint.package is None)
         # OpenVINO runs bf16 without compiling (src_models.openvino_backend): auto's bf16 needs one of the two
-        # (on CPUs with native bf16 only: elsewhere bf16 asked for by name stays PyTorch's emulation)
-        self._openvino_bf16 = (self.device.type == "cpu" and backend in ("auto", "openvino") and not self.compile
-                               and checkpoint.package is None and cpu_has_native_bf16() and _openvino_available())
+        self._openvino_bf16 = not self.compile and checkpoint.package is None and openvino_runs_bf16(self.device.type, backend)
         self.precision, precision_note = resolve_precision(asked if amp else "fp32", self.device.type, checkpoint.model_card.bf16,
                                                            name=PRECISION_ENV if from_env else "precision",
                                                            fast=self.compile or self._openvino_bf16)
@@ -209,7 +214,7 @@ class Segmenter:
 
         try:
             self.onnx = OpenVinoPredictor(self.checkpoint, precision=self.precision)
-            self.onnx.prepare()  # graph and a first compile in the background while the caller reads its image
+            self.onnx.prepare()  # the marked graph is read in the background while the caller reads its image
         except Exception as exc:
             self.onnx = None
             return self._openvino_failed(exc)
@@ -220,7 +225,7 @@ class Segmenter:
         when OpenVINO was asked for by name): PyTorch's bf16 when bf16 was asked for by name, else
         float32 on the fastest backend that works. The caller drops the predictor after this returns."""
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        if self.backend_asked_by_name("openvino"):
+        if self._requested_backend == "openvino":
             raise R2UNetError(f"the OpenVINO backend failed ({reason}); use --backend auto or --precision fp32") from exc
         if self._asked_precision == "bf16":
             self.log(f"OpenVINO not used ({reason}); running bf16 on PyTorch")
@@ -240,9 +245,6 @@ class Segmenter:
         except R2UNetError:
             self.onnx = predictor
             raise
-
-    def backend_asked_by_name(self, name: str) -> bool:
-        return self._requested_backend == name
 
     # -- the network on one batch -------------------------------------------------------
     def _onnx_ready(self) -> bool:
