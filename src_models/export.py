@@ -234,7 +234,9 @@ class OnnxPredictor:
                 except BaseException as exc:  # re-raised by session() in the caller's thread
                     self._built = (None, threads, exc)
 
-            self._building = threading.Thread(target=build, name="r2unet-onnx-session", daemon=True)
+            # not a daemon: a process that exits while onnxruntime builds (an unreadable image, say)
+            # waits for it; a daemon thread stopped inside its C++ aborts the process ("terminate called")
+            self._building = threading.Thread(target=build, name="r2unet-onnx-session", daemon=False)
             self._building.start()
 
     def session(self) -> Any:

@@ -126,7 +126,8 @@ class OpenVinoPredictor:
                 except BaseException as exc:  # re-raised by session() in the caller's thread
                     self._error = exc
 
-            self._building = threading.Thread(target=build, name="r2unet-openvino-graph", daemon=True)
+            # not a daemon, as onnxruntime's session build (src_models.export): exiting waits for it
+            self._building = threading.Thread(target=build, name="r2unet-openvino-graph", daemon=False)
             self._building.start()
 
     def session(self) -> Any:

@@ -263,3 +263,19 @@ def test_training_help_reads_its_defaults_from_the_config(capsys):
         assert f"both: whichever ends first; neither: {epochs} epochs" in text
         assert f"torchrun) (default: {batch})" in text
     assert "(default: bn)" in text and "steps per epoch (default: 25)" in text
+
+
+def test_an_error_while_the_session_builds_exits_cleanly(tmp_path):
+    """The CLI fails on the image while onnxruntime still builds the session in its background
+    thread (a fresh cache: it optimises the graph, about a second for full widths): the process
+    must wait for it and exit with the one-line error, not abort inside onnxruntime's C++."""
+    from conftest import random_checkpoint
+
+    checkpoint = random_checkpoint(tmp_path / "full.safetensors", widths=(16, 32, 64, 128, 256))
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not an image")
+    env = {**os.environ, "R2UNET_CACHE_DIR": str(tmp_path / "cache"), "R2UNET_PRECISION": "fp32"}
+    code = f"import sys; from src_models.cli import main; sys.exit(main(['predict', {str(checkpoint)!r}, {str(bad)!r}, '--out', {str(tmp_path / 'out')!r}]))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "cannot read" in result.stderr and "terminate called" not in result.stderr
