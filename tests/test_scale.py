@@ -182,3 +182,20 @@ def test_the_same_scale_notice_is_said_once():
     image, _ = vessel_image((64, 64))  # no dark border: no field of view to measure
     segmenter.predict_stack(np.stack([image] * 3))
     assert len(logged) == 1 and "no field of view" in logged[0]
+
+
+def test_fov_estimate_imports_neither_scipy_nor_numpy_ma():
+    """A fresh process's first image estimates the FOV: scipy (0.4 s) and numpy.ma (17-27 ms,
+    which np.unique and np.percentile import on first use) would be paid by it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys, numpy as np; sys.path.insert(0, 'tests'); from test_scale import fundus; "
+             "from src_models.scale import estimate_fov_diameter; d = estimate_fov_diameter(fundus(200, 180)); "
+             "print(round(d), sorted(m for m in ('scipy', 'numpy.ma') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    diameter, imported = result.stdout.split(maxsplit=1)
+    assert abs(int(diameter) - 180) <= 3 and imported.strip() == "[]"
