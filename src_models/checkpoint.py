@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ from .fileio import atomic_write
 from .model_card import ModelCard, card_from_metadata, derived_card
 from .nets import ModelConfig, build_model
 from .preprocessing import PreprocessConfig
+
+T = TypeVar("T")
 
 FORMAT_VERSION = "1"
 LEGACY_SUFFIXES = (".pt", ".pth")
@@ -228,7 +230,7 @@ def _load_safetensors(path: Path) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
     read_header(path)  # whole and a checkpoint: the torch-free check the model menus run too
-    file_digest = _in_background(file_sha256, path)  # hashlib releases the GIL: it overlaps the checks below
+    file_digest = in_background(file_sha256, path, name="r2unet-hash")  # hashlib releases the GIL: it overlaps the checks below
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             config, preprocess, class_names, provenance, card = _parse_metadata(path, handle.metadata())
@@ -241,8 +243,10 @@ def _load_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(config, state_dict, preprocess, class_names, provenance, path, file_digest(), card)
 
 
-def _in_background(fn: Callable[..., str], *args: Any) -> Callable[[], str]:
-    """Start ``fn(*args)`` in a thread; the returned callable waits and gives its result or raises its error."""
+def in_background(fn: Callable[..., T], *args: Any, name: str = "r2unet-background") -> Callable[[], T]:
+    """Start ``fn(*args)`` in a thread; the returned callable waits and gives its result or raises
+    its error. Not a daemon thread: a process that exits meanwhile waits for it (a daemon stopped
+    inside native code, onnxruntime's C++, aborted the process: "terminate called")."""
     result: list[Any] = []
 
     def run() -> None:
@@ -251,10 +255,10 @@ def _in_background(fn: Callable[..., str], *args: Any) -> Callable[[], str]:
         except BaseException as exc:  # re-raised in the caller's thread
             result.append((None, exc))
 
-    thread = threading.Thread(target=run, name="r2unet-hash", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=False)
     thread.start()
 
-    def wait() -> str:
+    def wait() -> T:
         thread.join()
         value, error = result[0]
         if error is not None:

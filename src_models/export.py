@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, in_background
 from .errors import CancelledError, R2UNetError
 from .fileio import atomic_write, user_folder
 
@@ -208,8 +208,7 @@ class OnnxPredictor:
         self.path = cached_onnx(checkpoint)
         self._session: Any = None
         self._threads = 0
-        self._building: threading.Thread | None = None
-        self._built: tuple[Any, int, BaseException | None] | None = None
+        self._pending: tuple[Callable[[], Any], int] | None = None  # the session being built, and its threads
         self._lock = threading.Lock()  # session() may be called from two threads (the widget's warm-up and a Segment)
 
     @property
@@ -224,34 +223,17 @@ class OnnxPredictor:
         """Start building the session in a background thread (onnxruntime releases the GIL while
         it loads): the caller reads and preprocesses its image meanwhile. :meth:`session` waits."""
         with self._lock:
-            if self._session is not None or self._building is not None:
+            if self._session is not None or self._pending is not None:
                 return
             threads = torch.get_num_threads()
-
-            def build() -> None:
-                try:
-                    self._built = (self._new_session(threads), threads, None)
-                except BaseException as exc:  # re-raised by session() in the caller's thread
-                    self._built = (None, threads, exc)
-
-            # not a daemon: a process that exits while onnxruntime builds (an unreadable image, say)
-            # waits for it; a daemon thread stopped inside its C++ aborts the process ("terminate called")
-            self._building = threading.Thread(target=build, name="r2unet-onnx-session", daemon=False)
-            self._building.start()
+            self._pending = (in_background(self._new_session, threads, name="r2unet-onnx-session"), threads)
 
     def session(self) -> Any:
         threads = torch.get_num_threads()  # follow the thread budget the caller gave torch
         with self._lock:
-            building = self._building
-            if building is not None:
-                building.join()
-                self._building = None
-                built, self._built = self._built, None
-                assert built is not None
-                session, built_threads, error = built
-                if error is not None:
-                    raise error
-                self._session, self._threads = session, built_threads
+            if self._pending is not None:
+                (wait, built_threads), self._pending = self._pending, None
+                self._session, self._threads = wait(), built_threads  # raises what failed, in the caller's thread
             if self._session is None or threads != self._threads:
                 self._session, self._threads = self._new_session(threads), threads
             return self._session
