@@ -44,7 +44,7 @@ from .checkpoint_files import FORMAT, read_header
 from .errors import R2UNetError
 from .fileio import atomic_write
 from .model_card import ModelCard, card_from_metadata, derived_card
-from .nets import ModelConfig, build_model
+from .nets import ModelConfig, build_model, state_shapes
 from .preprocessing import PreprocessConfig
 
 T = TypeVar("T")
@@ -197,8 +197,7 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str] | None) -> tuple[Mod
 
 
 def _check_shapes(path: Path, config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    expected = state_shapes(config)
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k])

@@ -383,6 +383,54 @@ def build_model(config: ModelConfig) -> SegmentationUNet:
     return SegmentationUNet(config)
 
 
+def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of ``build_model(config).state_dict()``, without building it.
+
+    Every checkpoint load checks its tensors against these. Building the network on the meta
+    device for the same answer took 22 ms, an eighth of a fresh process's overhead on its first
+    image. ``tests/test_nets.py`` checks that both agree for every architecture and norm."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    w, norm = config.widths, config.norm
+
+    def conv(prefix: str, c_in: int, c_out: int, kernel: int, bias: bool) -> None:
+        shapes[prefix + "weight"] = (c_out, c_in, kernel, kernel)
+        if bias:
+            shapes[prefix + "bias"] = (c_out,)
+
+    def norm_layer(prefix: str, channels: int, affine: bool) -> None:  # what _norm makes
+        if affine and norm != "none":
+            shapes[prefix + "weight"] = shapes[prefix + "bias"] = (channels,)
+        if norm == "batch":  # instance norm keeps no running statistics by default
+            shapes[prefix + "running_mean"] = shapes[prefix + "running_var"] = (channels,)
+            shapes[prefix + "num_batches_tracked"] = ()
+
+    def recurrent(prefix: str, channels: int, t: int) -> None:  # RecurrentConv
+        conv(prefix + "conv.", channels, channels, 3, norm == "none")
+        for step in range(t + 1 if norm == "batch" else 1):
+            norm_layer(f"{prefix}norms.{step}.", channels, affine=False)
+        if norm != "none":
+            shapes[prefix + "weight"] = shapes[prefix + "bias"] = (channels,)
+
+    def block(prefix: str, c_in: int, c_out: int) -> None:  # _block
+        if config.arch == "unet":
+            for name, channels in (("f1.", c_in), ("f2.", c_out)):
+                conv(prefix + name + "0.", channels, c_out, 3, norm == "none")
+                norm_layer(prefix + name + "1.", c_out, affine=True)
+            return
+        t = 0 if config.arch == "resunet" else config.t
+        conv(prefix + "conv1x1.", c_in, c_out, 1, True)
+        recurrent(prefix + "r1.", c_out, t)
+        recurrent(prefix + "r2.", c_out, t)
+
+    for i in range(len(w)):
+        block(f"encoder.{i}.", config.in_channels if i == 0 else w[i - 1], w[i])
+    for i in range(len(w) - 1):
+        shapes[f"up.{i}.weight"], shapes[f"up.{i}.bias"] = (w[i + 1], w[i], 2, 2), (w[i],)  # ConvTranspose2d: (in, out, k, k)
+        block(f"decoder.{i}.", 2 * w[i], w[i])
+    conv("head.", w[0], config.out_channels, 1, True)
+    return shapes
+
+
 def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """``(N, K, H, W)`` logits -> probabilities: sigmoid for K == 1, softmax over K otherwise."""
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)

@@ -21,6 +21,7 @@ from src_models.nets import (
     flops_per_megapixel,
     fold_batch_norms,
     logits_to_probabilities,
+    state_shapes,
 )
 
 CASES = [  # (config kwargs, input shape)
@@ -32,6 +33,18 @@ CASES = [  # (config kwargs, input shape)
     ({"arch": "r2unet", "widths": (8, 16), "norm": "instance"}, (2, 1, 32, 48)),
     ({"arch": "unet", "widths": (8, 16), "norm": "none"}, (1, 1, 17, 33)),
 ]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+def test_state_shapes_are_the_networks_own(arch, norm):
+    """The shapes every checkpoint load checks against, computed without building the network, are
+    exactly the built network's state dict: names and shapes, for every architecture and norm."""
+    for t, widths, in_channels, out_channels in ((2, (16, 32, 64, 128, 256), 1, 1), (0, (8,), 3, 4), (3, (4, 12, 20), 3, 1), (1, (5, 3), 1, 2)):
+        config = ModelConfig(arch=arch, norm=norm, t=t, widths=widths, in_channels=in_channels, out_channels=out_channels)
+        with torch.device("meta"):
+            built = {name: tuple(tensor.shape) for name, tensor in build_model(config).state_dict().items()}
+        assert state_shapes(config) == built
 
 
 @pytest.mark.parametrize(("kwargs", "shape"), CASES)
