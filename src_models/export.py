@@ -248,6 +248,10 @@ class OnnxPredictor:
             opts.graph_optimization_level = level
             opts.enable_mem_pattern = False  # with the arena below: peak memory of a 1024^2 tile 0.9 GB instead of 1.3, same speed
             opts.log_severity_level = 3  # not the warning that an optimised graph is for this CPU only: its name says so
+            # workers sleep when a run ends instead of spinning: spinning took the cores from what follows a run (the
+            # sigmoid after a DRIVE image waited 2.6-8.4 ms for its thread, 0.6-1.1 ms without; the GUI's thread too),
+            # and runs took as long either way (4 alternating processes each, 2 cores, 2026-12-08)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if save is not None:
                 opts.optimized_model_filepath = str(save)
             return opts

@@ -459,6 +459,8 @@ def test_the_onnx_session_loads_this_cpus_optimised_graph_and_rebuilds_a_corrupt
     assert optimized.is_file() and not list(optimized.parent.glob(".*.tmp"))  # written atomically, once
     again = Segmenter(checkpoint, "cpu", backend="onnxruntime")  # a fresh process would load the optimised file
     assert np.array_equal(again.predict(image), expected)
+    for session in (first.onnx.session(), again.onnx.session()):  # workers sleep after a run: the cores go to what follows
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     optimized.write_bytes(b"garbage")
     mended = Segmenter(checkpoint, "cpu", backend="onnxruntime")
     assert np.array_equal(mended.predict(image), expected) and optimized.stat().st_size > 1000
