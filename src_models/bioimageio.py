@@ -705,9 +705,12 @@ class Package:
         if self._run is None:
             if self.weights_format == "onnx":
                 import onnxruntime as ort
+                import torch
 
-                try:
-                    session = ort.InferenceSession(self.weights, providers=["CPUExecutionProvider"])
+                from .export import session_options
+
+                try:  # the thread budget of the caller, as our own models' sessions
+                    session = ort.InferenceSession(self.weights, session_options(torch.get_num_threads()), providers=["CPUExecutionProvider"])
                 except Exception as exc:
                     raise R2UNetError(f"onnxruntime cannot load {self.name}'s weights: {str(exc).splitlines()[0][:200]}") from exc
                 feed = session.get_inputs()[0].name

@@ -39,6 +39,9 @@ CACHE_ENV = "R2UNET_CACHE_DIR"
 CACHE_LIMIT_ENV = "R2UNET_CACHE_LIMIT_MB"
 CACHE_LIMIT_MB = 2048
 OPSET = 17
+# torch.onnx.export keeps global state: two exports at once in one process fail ("GLOBALS.in_onnx_export
+# must be False"), e.g. the widget's warm-up of one model and the loading of another. One at a time.
+_EXPORT_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -60,7 +63,7 @@ def export_onnx(checkpoint: Checkpoint, path: str | os.PathLike[str], *, module:
     x = _example(checkpoint) if example is None else example
 
     def write(tmp: str) -> None:
-        with warnings.catch_warnings():
+        with _EXPORT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes about the (untraced) padding branch
             torch.onnx.export(model, (x,), tmp, input_names=["image"], output_names=[output_name],
                               dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
@@ -198,6 +201,21 @@ def cached_onnx(checkpoint: Checkpoint) -> Path:
     return path
 
 
+def session_options(threads: int) -> Any:
+    """The onnxruntime options every session that segments shares: ``threads`` intra-op threads
+    (the caller's budget: the napari widget leaves a core to the GUI) and workers that sleep when
+    a run ends instead of spinning. Spinning held a core that what follows a run needed: the
+    sigmoid after a DRIVE image waited 2.6-8.4 ms for its thread, 0.6-1.1 ms without, and the runs
+    took as long either way (4 alternating processes each, 2 cores, 2026-12-08)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 class OnnxPredictor:
     """Logits of a checkpoint's network computed by onnxruntime on the CPU."""
 
@@ -242,16 +260,10 @@ class OnnxPredictor:
         import onnxruntime as ort
 
         def options(level: Any, save: Path | None = None) -> Any:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+            opts = session_options(threads)
             opts.graph_optimization_level = level
             opts.enable_mem_pattern = False  # with the arena below: peak memory of a 1024^2 tile 0.9 GB instead of 1.3, same speed
             opts.log_severity_level = 3  # not the warning that an optimised graph is for this CPU only: its name says so
-            # workers sleep when a run ends instead of spinning: spinning took the cores from what follows a run (the
-            # sigmoid after a DRIVE image waited 2.6-8.4 ms for its thread, 0.6-1.1 ms without; the GUI's thread too),
-            # and runs took as long either way (4 alternating processes each, 2 cores, 2026-12-08)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if save is not None:
                 opts.optimized_model_filepath = str(save)
             return opts
@@ -270,9 +282,7 @@ class OnnxPredictor:
         for attempt in (1, 2):
             try:
                 session = self._save_optimized(ort, options, level, tmp, optimized, providers)
-            except Exception as exc:  # the exported graph is corrupt: export it again, once
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
+            except Exception as exc:  # the exported graph is corrupt: export it again (replacing it atomically), once
                 if attempt == 2:
                     raise R2UNetError(f"onnxruntime cannot run {self.checkpoint.name}: {type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc

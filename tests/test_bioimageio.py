@@ -120,9 +120,14 @@ def test_our_package_comes_back_as_the_checkpoint(tiled_package):
 
 
 @pytest.mark.parametrize("strip", [True, False])
-def test_another_tools_package_runs_with_its_own_steps(tiled_package, tmp_path, strip):
+def test_another_tools_package_runs_with_its_own_steps(tiled_package, tmp_path, strip, monkeypatch):
     """Without our config and checkpoint the package runs through its rdf.yaml alone (ONNX, its
-    preprocessing, our tiler): the same probabilities to 1e-3, on a size that is no multiple of the step."""
+    preprocessing, our tiler): the same probabilities to 1e-3, on a size that is no multiple of the step.
+    Its onnxruntime session keeps the caller's thread budget, its workers asleep after a run, as ours."""
+    import onnxruntime as ort
+
+    sessions, real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda *args, **kwargs: sessions.append(real(*args, **kwargs)) or sessions[-1])
     ckpt, package = tiled_package
     edit = _foreign if strip else (lambda rdf: (_foreign(rdf), rdf["weights"].pop("onnx")))
     foreign = _rewrite(package, tmp_path / "foreign.zip", edit, drop=("tiny.safetensors",) + (() if strip else ("weights.onnx",)))
@@ -130,14 +135,20 @@ def test_another_tools_package_runs_with_its_own_steps(tiled_package, tmp_path, 
     assert checkpoint.package is not None and checkpoint.package.weights_format == ("onnx" if strip else "torchscript")
     image = _rgb((300, 270))
     reference = Segmenter(load_checkpoint(ckpt), "cpu").predict(image)
-    segmenter = Segmenter(checkpoint, "cpu")
+    segmenter, ours = Segmenter(checkpoint, "cpu"), len(sessions)
     got = segmenter.predict(image)
+    package_sessions = sessions[ours:]
     assert segmenter.backend.startswith("bioimageio")
     assert got.shape == reference.shape and np.abs(got - reference).max() < 1e-3
     tiles = segmenter.predict(image, tile=160)  # tiled with the package's step and our overlap, as ours tiles
     assert np.abs(tiles - Segmenter(load_checkpoint(ckpt), "cpu").predict(image, tile=160)).max() < 1e-3
     with pytest.raises(R2UNetError, match="bioimage.io package from another tool"):
         checkpoint.build()
+    assert len(package_sessions) == (1 if strip else 0) and sessions
+    for session in sessions:
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == torch.get_num_threads()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_a_format_04_package_runs(tiled_package, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -365,15 +367,47 @@ def test_onnxruntime_out_of_memory_retries_with_smaller_tiles(trained_checkpoint
     assert any("retrying with 128-pixel tiles" in m for m in messages) and calls[1][-1] <= 128  # at most 128, evened out
 
 
-def test_a_corrupt_onnx_cache_file_is_rebuilt(trained_checkpoint):
+def test_a_corrupt_onnx_cache_file_is_rebuilt(trained_checkpoint, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
+    from src_models.export import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # a cache of its own: no optimised graph from other tests
     checkpoint = load_checkpoint(trained_checkpoint)
     first = Segmenter(checkpoint, "cpu", backend="onnxruntime")
+    first.onnx.session()  # built before the files are damaged
     first.onnx.path.write_bytes(b"not a model")
+    first.onnx.optimized_path.unlink()  # so that the next session reads the exported graph
     again = Segmenter(checkpoint, "cpu", backend="onnxruntime")
     image = vessel_image((64, 64), seed=2)[0]
-    assert again.backend == "onnxruntime"
     assert np.abs(again.predict(image) - Segmenter(checkpoint, "cpu", backend="torch").predict(image)).max() < 1e-3
+    assert again.backend == "onnxruntime" and again.onnx.path.stat().st_size > 1000  # exported again
+
+
+def test_two_exports_at_once_both_succeed(trained_checkpoint, tmp_path):
+    """torch.onnx.export keeps global state: two threads exporting at once (the widget's warm-up of
+    one model while another loads) failed with "GLOBALS.in_onnx_export must be False"."""
+    ort = pytest.importorskip("onnxruntime")
+    import threading
+
+    from src_models.export import export_onnx
+
+    checkpoint, start, errors = load_checkpoint(trained_checkpoint), threading.Barrier(2), []
+
+    def export(name: str) -> None:
+        start.wait()
+        try:
+            export_onnx(checkpoint, tmp_path / name)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export, args=(f"{i}.onnx",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for i in range(2):
+        ort.InferenceSession(str(tmp_path / f"{i}.onnx"), providers=["CPUExecutionProvider"])
 
 
 def test_a_new_onnx_graph_replaces_the_stale_ones_of_the_same_weights(trained_checkpoint, tmp_path, monkeypatch):
@@ -459,11 +493,15 @@ def test_the_onnx_session_loads_this_cpus_optimised_graph_and_rebuilds_a_corrupt
     assert optimized.is_file() and not list(optimized.parent.glob(".*.tmp"))  # written atomically, once
     again = Segmenter(checkpoint, "cpu", backend="onnxruntime")  # a fresh process would load the optimised file
     assert np.array_equal(again.predict(image), expected)
-    for session in (first.onnx.session(), again.onnx.session()):  # workers sleep after a run: the cores go to what follows
-        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     optimized.write_bytes(b"garbage")
-    mended = Segmenter(checkpoint, "cpu", backend="onnxruntime")
+    mended = Segmenter(checkpoint, "cpu", backend="onnxruntime")  # optimises the graph afresh
     assert np.array_equal(mended.predict(image), expected) and optimized.stat().st_size > 1000
+    for segmenter in (first, again, mended):  # workers sleep after a run: the cores go to what follows
+        assert _spins(segmenter.onnx.session()) == "0"
+
+
+def _spins(session: Any) -> str:
+    return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
 
 
 def test_an_onnx_session_that_cannot_be_built_falls_back_or_says_so(tiny_checkpoint, monkeypatch):
@@ -530,4 +568,5 @@ def test_a_cache_folder_that_takes_no_optimised_graph_still_runs_onnxruntime(tra
     image = vessel_image((64, 64), seed=2)[0]
     probs = segmenter.predict(image)
     assert segmenter.backend == "onnxruntime" and segmenter.onnx.path.is_file()  # the exported graph was kept
+    assert _spins(segmenter.onnx.session()) == "0"
     assert np.abs(probs - Segmenter(checkpoint, "cpu", backend="torch").predict(image)).max() < 1e-3
