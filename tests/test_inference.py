@@ -49,6 +49,7 @@ def test_tile_starts_cover_and_align(size, tile, overlap, multiple):
 
 
 def test_single_tile_equals_the_network_on_the_whole_image(trained_checkpoint):
+    pytest.importorskip("onnxruntime")
     seg = Segmenter(load_checkpoint(trained_checkpoint), "cpu")
     img, _ = vessel_image((150, 133), seed=5)
     x = torch.from_numpy(preprocess(img, seg.checkpoint.preprocess))[None]
@@ -59,6 +60,7 @@ def test_single_tile_equals_the_network_on_the_whole_image(trained_checkpoint):
     # (measured vs a float64 run, AVX2 and ATEN_CPU_CAPABILITY=default alike), and a probability
     # moves by at most 1/4 of its logit: max measured 1.5e-6, so 1e-5 holds on any CPU's order
     assert np.abs(seg.predict(img) - reference).max() < 1e-5
+    assert seg.backend == "onnxruntime"  # not PyTorch against itself after a quiet fallback
 
 
 @pytest.mark.parametrize("tile", [512, 1024])
@@ -483,8 +485,13 @@ def test_the_default_overlap_is_192_pixels_of_the_tile_at_most_half(tiny_checkpo
         assert min(grid.tile[0] - (b - a) for a, b in zip(grid.ys, grid.ys[1:])) >= min(192, largest // 2)
 
 
-def test_the_onnx_session_loads_this_cpus_optimised_graph_and_rebuilds_a_corrupt_one(trained_checkpoint):
+def test_the_onnx_session_loads_this_cpus_optimised_graph_and_rebuilds_a_corrupt_one(trained_checkpoint, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
+    from src_models.export import CACHE_ENV, OnnxPredictor
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # a cache of its own: the first session must optimise and write
+    optimised, real = [], OnnxPredictor._save_optimized
+    monkeypatch.setattr(OnnxPredictor, "_save_optimized", lambda self, *args: optimised.append(1) or real(self, *args))
     checkpoint = load_checkpoint(trained_checkpoint)
     image = vessel_image((96, 80), seed=3)[0]
     first = Segmenter(checkpoint, "cpu", backend="onnxruntime")
@@ -493,9 +500,11 @@ def test_the_onnx_session_loads_this_cpus_optimised_graph_and_rebuilds_a_corrupt
     assert optimized.is_file() and not list(optimized.parent.glob(".*.tmp"))  # written atomically, once
     again = Segmenter(checkpoint, "cpu", backend="onnxruntime")  # a fresh process would load the optimised file
     assert np.array_equal(again.predict(image), expected)
+    assert len(optimised) == 1  # loaded, not optimised again
     optimized.write_bytes(b"garbage")
     mended = Segmenter(checkpoint, "cpu", backend="onnxruntime")  # optimises the graph afresh
     assert np.array_equal(mended.predict(image), expected) and optimized.stat().st_size > 1000
+    assert len(optimised) == 2
     for segmenter in (first, again, mended):  # workers sleep after a run: the cores go to what follows
         assert _spins(segmenter.onnx.session()) == "0"
 
