@@ -124,8 +124,8 @@ def test_resume_changes_the_budget_of_a_time_only_run(tmp_path, fake_clock):
     assert first[-1].reason == "time"
     second = run(small(epochs=None, minutes=0.1), out, resume=True)  # more time: it goes on
     assert second[-1].reason == "time" and second[-1].step > done
-    lrs = [e.lr for e in second if e.kind == "step"]
-    assert lrs[0] <= [e.lr for e in first if e.kind == "step"][-1] * 1.01 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    lrs = [e.lr for e in second if e.kind == "step"]  # the first run used its time up: the longer budget's own schedule
+    assert lrs[0] > 0.4 * small().lr and all(a >= b for a, b in zip(lrs, lrs[1:]))
     epochs = second[-1].epoch + 2
     third = run(small(epochs=epochs), out, resume=True)  # now an epoch limit and no time limit
     assert third[-1].reason == "epochs" and third[-1].epoch == epochs

@@ -129,6 +129,7 @@ def test_resume_is_exact(tmp_path):
     state = torch.load(resume_path(split), weights_only=True)
     assert state["state"]["step"] == 5
     events = list(Trainer(TINY, PP, samples, fast(epochs=3), split, resume=True).run())
+    assert [e.step for e in events if e.kind == "step"] == [6, 7, 8, 9]  # went on; starting over ends the same
     assert events[-1].kind == "done" and events[-1].step == 9
     a = torch.load(resume_path(straight), weights_only=True)["model"]
     b = torch.load(resume_path(split), weights_only=True)["model"]
@@ -154,12 +155,26 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_a_longer_budget_continues_the_learning_rate_decay(tmp_path):
-    samples = synthetic_samples(2)
+    """A run stopped part-way and resumed with a longer budget goes on from its learning rate, decaying to 0."""
+    samples, steps = synthetic_samples(2), []
     out = tmp_path / "m.safetensors"
-    first = [e.lr for e in Trainer(TINY, PP, samples, fast(epochs=2, steps_per_epoch=5), out).run() if e.kind == "step"]
+    stop = lambda: len(steps) >= 6  # noqa: E731 (Ctrl-C after 6 of 10 steps)
+    first = [e.lr for e in Trainer(TINY, PP, samples, fast(epochs=2, steps_per_epoch=5), out).run(should_stop=stop)
+             if e.kind == "step" and not steps.append(e)]
     second = [e.lr for e in Trainer(TINY, PP, samples, fast(epochs=4, steps_per_epoch=5), out, resume=True).run() if e.kind == "step"]
-    assert len(second) == 10 and second[0] <= first[-1] * 1.01
+    assert len(first) == 6 and len(second) == 14 and 0 < second[0] <= first[-1] * 1.01
     assert all(a >= b for a, b in zip(second, second[1:]))
+
+
+def test_a_finished_run_given_a_longer_budget_trains_again(tmp_path):
+    """A finished run's learning rate had decayed to 0: resumed with more epochs it must not train at 0."""
+    samples, out = synthetic_samples(2), tmp_path / "m.safetensors"
+    list(Trainer(TINY, PP, samples, fast(epochs=2, steps_per_epoch=5), out).run())
+    resumed = Trainer(TINY, PP, samples, fast(epochs=4, steps_per_epoch=5), out, resume=True)
+    before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    lrs = [e.lr for e in resumed.run() if e.kind == "step"]
+    assert len(lrs) == 10 and lrs[0] > 0.4 * resumed.config.lr and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert any(not torch.equal(before[k], v) for k, v in resumed.model.state_dict().items())
 
 
 def test_minutes_budget_drives_progress_and_keeps_the_partial_epoch(tmp_path):

@@ -126,7 +126,13 @@ def load_resume(trainer: Trainer) -> None:
     trainer.state = restored
     trainer.state.saved_by_this_run = False
     if previous_budget != (trainer.total_steps, trainer.config.minutes):
-        # a new budget: keep the current learning rate and decay from there (no warm restart)
-        trainer.state.lr_anchor_factor = trainer._lr_factor(previous_budget)
-        trainer.state.lr_anchor_step, trainer.state.lr_anchor_s = trainer.state.step, trainer.state.elapsed_s
+        if trainer._progress(previous_budget) < 1.0:
+            # stopped part-way, with a new budget: keep the current learning rate and decay from there (no warm restart)
+            trainer.state.lr_anchor_factor = trainer._lr_factor(previous_budget)
+            trainer.state.lr_anchor_step, trainer.state.lr_anchor_s = trainer.state.step, trainer.state.elapsed_s
+        else:
+            # a run that used up its budget had decayed its learning rate to 0: anchored there, every step of the
+            # longer budget trained at 0 and changed nothing. The new budget's own schedule takes over, as if it had
+            # been planned from the start (at 10 of 20 epochs: half the base rate, decaying to 0)
+            trainer.state.lr_anchor_factor, trainer.state.lr_anchor_step, trainer.state.lr_anchor_s = -1.0, 0, 0.0
     torch.set_rng_state(payload["torch_rng"])
