@@ -261,11 +261,14 @@ def build_trainer(request: FinetuneRequest) -> Trainer:
 
 
 def remove_run_files(out: Path) -> None:
-    """Delete a run's checkpoint, resume state and history (a run that never stepped)."""
+    """Delete a run's checkpoint, resume state and history (a run that never stepped), and its path's
+    reservation (:func:`~src_models.user_versions.new_version_path`)."""
     from .training.resume import history_path, resume_path
+    from .user_versions import release_version_path
 
     for path in (out, resume_path(out), history_path(out)):
         path.unlink(missing_ok=True)
+    release_version_path(out)
 
 
 def write_training_masks(request: FinetuneRequest, classes: int) -> Path:
@@ -318,9 +321,15 @@ def release_device_memory() -> None:
 
 
 def _train(request: FinetuneRequest, emit: Callable[[Any], None], should_stop: Callable[[], bool]) -> str:
-    trainer = build_trainer(request)
-    for event in trainer.run(should_stop=should_stop):
-        emit(event)
+    from .user_versions import release_version_path
+
+    try:
+        trainer = build_trainer(request)
+        for event in trainer.run(should_stop=should_stop):
+            emit(event)
+    except BaseException:
+        release_version_path(request.out)  # the path's reservation, if new_version_path made one (nothing was written into it)
+        raise
     if trainer.state.step == 0:
         remove_run_files(Path(request.out))
         return ""

@@ -19,6 +19,7 @@ widgets can list versions at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -148,15 +149,35 @@ def training_folder(path: str | os.PathLike[str]) -> Path:
 
 
 def new_version_path(base_name: str, folder: Path | None = None, now: _dt.datetime | None = None) -> Path:
-    """A path that does not exist yet: ``<base>-ft-<date>-<time>[-n].safetensors``."""
+    """A path that does not exist yet, reserved for one run: ``<base>-ft-<date>-<time>[-n].safetensors``.
+
+    The reservation is its (empty) training folder, made here with one atomic ``mkdir``: two runs
+    started in the same second (the Fine-tune and Annotate widgets both start them) got the same
+    path before, wrote into each other's files, and a cancel deleted the other run's. The run
+    fills the folder with its masks, or removes it (:func:`release_version_path`)."""
     folder = ensure_models_dir(folder)
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     stem = f"{slug(base_name.split('-ft-')[0])}-ft-{stamp}"
     path, n = folder / f"{stem}.safetensors", 1
-    while path.exists() or path.with_name(f"{path.stem}.resume.pt").exists() or training_folder(path).exists():
+    while True:
+        if not path.exists() and not path.with_name(f"{path.stem}.resume.pt").exists():
+            try:
+                training_folder(path).mkdir()
+                return path
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise R2UNetError(f"cannot create {training_folder(path)}: {exc.strerror or exc}; "
+                                  f"set {MODELS_ENV} to a writable folder") from exc
         n += 1
         path = folder / f"{stem}-{n}.safetensors"
-    return path
+
+
+def release_version_path(path: str | os.PathLike[str]) -> None:
+    """Give up a :func:`new_version_path` reservation that holds nothing: its training folder goes
+    if it is empty (a folder with masks in it stays)."""
+    with contextlib.suppress(OSError):
+        training_folder(path).rmdir()
 
 
 _SCORE = re.compile(r", val Dice \d+(\.\d+)?$")

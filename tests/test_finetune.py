@@ -34,6 +34,32 @@ def dice_on_other_image(path) -> float:
 
 
 # -- engine and versions (no GUI) ---------------------------------------------------------------
+def test_runs_started_in_the_same_second_get_paths_of_their_own(user_models_dir):
+    """Each new path is reserved (its empty training folder) when it is given: the Fine-tune and
+    Annotate widgets starting runs in the same second wrote into each other's files before."""
+    import threading
+
+    from src_models.user_versions import release_version_path, training_folder
+
+    now, paths, start = dt.datetime(2026, 12, 8, 9, 0, 0), [], threading.Barrier(8)
+
+    def reserve() -> None:
+        start.wait()
+        paths.append(new_version_path("r2unet-drive", now=now))
+
+    threads = [threading.Thread(target=reserve) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(paths)) == 8 and all(training_folder(p).is_dir() and not p.exists() for p in paths)
+    assert list_versions() == []  # a reservation is no version
+    release_version_path(paths[0])
+    (training_folder(paths[1]) / "masks.tif").write_bytes(b"masks")
+    release_version_path(paths[1])  # a folder with masks in it stays
+    assert not training_folder(paths[0]).exists() and training_folder(paths[1]).is_dir()
+
+
 def test_versions_are_new_files_renamed_and_exported_without_touching_weights(tmp_path, user_models_dir):
     assert models_dir() == user_models_dir  # R2UNET_MODELS_DIR (set by conftest) wins
     now = dt.datetime(2026, 11, 25, 10, 0, 0)
@@ -270,7 +296,7 @@ def test_a_version_keeps_the_masks_it_was_trained_on_beside_it(trained_checkpoin
     assert "corrected_pixels" not in label_file_header(folder / "vessels-trained-2.tif")
     assert [v.path for v in list_versions()] == [out]  # the masks folder is no version
     orphan = dt.datetime(2020, 1, 1)  # masks left by a version deleted by hand: a new version never mixes with them
-    training_folder(new_version_path("trained", now=orphan)).mkdir()
+    (training_folder(new_version_path("trained", now=orphan)) / "left.tif").write_bytes(b"masks")
     assert new_version_path("trained", now=orphan).name == "trained-ft-20200101-000000-2.safetensors"
     shared = export_version(out, tmp_path)
     assert not training_folder(shared).exists()  # a model is shared, not the data it was corrected on
