@@ -308,8 +308,12 @@ class AnnotateWidget(DockWidget):
         self.table.update_entry(session, image_id)
         layer = self._labels_layer
         if image_id == self.current and layer is not None and layer in self.viewer.layers and not session.entries[image_id].saved:
+            # strokes painted before the prediction arrived are merged into it and still unsaved: the layer stays
+            # "edited" then (taking the merged data as the saved state lost them: Next and autosave wrote nothing)
+            edited = self._snapshot is None or not np.array_equal(np.asarray(layer.data), self._snapshot)
             replace_prediction(layer, session, image_id)
-            self._snapshot = np.array(layer.data)
+            if not edited:
+                self._snapshot = np.array(layer.data)
 
     # -- retrain ------------------------------------------------------------------------------------
     def start(self) -> None:

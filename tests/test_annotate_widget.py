@@ -115,13 +115,15 @@ def test_a_new_prediction_goes_through_undo_and_keeps_painted_pixels(make_napari
     widget.table.cellDoubleClicked.emit(1, 0)  # double-click opens that row's image
     assert widget.current == "im1"
     layer = widget._labels_layer
-    old = np.array(layer.data)
-    layer.data_setitem((np.array([0]), np.array([0])), np.array([1 - old[0, 0]], np.uint8))  # a brush stroke
+    y, x = np.argwhere(np.asarray(layer.data) == 0)[0]
+    layer.data_setitem((np.array([y]), np.array([x])), np.array([1], np.uint8))  # a brush stroke where the old prediction had none
     painted = np.array(layer.data)
-    probs = np.full((1, 96, 96), 0.9, np.float32)  # a new model says: everything is vessel
-    session.save_prediction("im1", probs, np.ones((96, 96), np.uint8), model="new")
+    probs = np.full((1, 96, 96), 0.1, np.float32)  # a new model says: nothing is vessel
+    session.save_prediction("im1", probs, np.zeros((96, 96), np.uint8), model="new")
     widget._on_predicted("im1")
-    assert layer.data[0, 0] == painted[0, 0] and (np.asarray(layer.data)[1:] == 1).all()  # the painted pixel kept
+    assert layer.data[y, x] == 1 and np.count_nonzero(layer.data) == 1  # the painted pixel kept, the rest replaced
+    # still unsaved, so saved: taking the merged layer for the saved state lost strokes painted before a prediction arrived
+    assert widget.save_current() and read_label_file(session.correction_path("im1"))[0][y, x] == 1
     layer.undo()
     assert np.array_equal(layer.data, painted)  # the replacement was one undoable step
     widget.close_session()
