@@ -53,6 +53,7 @@ def test_next_opens_the_most_uncertain_edits_are_saved_and_undo_works(make_napar
     assert np.array_equal(layer.data, predicted)
     second = widget.next_image()
     assert second is not None and second != most and session.entries[most].status == CORRECTED
+    assert [layer.name for layer in viewer.layers] == [second, f"{second} labels"]  # the first image's layers went
     assert np.array_equal(read_label_file(session.correction_path(most))[0], predicted)  # the undone state was saved on Next
     assert widget.mark_done() not in (most, second, None)
     assert session.entries[second].status == "done"  # an unchanged prediction, accepted as it is

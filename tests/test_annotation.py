@@ -53,6 +53,14 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
 
     (labels / annotation.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "token": "x"}))
     FolderSession(images).close()  # no error: that process is gone
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another napari that still runs
+    try:
+        (labels / annotation.LOCK_FILE).write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "token": "y"}))
+        with pytest.raises(R2UNetError, match="is open in another napari"):
+            FolderSession(images)
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_predictions_order_and_corrections(tmp_path, trained_checkpoint):
@@ -139,6 +147,7 @@ def test_a_full_or_read_only_labels_folder_loses_nothing(tmp_path, monkeypatch):
     with pytest.raises(R2UNetError, match="No space left on device"):
         session.save_correction("im0", np.ones((64, 64), np.uint8))
     assert session.state_path.read_text() == before and not session.correction_path("im0").exists()
+    assert session.entries["im0"].status == NEW and not session.entries["im0"].saved_at  # nor does it think it saved
     monkeypatch.setattr(annotation, "atomic_write", original)
     monkeypatch.setattr(label_files, "atomic_write", original)
     session.close()

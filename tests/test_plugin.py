@@ -79,6 +79,7 @@ def test_saved_labels_open_again_as_labels_with_their_provenance(make_napari_vie
     from napari.layers import Image, Labels
 
     from napari_r2unet._io import get_label_reader, read_labels, reader_plugin
+    from src_models.label_files import label_file_header
 
     viewer = make_napari_viewer()
     mask = np.zeros((2, 3, 8, 9), np.uint8)  # a time series of stacks
@@ -99,6 +100,8 @@ def test_saved_labels_open_again_as_labels_with_their_provenance(make_napari_vie
 
     opened.save(str(tmp_path / "again.tif"), plugin="napari-r2unet")  # saved again: the provenance carries over
     assert get_label_reader(str(tmp_path / "again.tif")) is read_labels
+    again = label_file_header(tmp_path / "again.tif")
+    assert (again["model"], again["spec"], again["threshold"]) == ("tiny", "/m/tiny.safetensors", 0.35)
 
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, np.arange(64, dtype=np.uint8).reshape(8, 8))
@@ -248,8 +251,6 @@ def test_bf16_in_the_widget_warms_up_and_segments_on_openvino(widget, qtbot, mon
 
 @pytest.mark.gui
 def test_cancel_stops_the_worker_and_adds_nothing(widget, qtbot, monkeypatch):
-    import napari_r2unet._worker as worker_module
-
     started = []
 
     def slow_segment(cache, spec, device, job, progress, should_stop, log):
@@ -269,10 +270,10 @@ def test_cancel_stops_the_worker_and_adds_nothing(widget, qtbot, monkeypatch):
     widget.start()
     qtbot.waitUntil(lambda: bool(started), timeout=10_000)
     widget.start()  # a second request while one runs is refused, not queued on top
+    assert widget.busy_message in widget.status.text()
     widget.cancel()
     qtbot.waitUntil(lambda: not widget.running, timeout=5_000)
-    assert len(widget.viewer.layers) == before and "cancelled" in widget.status.text()
-    assert worker_module is not None
+    assert len(widget.viewer.layers) == before and "cancelled" in widget.status.text() and started == [1]
 
 
 @pytest.mark.gui
@@ -338,14 +339,16 @@ def test_stacks_current_slice_and_all_slices(widget, qtbot):
     stack = np.stack([viewer.layers["synthetic vessels"].data[..., 1][:96, :80]] * 3)
     viewer.add_image(stack, name="stack", scale=(5.0, 1.0, 1.0))
     widget.image_combo.setCurrentText("stack")
+    widget.threshold_slider.setValue(1)  # the random model's p is about 0.44: every segmented pixel is foreground
     viewer.dims.set_current_step(0, 1)
     run_to_end(widget, qtbot)
     layer = viewer.layers["stack [tiny]"]
     assert layer.data.shape == (3, 96, 80) and tuple(layer.scale) == (5.0, 1.0, 1.0)
-    assert layer.data[0].max() == 0 and layer.data[2].max() == 0  # only the current slice
+    assert layer.data[1].all() and layer.data[0].max() == 0 and layer.data[2].max() == 0  # only the current slice
     widget.all_slices.setChecked(True)
     run_to_end(widget, qtbot)
-    assert viewer.layers[-2].data.shape == (3, 96, 80)
+    every = viewer.layers["stack [tiny] [1]"]
+    assert every.data.shape == (3, 96, 80) and every.data.all()  # every slice
 
 
 @pytest.mark.gui

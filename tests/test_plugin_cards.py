@@ -164,15 +164,17 @@ def test_the_post_process_box_removes_a_second_component_and_unticking_restores_
 
 
 @pytest.mark.gui
-def test_unticked_post_processing_is_the_next_segmentations_too(lesion_widget, qtbot):
+def test_unticked_post_processing_is_the_next_segmentations_too(lesion_widget, qtbot, monkeypatch):
     widget = lesion_widget
+    probs = np.zeros((1, 64, 64), np.float32)
+    probs[0, 5:25, 5:25], probs[0, 40:44, 40:44] = 0.9, 0.6  # a lesion and a speck: the card would keep the lesion alone
+    monkeypatch.setattr("napari_r2unet._segment_widget.segment", lambda *args: (probs, "r2unet-skin"))
     widget.threshold_slider.setValue(40)  # no result layer yet: for the next segmentation
     widget.post_check.setChecked(False)
     assert "for the next segmentation" in widget.status.text()
     run_to_end(widget, qtbot)
     layer = widget.viewer.layers["skin [r2unet-skin]"]
-    probs = layer.metadata["r2unet"]["probabilities"][0].astype(np.float32)
-    assert np.array_equal(layer.data, (probs >= widget.threshold).astype(np.uint8))
+    assert components(layer.data) == 2 and np.array_equal(layer.data, (probs[0] >= widget.threshold).astype(np.uint8))
     assert layer.metadata["r2unet"]["postprocessed"] is False and not widget.post_check.isChecked()
 
 
