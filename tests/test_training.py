@@ -190,6 +190,22 @@ def test_cancel_keeps_a_usable_checkpoint(tmp_path):
     assert load_checkpoint(out).build() is not None
 
 
+def test_a_cancel_part_way_keeps_the_best_epochs_file_as_it_was(tmp_path):
+    """Cancelled in epoch 2, the file at OUT is still epoch 1's best checkpoint, not the unfinished weights."""
+    from src_models.checkpoint import file_sha256
+
+    out, steps, saved = tmp_path / "m.safetensors", [], []
+    trainer = Trainer(TINY, PP, synthetic_samples(4), fast(epochs=3, steps_per_epoch=3, val_fraction=0.5), out)
+    for event in trainer.run(should_stop=lambda: len(steps) >= 5):  # after 5 steps: in epoch 2
+        if event.kind == "step":
+            steps.append(event)
+        elif event.kind == "checkpoint":
+            saved.append(file_sha256(out))
+    assert event.kind == "cancelled" and len(steps) == 5
+    assert len(saved) == 1 and file_sha256(out) == saved[0]
+    assert load_checkpoint(out).provenance["epochs"] == 1
+
+
 def test_early_stopping(tmp_path):
     events = list(Trainer(TINY, PP, synthetic_samples(4), fast(epochs=6, lr=1e-12, patience=2, val_fraction=0.25), tmp_path / "m.safetensors").run())
     assert events[-1].kind == "early_stop" and events[-1].epoch == 3
@@ -319,6 +335,20 @@ def test_freezing(tmp_path):
             assert torch.equal(tuned[key], value), key
     assert any(not torch.equal(tuned[k], base.state_dict[k]) for k in tuned if k.startswith("decoder."))
 
+
+def test_freezing_bn_keeps_every_batch_norm_statistic(tmp_path):
+    """freeze="bn", every fine-tune's default: few images must not move the base's running statistics."""
+    from conftest import with_trained_statistics
+
+    base_path = tmp_path / "base.safetensors"
+    save_checkpoint(base_path, with_trained_statistics(build_model(TINY)), TINY, PP, ["vessel"])
+    base = load_checkpoint(base_path)
+    trainer = Trainer(None, None, synthetic_samples(2), finetune_config(freeze="bn", epochs=1, steps_per_epoch=2, patch_size=32), tmp_path / "t.safetensors", base=base)
+    list(trainer.run())
+    tuned = load_checkpoint(tmp_path / "t.safetensors").state_dict
+    statistics = [k for k in base.state_dict if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(tuned[k], base.state_dict[k]) for k in statistics)
+    assert any(not torch.equal(tuned[k], base.state_dict[k]) for k in tuned if k.endswith("weight"))  # it did train
 
 
 def test_every_setting_has_help_and_its_bounds_are_enforced():
