@@ -135,6 +135,13 @@ def test_fine_tuning_follows_the_base_card_geometry(tmp_path):
     list(Trainer(None, None, [blob_sample(i) for i in range(2)], fast(patch_size=64), out, base=base).run())
     tuned = load_checkpoint(out).model_card
     assert tuned.geometry == Geometry("resize", 64) and tuned.task == "blob" and tuned.metrics == {}  # old metrics no longer hold
+    from src_models.finetune import FinetuneRequest, PairData, build_trainer
+
+    sample = blob_sample(0)  # the widget's and the CLI's path: no geometry asked for, the base card's taken
+    pair = PairData("blob", sample.image[0], None, sample.mask, None)
+    trainer = build_trainer(FinetuneRequest(base=base, pairs=[pair], out=tmp_path / "v.safetensors", name="v", epochs=1,
+                                            device="cpu", settings={"steps_per_epoch": 2, "batch_size": 2}))
+    assert (trainer.config.geometry, trainer.config.patch_size) == ("resize", 64)
     save_checkpoint(path, build_model(TINY), TINY, PP, ("blob",))
     assert card_geometry(load_checkpoint(path), TrainConfig(geometry="resize", patch_size=64)).geometry == "tiled"
 
