@@ -212,6 +212,16 @@ def test_early_stopping(tmp_path):
     assert events[-1].message == "stopped early at epoch 3 (step 9): no improvement for 2 epochs (best: epoch 1)"
 
 
+def test_early_stopping_counts_from_the_last_improvement(tmp_path):
+    """Patience 2 with validation F1 0.5, 0.4, 0.6, 0.55, 0.5: epoch 3 improves, so the run stops at epoch 5
+    (two bad epochs after the best), not at epoch 4."""
+    trainer = Trainer(TINY, PP, synthetic_samples(4), fast(epochs=8, patience=2, val_fraction=0.25), tmp_path / "m.safetensors")
+    scores = iter([0.5, 0.4, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35])
+    trainer._validate_unless_cancelled = lambda: {"F1": next(scores)}
+    events = list(trainer.run())
+    assert events[-1].kind == "early_stop" and events[-1].epoch == 5 and "(best: epoch 3)" in events[-1].message
+
+
 def test_bad_training_data(tmp_path):
     img, mask = vessel_image((40, 40), seed=0)
     with pytest.raises(R2UNetError, match="mask shape"):

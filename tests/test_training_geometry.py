@@ -234,6 +234,15 @@ def test_camera_augmentations_zoom_blur_and_jpeg():
     y = _jpeg(x, 30)
     assert y.shape == x.shape and y.dtype == np.float32 and 0.01 < np.abs(y - x).mean() < 0.3 and y[0, 0, 0] > 1.0  # a JPEG alone ends at 1
     assert _jpeg(x[:1], 95).shape == (1, 32, 32) and np.abs(_jpeg(x[:1], 95) - x[:1]).mean() < np.abs(_jpeg(x[:1], 10) - x[:1]).mean()
+    # inside the augmentation, patch by patch against the same index without it (blur and JPEG draw last,
+    # so everything else about a patch is the same): some patches blurred or compressed, the others untouched
+    bare = dict(rotate=0.0, scale=0.0, rot90=False, blur=0.0, jpeg=0)
+    same = PatchDataset([sample], fast(**bare), 30)
+    for camera in ({"blur": 3.0}, {"jpeg": 10}):
+        changed = PatchDataset([sample], fast(**{**bare, **camera}), 30)
+        equal = [np.array_equal(changed[i][0].numpy(), same[i][0].numpy()) for i in range(30)]
+        assert 0 < sum(equal) < 30, camera
+        assert all(np.array_equal(changed[i][1].numpy(), same[i][1].numpy()) for i in range(30))  # labels untouched
     zoomed = PatchDataset([sample], fast(rotate=0.0, rot90=False, zoom=(0.6, 0.61)), 20)
     shrunk = [int((zoomed[i][2] == 0).sum()) for i in range(20)]  # zoomed out: a frame without weight
     assert max(shrunk) > 0.4 * 48 * 48 and min(shrunk) == 0  # half the patches are warped
