@@ -72,10 +72,14 @@ def test_export_for_bioimageio_runs_in_the_worker_and_says_where_or_why(fine, qt
 
 
 @pytest.mark.gui
-def test_a_package_name_without_zip_gets_it_and_never_replaces_a_file(fine, monkeypatch, tmp_path):
+def test_a_package_name_without_zip_gets_it_and_never_replaces_a_file(fine, qtbot, monkeypatch, tmp_path):
     _save_dialog(monkeypatch, tmp_path / "shared")
     path, target, overwrite = fine.versions.package_target()
     assert (path, target, overwrite) == (fine.version_combo.currentData(), f"{tmp_path / 'shared'}.zip", False)
+    (tmp_path / "shared.zip").write_bytes(b"someone else's package")  # the dialog never asked about shared.zip
+    fine.package_button.click()
+    qtbot.waitUntil(lambda: not fine.running, timeout=60_000)
+    assert (tmp_path / "shared.zip").read_bytes() == b"someone else's package" and "already exists" in fine.status.text()
     _save_dialog(monkeypatch, "")
     assert fine.versions.package_target() is None  # cancelled
 
