@@ -322,7 +322,7 @@ class AnnotateWidget(DockWidget):
 
     def _retrain(self) -> None:
         from src_models.annotation_run import retrain_request
-        from src_models.user_versions import new_version_path, release_version_path
+        from src_models.user_versions import reserved_version_path
 
         from ._finetune import finetune
 
@@ -331,12 +331,8 @@ class AnnotateWidget(DockWidget):
         base = file_model_name(session.model) if is_model_file(session.model) else session.model
         name = f"{base.split('-ft-')[0]} + {len(session.saved_ids())} corrected ({session.images_dir.name})"
         validation = "auto" if self.validate_check.isChecked() else "none"
-        out = new_version_path(base)  # reserved for this run
-        try:
+        with reserved_version_path(base) as out:
             request = retrain_request(session, out, name, minutes=self.minutes_spin.value(), validation=validation)
-        except BaseException:
-            release_version_path(out)
-            raise
         self.stop_predictions()
         self._launch(finetune, request, self._bridge.event.emit, self._stop.is_set, on_result=self._retrained,
                      status=f"retraining on {len(request.pairs)} corrected image(s) for at most {self.minutes_spin.value():g} min ...")

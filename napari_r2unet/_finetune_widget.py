@@ -33,9 +33,8 @@ from src_models.training.events import EventKind  # torch-free
 from src_models.user_versions import (
     Version,
     list_versions,
-    new_version_path,
-    release_version_path,
     rename_version,
+    reserved_version_path,
     scored_name,
     version_name,
 )
@@ -195,14 +194,10 @@ class FinetuneWidget(DockWidget):
             raise R2UNetError("epochs and minutes are both 'no limit': set a time budget ('at most (min)'), a number of epochs, or both")
         base = choice.spec
         data = [piece for p in pairs for piece in pair_data(self.viewer, p)]
-        out = new_version_path(file_model_name(base) if is_model_file(base) else base)  # reserved for this run
-        try:
+        with reserved_version_path(file_model_name(base) if is_model_file(base) else base) as out:
             name = version_name(choice.name, len(pairs), [v.name for v in list_versions()])
             return FinetuneRequest(base=base, pairs=data, out=out, name=name, epochs=epochs, minutes=minutes,
                                    validation=self.pairs.validation(), settings=self.settings.advanced_settings())
-        except BaseException:
-            release_version_path(out)
-            raise
 
     def start(self) -> None:
         """Fine-tune in a worker thread (refused while a run or a re-segmentation is going)."""

@@ -24,7 +24,7 @@ import datetime as _dt
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,17 @@ def new_version_path(base_name: str, folder: Path | None = None, now: _dt.dateti
                                   f"set {MODELS_ENV} to a writable folder") from exc
         n += 1
         path = folder / f"{stem}-{n}.safetensors"
+
+
+@contextlib.contextmanager
+def reserved_version_path(base_name: str) -> Iterator[Path]:
+    """:func:`new_version_path` for a block that prepares the run: given back if the block raises."""
+    path = new_version_path(base_name)
+    try:
+        yield path
+    except BaseException:
+        release_version_path(path)
+        raise
 
 
 def release_version_path(path: str | os.PathLike[str]) -> None:

@@ -39,7 +39,7 @@ def test_runs_started_in_the_same_second_get_paths_of_their_own(user_models_dir)
     Annotate widgets starting runs in the same second wrote into each other's files before."""
     import threading
 
-    from src_models.user_versions import release_version_path, training_folder
+    from src_models.user_versions import release_version_path, reserved_version_path, training_folder
 
     now, paths, start = dt.datetime(2026, 12, 8, 9, 0, 0), [], threading.Barrier(8)
 
@@ -58,6 +58,10 @@ def test_runs_started_in_the_same_second_get_paths_of_their_own(user_models_dir)
     (training_folder(paths[1]) / "masks.tif").write_bytes(b"masks")
     release_version_path(paths[1])  # a folder with masks in it stays
     assert not training_folder(paths[0]).exists() and training_folder(paths[1]).is_dir()
+    with pytest.raises(R2UNetError, match="bad data"), reserved_version_path("r2unet-drive") as path:  # the widgets' request
+        assert training_folder(path).is_dir()
+        raise R2UNetError("bad data")
+    assert not training_folder(path).exists()  # given back
 
 
 def test_versions_are_new_files_renamed_and_exported_without_touching_weights(tmp_path, user_models_dir):
